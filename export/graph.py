@@ -1,0 +1,165 @@
+"""One exported graph: its torch wrapper, how it is exported, and how it is checked.
+
+Every component module in `export/` returns `GraphSpec`s; this module turns a spec into an ONNX
+file (dynamo exporter, external data past protobuf's 2 GB limit) and compares onnxruntime against
+PyTorch on fresh inputs at several shapes.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import torch
+
+OPSET = 18
+# Protobuf cannot hold a model over 2 GB; leave margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# `--verify` fails an export whose relative error exceeds this.
+MAX_RELATIVE_ERROR = 1e-4
+
+
+@dataclass
+class GraphSpec:
+    """An export-friendly module plus everything needed to export and verify it.
+
+    `example_inputs` is ordered like `module.forward`'s parameters; `dynamic_shapes` maps an input
+    name to {axis: torch.export.Dim or Dim.AUTO}; `verify_inputs(generator)` returns fresh random
+    inputs at several shapes, not only the export shape. `config` is copied into the manifest
+    entry (what the runtime needs to drive this graph, e.g. layer count, name templates).
+    """
+
+    name: str
+    module: torch.nn.Module
+    example_inputs: dict[str, torch.Tensor]
+    dynamic_shapes: dict[str, Any]
+    output_names: list[str]
+    verify_inputs: Callable[[torch.Generator], list[dict[str, torch.Tensor]]]
+    description: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def export_onnx(spec: GraphSpec, path: Path, opset: int = OPSET) -> Path:
+    """Export `spec` to `path`; weights go to `<path>.data` when the model is too big for protobuf."""
+    path = Path(path)
+    args = tuple(spec.example_inputs.values())
+    with torch.no_grad():
+        program = torch.onnx.export(
+            spec.module,
+            args,
+            input_names=list(spec.example_inputs),
+            output_names=spec.output_names,
+            dynamic_shapes=spec.dynamic_shapes,
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
+    weight_bytes = sum(p.numel() * p.element_size() for p in spec.module.parameters())
+    weight_bytes += sum(b.numel() * b.element_size() for b in spec.module.buffers())
+    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
+    program.save(str(path), external_data=external)
+    del program
+    gc.collect()
+    return path
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """The graph file and its external-data files, if any."""
+    path = Path(path)
+    files = [path]
+    model = onnx.load(str(path), load_external_data=False)
+    locations = set()
+    for tensor in _all_initializers(model.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+    files += [path.parent / loc for loc in sorted(locations)]
+    return files
+
+
+def _all_initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_initializers(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_initializers(g)
+
+
+_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool",
+}
+
+
+def signature(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Inputs and outputs of a graph: names, dtypes and symbolic shapes (str = dynamic axis)."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values) -> list[dict[str, Any]]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else "?")
+                    for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)),
+                        "shape": dims})
+        return out
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output),
+            "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))}
+
+
+def _errors(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    if ref.shape != got.shape:
+        raise AssertionError(f"shape {got.shape} != PyTorch's {ref.shape}")
+    if ref.dtype.kind in "iub":
+        mismatch = float(np.mean(ref != got)) if ref.size else 0.0
+        return {"max_abs": float(np.max(np.abs(ref.astype(np.int64) - got.astype(np.int64)), initial=0)),
+                "max_rel": mismatch}
+    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+    max_abs = float(np.max(np.abs(ref64 - got64), initial=0.0))
+    scale = float(np.max(np.abs(ref64), initial=0.0))
+    # Relative to the output's own scale: elementwise ratios blow up where the reference crosses 0.
+    return {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else max_abs}
+
+
+def verify(spec: GraphSpec, path: Path, seed: int = 0,
+           providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> dict[str, Any]:
+    """Run the graph in onnxruntime against PyTorch on `spec.verify_inputs`; worst error per output."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=list(providers))
+    feed_names = {i.name for i in session.get_inputs()}
+    worst: dict[str, dict[str, float]] = {}
+    shapes = []
+    cases = spec.verify_inputs(torch.Generator().manual_seed(seed))
+    for inputs in cases:
+        with torch.no_grad():
+            ref = spec.module(*inputs.values())
+        ref = ref if isinstance(ref, (tuple, list)) else (ref,)
+        feed = {k: v.numpy() for k, v in inputs.items() if k in feed_names}
+        got = session.run(spec.output_names, feed)
+        shapes.append({k: list(v.shape) for k, v in inputs.items()})
+        for name, r, g in zip(spec.output_names, ref, got):
+            e = _errors(r.detach().numpy(), g)
+            w = worst.setdefault(name, {"max_abs": 0.0, "max_rel": 0.0})
+            w["max_abs"] = max(w["max_abs"], e["max_abs"])
+            w["max_rel"] = max(w["max_rel"], e["max_rel"])
+    del session
+    return {"cases": len(cases), "input_shapes": shapes, "outputs": worst,
+            "max_rel": max((w["max_rel"] for w in worst.values()), default=0.0),
+            "passed": all(w["max_rel"] <= MAX_RELATIVE_ERROR for w in worst.values())}

@@ -1,0 +1,96 @@
+"""Offline tokenizers and processor for a random checkpoint.
+
+The real GLM-Image tokenizer is a 168k GLM vocabulary; a random checkpoint gets a small one with
+the same layout and the same special tokens, built with `tokenizers` alone (no hub access):
+`<|dit_token_N|>` for every image-vocabulary id N (so N is both the token id and the codebook
+index), byte-level tokens for any text, and the chat/grid specials the processor expects.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .presets import Preset
+
+SPECIAL_TOKENS = ["<|endoftext|>", "[gMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                  "<|assistant|>", "<|image|>", "<|begin_of_image|>", "<|end_of_image|>"]
+
+# GLM-style chat template: images become one `<|image|>` placeholder that the processor expands.
+CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt is not defined or add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _byte_alphabet() -> list[str]:
+    from tokenizers import pre_tokenizers
+
+    return sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
+@lru_cache(maxsize=8)
+def _vocabulary(vision_vocab_size: int) -> tuple[tuple[str, int], ...]:
+    tokens = [f"<|dit_token_{i}|>" for i in range(vision_vocab_size)]
+    tokens += _byte_alphabet() + SPECIAL_TOKENS
+    return tuple((t, i) for i, t in enumerate(tokens))
+
+
+def vocabulary(preset: Preset) -> dict[str, int]:
+    return dict(_vocabulary(preset.ar.vision_vocab_size))
+
+
+def build_ar_tokenizer(preset: Preset) -> Any:
+    """A `PreTrainedTokenizerFast` with the GLM-Image special-token attributes."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = vocabulary(preset)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    specials = [t for t in vocab if t.startswith("<|dit_token_")] + SPECIAL_TOKENS
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    start = f"<|dit_token_{preset.ar.codebook_size}|>"
+    end = f"<|dit_token_{preset.ar.codebook_size + 1}|>"
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=start,
+        eos_token=end,
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>",
+                              "grid_eos_token": "<eop>"},
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_processor(preset: Preset) -> Any:
+    from transformers import GlmImageImageProcessor, GlmImageProcessor
+
+    image_processor = GlmImageImageProcessor(
+        patch_size=preset.ar.vision_patch,
+        temporal_patch_size=1,
+        merge_size=1,
+        min_pixels=32 * 32,
+        max_pixels=2048 * 2048,
+    )
+    return GlmImageProcessor(image_processor=image_processor, tokenizer=build_ar_tokenizer(preset),
+                             chat_template=CHAT_TEMPLATE)
+
+
+def build_glyph_tokenizer() -> Any:
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()
+
+
+def save_tokenizers(preset: Preset, root: Path) -> None:
+    build_processor(preset).save_pretrained(root / "processor")
+    build_glyph_tokenizer().save_pretrained(root / "tokenizer")
