@@ -28,8 +28,9 @@ MAX_RELATIVE_ERROR = 1e-4
 class GraphSpec:
     """An export-friendly module plus everything needed to export and verify it.
 
-    `example_inputs` is ordered like `module.forward`'s parameters; `dynamic_shapes` maps an input
-    name to {axis: torch.export.Dim or Dim.AUTO}; `verify_inputs(generator)` returns fresh random
+    `example_inputs` is ordered like `module.forward`'s parameters (its keys are the ONNX input
+    names); `dynamic_shapes` is keyed by `forward`'s parameter names (a *varargs parameter takes a
+    tuple, one entry per tensor), each {axis: torch.export.Dim, Dim.AUTO or an axis name}; `verify_inputs(generator)` returns fresh random
     inputs at several shapes, not only the export shape. `config` is copied into the manifest
     entry (what the runtime needs to drive this graph, e.g. layer count, name templates).
     """

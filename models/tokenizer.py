@@ -15,18 +15,24 @@ from typing import Any
 from .presets import Preset
 
 SPECIAL_TOKENS = ["<|endoftext|>", "[gMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-                  "<|assistant|>", "<|image|>", "<|begin_of_image|>", "<|end_of_image|>"]
+                  "<|assistant|>", "<|image|>"]
 
-# GLM-style chat template: images become one `<|image|>` placeholder that the processor expands.
-CHAT_TEMPLATE = (
-    "[gMASK]<sop>{% for message in messages %}<|{{ message['role'] }}|>\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt is not defined or add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
+
+def chat_template(preset: Preset) -> str:
+    """GLM-style chat template. A source image is `<image start><|image|><image end>`, the start/end
+    being the image-vocabulary tokens `image_start_token_id`/`image_end_token_id`: that is how
+    `get_rope_index` finds complete source images (and gives them 2D positions)."""
+    start = f"<|dit_token_{preset.ar.codebook_size}|>"
+    end = f"<|dit_token_{preset.ar.codebook_size + 1}|>"
+    return (
+        "[gMASK]<sop>{% for message in messages %}<|{{ message['role'] }}|>\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for item in message['content'] %}"
+        f"{{% if item['type'] == 'image' %}}{start}<|image|>{end}"
+        "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt is not defined or add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
 
 
 def _byte_alphabet() -> list[str]:
@@ -67,7 +73,7 @@ def build_ar_tokenizer(preset: Preset) -> Any:
         padding_side="left",
         extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>",
                               "grid_eos_token": "<eop>"},
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template(preset),
     )
 
 
@@ -82,7 +88,7 @@ def build_processor(preset: Preset) -> Any:
         max_pixels=2048 * 2048,
     )
     return GlmImageProcessor(image_processor=image_processor, tokenizer=build_ar_tokenizer(preset),
-                             chat_template=CHAT_TEMPLATE)
+                             chat_template=chat_template(preset))
 
 
 def build_glyph_tokenizer() -> Any:

@@ -1,0 +1,262 @@
+"""A checkpoint folder -> an ONNX package: graphs, tokenizer files and `manifest.json`.
+
+The manifest is the runtime's only contract with the exporter (file names, input/output names,
+symbolic shapes, checksums, and the source configs the pipeline needs). The package is built in a
+temporary sibling folder and renamed into place at the end, so a failed export leaves nothing that
+looks complete.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..models.inspect import CheckpointInfo, inspect_checkpoint
+
+FORMAT = "glm-image-onnx-package"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# graph name -> checkpoint folder it comes from (also the order of export).
+GRAPHS: dict[str, str] = {
+    "ar_planner": "vision_language_encoder",
+    "vision_tokenizer": "vision_language_encoder",
+    "glyph_encoder": "text_encoder",
+    "dit_decoder": "transformer",
+    "dit_condition_write": "transformer",
+    "vae_decoder": "vae",
+    "vae_encoder": "vae",
+}
+# checkpoint folder -> export modules (each returns GraphSpecs for the loaded component).
+EXPORT_MODULES: dict[str, tuple[str, ...]] = {
+    "vision_language_encoder": ("ar_planner", "vision_tokenizer"),
+    "text_encoder": ("glyph_encoder",),
+    "transformer": ("dit_decoder",),
+    "vae": ("vae",),
+}
+# Files copied verbatim so that the runtime can tokenise without transformers.
+COPIED_FOLDERS = ("processor", "tokenizer", "scheduler")
+
+
+class ExportError(RuntimeError):
+    """An export that cannot go on; the message is one readable line."""
+
+
+@dataclass
+class ExportOptions:
+    graphs: tuple[str, ...] = tuple(GRAPHS)
+    verify: bool = False
+    opset: int = 18
+    overwrite: bool = False
+    seed: int = 0
+
+
+def _load_component(folder: str, path: Path) -> Any:
+    import torch
+
+    if folder == "vision_language_encoder":
+        from transformers import GlmImageForConditionalGeneration as cls
+
+        return cls.from_pretrained(path, dtype=torch.float32).eval()
+    if folder == "text_encoder":
+        from transformers import T5EncoderModel
+
+        # sdpa fails at dynamo decomposition; eager exports cleanly.
+        return T5EncoderModel.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    if folder == "transformer":
+        from diffusers import GlmImageTransformer2DModel
+
+        return GlmImageTransformer2DModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+    if folder == "vae":
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32).eval()
+    raise KeyError(folder)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_table(root: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under `root` except the manifest itself."""
+    table = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            table[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return table
+
+
+def pipeline_config(info: CheckpointInfo) -> dict[str, Any]:
+    """What the runtime needs from the source configs besides the graphs."""
+    c = info.configs
+    ar, vae, dit = c["vision_language_encoder"], c["vae"], c["transformer"]
+    text = ar["text_config"]
+    root = info.root
+    tok_cfg = json.loads((root / "processor" / "tokenizer_config.json").read_text()) \
+        if (root / "processor" / "tokenizer_config.json").exists() else {}
+    gen_path = root / "vision_language_encoder" / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    latent_channels = vae["latent_channels"]
+    return {
+        "grid": {"factor": 32, "preview_base": 16, "prior_upsample": 2},
+        "tokens": {
+            "image_start_token_id": ar["image_start_token_id"],
+            "image_end_token_id": ar["image_end_token_id"],
+            "image_token_id": ar["image_token_id"],
+            "pad_token_id": text.get("pad_token_id"),
+            "codebook_size": ar["vq_config"]["num_embeddings"],
+            "vision_vocab_size": text["vision_vocab_size"],
+            "image_token": tok_cfg.get("image_token", "<|image|>"),
+            "grid_bos_token": tok_cfg.get("grid_bos_token", "<sop>"),
+            "grid_eos_token": tok_cfg.get("grid_eos_token", "<eop>"),
+            "bos_token": tok_cfg.get("bos_token"),
+        },
+        "generation": {k: gen[k] for k in ("do_sample", "temperature", "top_p", "top_k") if k in gen},
+        "scheduler": c["scheduler"],
+        "vae": {
+            "scale_factor": 2 ** (len(vae["block_out_channels"]) - 1),
+            "latent_channels": latent_channels,
+            "latents_mean": vae.get("latents_mean") or [0.0] * latent_channels,
+            "latents_std": vae.get("latents_std") or [1.0] * latent_channels,
+        },
+        "dit": {"patch_size": dit["patch_size"], "in_channels": dit["in_channels"],
+                "num_layers": dit["num_layers"]},
+        "defaults": {"guidance_scale": 1.5, "num_inference_steps": 50, "height": 1024, "width": 1024},
+        "tokenizers": {"ar": "processor/tokenizer.json", "ar_config": "processor/tokenizer_config.json",
+                       "chat_template": "processor/chat_template.jinja",
+                       "image_processor": "processor/processor_config.json", "glyph": "tokenizer"},
+    }
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptions | None = None,
+                   log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Export the selected graphs of `checkpoint` into the package folder `out`; returns the manifest."""
+    from . import graph as graph_mod
+
+    options = options or ExportOptions()
+    unknown = [g for g in options.graphs if g not in GRAPHS]
+    if unknown:
+        raise ExportError(f"unknown component {unknown[0]!r}; choose from {', '.join(GRAPHS)}")
+    info = inspect_checkpoint(checkpoint)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not options.overwrite:
+            raise ExportError(f"output {out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    selected = [g for g in GRAPHS if g in options.graphs]
+    t_start = time.perf_counter()
+    try:
+        graphs: dict[str, Any] = {}
+        n = len(selected)
+        for folder, modules in EXPORT_MODULES.items():
+            wanted = [g for g in selected if GRAPHS[g] == folder]
+            if not wanted:
+                continue
+            log(f"loading {folder} from {info.root / folder}")
+            model = _load_component(folder, info.root / folder)
+            for module_name in modules:
+                module = importlib.import_module(f"{__package__}.{module_name}")
+                for spec in module.graph_specs(model, info.root):
+                    if spec.name not in wanted:
+                        continue
+                    i = selected.index(spec.name) + 1
+                    graphs[spec.name] = _export_one(spec, tmp, options, f"[{i}/{n}]", log, graph_mod)
+                    del spec
+                    gc.collect()
+            del model
+            gc.collect()
+        for folder in COPIED_FOLDERS:
+            shutil.copytree(info.root / folder, tmp / folder)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created_by": _created_by(),
+            "source": {"checkpoint": str(info.root.resolve()), "preset": info.preset},
+            "opset": options.opset,
+            "graphs": graphs,
+            "pipeline": pipeline_config(info),
+            "files": file_table(tmp),
+            "export_seconds": round(time.perf_counter() - t_start, 3),
+        }
+        # Written last: a folder without a manifest is never a package.
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out} ({len(graphs)} graphs, {sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB) "
+        f"in {manifest['export_seconds']:.1f}s")
+    return manifest
+
+
+def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
+                log: Callable[[str], None], graph_mod: Any) -> dict[str, Any]:
+    path = tmp / f"{spec.name}.onnx"
+    t0 = time.perf_counter()
+    log(f"{step} {spec.name}: exporting")
+    graph_mod.export_onnx(spec, path, opset=options.opset)
+    export_s = time.perf_counter() - t0
+    files = graph_mod.onnx_files(path)
+    entry: dict[str, Any] = {
+        "file": path.name,
+        "external_data": [f.name for f in files[1:]],
+        "description": spec.description,
+        **graph_mod.signature(path),
+        "config": spec.config,
+        "export_seconds": round(export_s, 3),
+        "bytes": sum(f.stat().st_size for f in files),
+    }
+    msg = f"{step} {spec.name}: exported in {export_s:.1f}s ({entry['bytes'] / 1e6:.1f} MB)"
+    if options.verify:
+        t1 = time.perf_counter()
+        result = graph_mod.verify(spec, path, seed=options.seed)
+        result["seconds"] = round(time.perf_counter() - t1, 3)
+        entry["verify"] = result
+        msg += f", verified on {result['cases']} shapes: max rel error {result['max_rel']:.2e}"
+        if not result["passed"]:
+            worst = max(result["outputs"].items(), key=lambda kv: kv[1]["max_rel"])
+            raise ExportError(f"{spec.name}: output {worst[0]!r} differs from PyTorch by "
+                              f"{worst[1]['max_rel']:.2e} relative (limit {graph_mod.MAX_RELATIVE_ERROR:.0e})")
+    log(msg)
+    return entry
+
+
+def _created_by() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("glm-image-onnx", "torch", "transformers", "diffusers", "onnx", "onnxruntime"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def load_manifest(package: Path | str) -> dict[str, Any]:
+    path = Path(package) / MANIFEST
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a glm-image-onnx package manifest")
+    return manifest

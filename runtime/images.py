@@ -1,0 +1,198 @@
+"""Image pre/post-processing without torch.
+
+- `ImageProcessor`: transformers' GLM-Image image processor for the AR model's source images.
+  Without torchvision, transformers itself falls back to the PIL backend (`GlmImageImageProcessorPil`),
+  which is the one reproduced here (PIL resize on uint8, then float64 rescale, float32 normalize).
+- `vae_preprocess` / `vae_postprocess` / `to_pil`: diffusers' `VaeImageProcessor` as the pipeline
+  builds it (`VaeImageProcessor(vae_scale_factor=...)`: lanczos resize, no RGB conversion, [-1, 1]).
+- `upsample_prior_ids`: the pipeline's `_upsample_token_ids` (2x nearest on the token grid).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+# OpenAI CLIP mean/std: the GLM-Image image processor's class defaults.
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 512 * 512,
+                 max_pixels: int = 2048 * 2048) -> tuple[int, int]:
+    """transformers' GLM-Image `smart_resize`, verbatim: note it halves both sides before rounding
+    to `factor`, so a source image is encoded at about half its resolution."""
+    if height < factor or width < factor:
+        raise ValueError(f"height:{height} or width:{width} must be larger than factor:{factor}")
+    if max(height, width) / min(height, width) > 4:
+        raise ValueError(f"absolute aspect ratio must be smaller than 4, got {max(height, width) / min(height, width)}")
+    shortest_edge = int(round(math.sqrt(min_pixels)))
+    longest_edge = int(round(math.sqrt(max_pixels)))
+    min_side, max_side = min(height, width), max(height, width)
+    scale = 1.0
+    if min_side < shortest_edge:
+        scale = shortest_edge / min_side
+    if max_side * scale > longest_edge:
+        scale = longest_edge / max_side
+    height, width = height // 2, width // 2
+    h_bar = max(factor, int(round(height * scale / factor)) * factor)  # python round: half to even
+    w_bar = max(factor, int(round(width * scale / factor)) * factor)
+    if max(h_bar, w_bar) > longest_edge:
+        beta = max(h_bar, w_bar) / longest_edge
+        h_bar = max(factor, int(math.floor((h_bar / beta) / factor)) * factor)
+        w_bar = max(factor, int(math.floor((w_bar / beta) / factor)) * factor)
+    return h_bar, w_bar
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    # transformers composites transparency onto white (diffusers' VAE path does not: see vae_preprocess)
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """`GlmImageImageProcessorPil` with the processor config's settings."""
+
+    do_convert_rgb: bool = True
+    do_resize: bool = True
+    resample: int = 3  # PIL bicubic
+    min_pixels: int = 56 * 56  # `size["shortest_edge"]`: despite the name, a pixel count
+    max_pixels: int = 28 * 28 * 1280  # `size["longest_edge"]`
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, ...] = _CLIP_MEAN
+    image_std: tuple[float, ...] = _CLIP_STD
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "ImageProcessor":
+        """From `processor_config.json` (or its `image_processor` entry / a preprocessor_config.json)."""
+        cfg = cfg.get("image_processor", cfg)
+        size = dict(cfg.get("size") or {})
+        kw: dict[str, Any] = {k: cfg[k] for k in ("do_convert_rgb", "do_resize", "resample", "do_rescale",
+                                                   "rescale_factor", "do_normalize", "patch_size",
+                                                   "temporal_patch_size", "merge_size") if cfg.get(k) is not None}
+        for name, key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            value = cfg.get(name, size.get(key, size.get(name)))
+            if value is not None:
+                kw[name] = int(value)
+        for name in ("image_mean", "image_std"):
+            if cfg.get(name) is not None:
+                v = cfg[name]
+                kw[name] = tuple(v) if isinstance(v, (list, tuple)) else (float(v),) * 3
+        return cls(**kw)
+
+    @classmethod
+    def from_package(cls, folder: Path | str) -> "ImageProcessor":
+        """A package / checkpoint root (uses `processor/processor_config.json`) or the processor folder."""
+        folder = Path(folder)
+        folder = folder / "processor" if (folder / "processor").is_dir() else folder
+        return cls.from_config(json.loads((folder / "processor_config.json").read_text()))
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """(grid_h, grid_w) in patches for an input of this pixel size."""
+        if self.do_resize:
+            height, width = smart_resize(height, width, self.patch_size * self.merge_size,
+                                         self.min_pixels, self.max_pixels)
+        return height // self.patch_size, width // self.patch_size
+
+    def preprocess_one(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
+        """One image -> (patches float32 [grid_h * grid_w, C * t * p * p], (grid_h, grid_w))."""
+        if self.do_convert_rgb:
+            image = _to_rgb(image)
+        if self.do_resize:
+            h, w = smart_resize(image.height, image.width, self.patch_size * self.merge_size,
+                                self.min_pixels, self.max_pixels)
+            image = image.resize((w, h), resample=self.resample)  # on uint8, like transformers' PIL path
+        arr = np.array(image)
+        arr = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)  # CHW
+        if self.do_rescale:
+            arr = (arr.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            if not np.issubdtype(arr.dtype, np.floating):
+                arr = arr.astype(np.float32)
+            mean = np.array(self.image_mean, dtype=arr.dtype)
+            std = np.array(self.image_std, dtype=arr.dtype)
+            arr = ((arr.T - mean) / std).T
+        return self._patchify(np.asarray(arr, dtype=np.float32))
+
+    def _patchify(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        c, h, w = image.shape
+        gh, gw = h // p, w // p
+        patches = image.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+        # a still image repeats itself over the temporal patch
+        patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, *patches.shape[5:]))
+        return patches.reshape(gh * gw, c * t * p * p), (gh, gw)
+
+    def __call__(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
+        """{"pixel_values": float32 [sum of patches, C*t*p*p], "image_grid_thw": int64 [n, 3]}."""
+        out = [self.preprocess_one(im) for im in images]
+        return {"pixel_values": np.concatenate([o[0] for o in out], axis=0),
+                "image_grid_thw": np.array([[1, gh, gw] for _, (gh, gw) in out], dtype=np.int64)}
+
+
+# ---------------------------------------------------------------------------------- VAE side
+_RESAMPLE = {"linear": Image.Resampling.BILINEAR, "bilinear": Image.Resampling.BILINEAR,
+             "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+             "nearest": Image.Resampling.NEAREST}
+
+
+def condition_size(image: Image.Image, vae_scale_factor: int = 8, patch_size: int = 2) -> tuple[int, int]:
+    """The pipeline's size for a condition image: (h, w) floored to vae_scale_factor * patch_size."""
+    multiple = vae_scale_factor * patch_size
+    return (image.height // multiple) * multiple, (image.width // multiple) * multiple
+
+
+def vae_preprocess(image: Image.Image, height: int, width: int, vae_scale_factor: int = 8,
+                   resample: str = "lanczos") -> np.ndarray:
+    """`VaeImageProcessor(vae_scale_factor).preprocess(image, height, width)` -> float32 [1, C, H, W] in [-1, 1].
+
+    As the pipeline builds it, the processor does not convert to RGB: an RGBA or L image keeps its
+    4 or 1 channels (convert it first if the VAE wants 3).
+    """
+    height, width = height - height % vae_scale_factor, width - width % vae_scale_factor
+    image = image.resize((width, height), resample=_RESAMPLE[resample], reducing_gap=None)
+    arr = np.array(image).astype(np.float32) / 255.0
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    return 2.0 * arr.transpose(2, 0, 1)[None] - 1.0
+
+
+def vae_postprocess(decoded: np.ndarray) -> np.ndarray:
+    """The VAE output [B, C, H, W] -> float32 [B, H, W, C] in [0, 1] (`postprocess(output_type="np")`).
+
+    Denormalises in the input's dtype, then casts to float32, as diffusers does.
+    """
+    decoded = np.asarray(decoded)
+    images = np.clip(decoded * 0.5 + 0.5, 0, 1)
+    return images.transpose(0, 2, 3, 1).astype(np.float32)
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """`VaeImageProcessor.numpy_to_pil`: [B, H, W, C] (or [H, W, C]) in [0, 1] -> uint8 PIL images."""
+    images = images[None] if images.ndim == 3 else images
+    images = (images * 255).round().astype("uint8")
+    if images.shape[-1] == 1:
+        return [Image.fromarray(im[..., 0]) for im in images]  # 2-D uint8 -> mode "L"
+    return [Image.fromarray(im) for im in images]
+
+
+def upsample_prior_ids(ids: np.ndarray, h: int, w: int) -> np.ndarray:
+    """`_upsample_token_ids`: an h*w token grid -> int64 [1, 4*h*w], each token repeated 2x2.
+
+    The pipeline goes through float32 (exact for ids < 2**24, i.e. any codebook index).
+    """
+    grid = np.asarray(ids, dtype=np.int64).reshape(h, w)
+    return grid.repeat(2, axis=0).repeat(2, axis=1).reshape(1, -1)

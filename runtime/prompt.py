@@ -1,0 +1,159 @@
+"""The AR planner's prompt: `GlmImageProcessor.apply_chat_template(..., tokenize=True)` without transformers.
+
+Steps, as transformers 5 does them for the pipeline's call:
+1. render the chat template (jinja2 sandbox, trim_blocks + lstrip_blocks, add_generation_prompt
+   False: the pipeline does not pass it and the processor's default is False);
+2. append the grid layout (`GlmImageProcessor.prepare_inputs_layout`): `<sop>{th} {tw}<eop>` for the
+   target, then `<sop>{ph} {pw}<eop>` for the preview in text-to-image only, then the bos token;
+3. expand each `<|image|>` placeholder to h*w / merge_size**2 copies;
+4. tokenize with the `tokenizers` library (no truncation, no padding).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+
+class _Generation(Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers' AssistantTracker), rendered as its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _raise(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _compile(template: str) -> jinja2.Template:
+    # The environment transformers' `_compile_jinja_template` builds.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def target_shape(height: int, width: int) -> tuple[int, int, int, int]:
+    """`GlmImageProcessor._get_target_shape`: (th, tw) on the 32-pixel grid and the ~16x16 preview (ph, pw)."""
+    factor = 32
+    token_h = (height // factor) * factor // factor
+    token_w = (width // factor) * factor // factor
+    ratio = token_h / token_w
+    return token_h, token_w, int(math.sqrt(ratio) * (factor // 2)), int(math.sqrt(1 / ratio) * (factor // 2))
+
+
+def _token(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class PromptBuilder:
+    """Builds the AR prompt ids from a checkpoint's / package's `processor/` folder."""
+
+    def __init__(self, folder: Path | str):
+        folder = Path(folder)
+        self.folder = folder
+        tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        proc_cfg_path = folder / "processor_config.json"
+        proc_cfg = json.loads(proc_cfg_path.read_text()) if proc_cfg_path.exists() else {}
+        self.template = _compile(self._find_template(folder, tok_cfg, proc_cfg))
+        # Every special token the tokenizer knows by name is a template variable (`special_tokens_map`).
+        self.special = {k: _token(v) for k, v in tok_cfg.items()
+                        if k.endswith("_token") and isinstance(_token(v), str)}
+        self.bos = self.special.get("bos_token")
+        self.image_token = self.special.get("image_token", "<|image|>")
+        self.grid_bos = self.special.get("grid_bos_token", "<sop>")
+        self.grid_eos = self.special.get("grid_eos_token", "<eop>")
+        if self.bos is None:
+            raise ValueError(f"{folder}/tokenizer_config.json has no bos_token (the image-start token)")
+        self.merge_size = int(proc_cfg.get("image_processor", proc_cfg).get("merge_size", 2))
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        # transformers' __call__ without padding/truncation switches both off whatever the json says
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+
+    @staticmethod
+    def _find_template(folder: Path, tok_cfg: dict, proc_cfg: dict) -> str:
+        if (folder / "chat_template.jinja").exists():
+            return (folder / "chat_template.jinja").read_text()
+        if (folder / "chat_template.json").exists():  # legacy processor file
+            return json.loads((folder / "chat_template.json").read_text())["chat_template"]
+        for cfg in (proc_cfg, tok_cfg):
+            if isinstance(cfg.get("chat_template"), str):
+                return cfg["chat_template"]
+        raise ValueError(f"{folder}: no chat template (chat_template.jinja or a `chat_template` config entry)")
+
+    @classmethod
+    def from_package(cls, folder: Path | str) -> "PromptBuilder":
+        """A package / checkpoint root (uses its `processor/`) or the processor folder itself."""
+        folder = Path(folder)
+        return cls(folder / "processor" if (folder / "processor").is_dir() else folder)
+
+    def render(self, prompt: str, num_images: int = 0, height: int | None = None,
+               width: int | None = None) -> str:
+        """The chat-templated text (before the grid layout is appended)."""
+        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+        # transformers passes the processor kwargs (target_h/target_w) to the template too
+        extra = {k: v for k, v in (("target_h", height), ("target_w", width)) if v is not None}
+        return self.template.render(messages=[{"role": "user", "content": content}], tools=None,
+                                    documents=None, add_generation_prompt=False, **{**self.special, **extra})
+
+    def build(self, prompt: str, height: int, width: int,
+              source_grids: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """The AR inputs for one prompt.
+
+        `source_grids`: each source image's (grid_h, grid_w) in patches, from `images.ImageProcessor`;
+        none/empty means text-to-image. Returns input_ids int64 [1, S], attention_mask int64 [1, S],
+        image_grid_thw int64 [G, 3] (i2i: sources then target; t2i: target then preview),
+        target_grid (th, tw), preview_grid (ph, pw) or None, max_new_tokens, and target_offset: where
+        the target grid starts among the generated tokens (t2i generates the preview first).
+        """
+        grids = [tuple(map(int, g)) for g in (source_grids or [])]
+        text_to_image = not grids
+        th, tw, ph, pw = target_shape(height, width)
+        if min(th, tw) < 1:
+            raise ValueError(f"height and width must be at least 32 (got {height}x{width})")
+        text = self.render(prompt, len(grids), height, width)
+        if text.count(self.image_token) != len(grids):
+            raise ValueError(f"the prompt has {text.count(self.image_token) - len(grids)} extra "
+                             f"{self.image_token} placeholders for {len(grids)} images")
+        text += f"{self.grid_bos}{th} {tw}{self.grid_eos}"
+        if text_to_image:
+            text += f"{self.grid_bos}{ph} {pw}{self.grid_eos}"
+        text += self.bos
+        # Replace the placeholders in order, each by h*w/merge^2 copies (`replace_image_token`).
+        parts = text.split(self.image_token)
+        text = parts[0] + "".join(self.image_token * (h * w // self.merge_size ** 2) + rest
+                                  for (h, w), rest in zip(grids, parts[1:]))
+        # transformers skips special tokens only when the text starts with bos; here the
+        # post-processor adds none anyway, but keep the same switch.
+        ids = self.tokenizer.encode(text, add_special_tokens=not text.startswith(self.bos)).ids
+        thw = [[1, h, w] for h, w in grids] + [[1, th, tw]] + ([[1, ph, pw]] if text_to_image else [])
+        target_tokens = th * tw
+        return {
+            "input_ids": np.asarray([ids], dtype=np.int64),
+            "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+            "image_grid_thw": np.asarray(thw, dtype=np.int64),
+            "target_grid": (th, tw),
+            "preview_grid": (ph, pw) if text_to_image else None,
+            "max_new_tokens": target_tokens + (ph * pw if text_to_image else 0) + 1,
+            "target_offset": ph * pw if text_to_image else 0,
+        }

@@ -1,0 +1,73 @@
+"""Next-token choice for the AR planner, restricted to the image codebook.
+
+Mirrors transformers' sampling order (temperature -> top-k -> top-p -> softmax -> draw) on numpy,
+with a seeded numpy Generator so that a seed reproduces a run. Only codebook ids can be drawn:
+the pipeline needs exactly `n` image tokens, so an early end-of-image or a non-codebook id from a
+real model (which diffusers' pipeline would choke on) is never produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    do_sample: bool = True
+    temperature: float = 0.9
+    top_p: float = 0.75
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+class TokenSampler:
+    def __init__(self, config: SamplingConfig, codebook_size: int, seed: int | None = None):
+        self.config = config
+        self.codebook_size = codebook_size
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        """logits [batch, vocab] -> token ids [batch] (int64), each < codebook_size."""
+        logits = np.asarray(logits, dtype=np.float32)[:, : self.codebook_size]
+        cfg = self.config
+        greedy = not cfg.do_sample or cfg.top_k == 1
+        if greedy:
+            return np.argmax(logits, axis=-1).astype(np.int64)
+        scores = logits / np.float32(cfg.temperature)
+        if cfg.top_k is not None and cfg.top_k < scores.shape[-1]:
+            kth = np.partition(scores, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]
+            scores = np.where(scores < kth, -np.inf, scores)
+        if cfg.top_p < 1.0:
+            scores = _top_p(scores, cfg.top_p)
+        probs = _softmax(scores)
+        # Inverse-CDF draw: one uniform number per row.
+        cdf = np.cumsum(probs, axis=-1)
+        u = self.rng.random((probs.shape[0], 1)) * cdf[:, -1:]
+        return np.minimum((cdf < u).sum(axis=-1), probs.shape[-1] - 1).astype(np.int64)
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    m = np.max(scores, axis=-1, keepdims=True)
+    e = np.exp(scores - m)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _top_p(scores: np.ndarray, top_p: float) -> np.ndarray:
+    """transformers' TopPLogitsWarper: drop the low tail whose mass is <= 1 - top_p, keep >= 1."""
+    order = np.argsort(scores, axis=-1, kind="stable")  # ascending
+    sorted_scores = np.take_along_axis(scores, order, axis=-1)
+    cum = np.cumsum(_softmax(sorted_scores), axis=-1)
+    remove_sorted = cum <= (1 - top_p)
+    remove_sorted[:, -1] = False
+    remove = np.zeros_like(remove_sorted)
+    np.put_along_axis(remove, order, remove_sorted, axis=-1)
+    return np.where(remove, -np.inf, scores)

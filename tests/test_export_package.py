@@ -1,0 +1,136 @@
+"""The ONNX package: every graph, a manifest whose checksums and signatures are true, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from glm_image_onnx.export import graph as graph_mod
+from glm_image_onnx.export.package import (FORMAT, FORMAT_VERSION, GRAPHS, ExportOptions, export_package,
+                                           load_manifest, sha256_file)
+
+
+def test_manifest_lists_every_graph_verified(tiny_package: Path) -> None:
+    m = load_manifest(tiny_package)
+    assert m["format"] == FORMAT and m["format_version"] == FORMAT_VERSION
+    assert set(m["graphs"]) == set(GRAPHS)
+    for name, g in m["graphs"].items():
+        v = g["verify"]
+        assert v["passed"] and v["cases"] >= 3, name
+        assert v["max_rel"] < graph_mod.MAX_RELATIVE_ERROR, (name, v)
+        # verified at several distinct shapes, not only the export shape
+        assert len({json.dumps(s, sort_keys=True) for s in v["input_shapes"]}) >= 3, name
+    assert m["source"]["preset"] == "tiny"
+
+
+def test_manifest_checksums_match_files(tiny_package: Path) -> None:
+    m = load_manifest(tiny_package)
+    on_disk = {p.relative_to(tiny_package).as_posix() for p in tiny_package.rglob("*")
+               if p.is_file() and p.name != "manifest.json"}
+    assert on_disk == set(m["files"])
+    for rel, entry in m["files"].items():
+        path = tiny_package / rel
+        assert path.stat().st_size == entry["bytes"], rel
+        assert sha256_file(path) == entry["sha256"], rel
+    for name in GRAPHS:
+        assert f"{name}.onnx" in m["files"]
+    for rel in ("processor/tokenizer.json", "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json"):
+        assert rel in m["files"], rel
+
+
+def test_manifest_signatures_match_sessions(tiny_package: Path) -> None:
+    m = load_manifest(tiny_package)
+    to_np = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(bool)": "bool",
+             "tensor(int32)": "int32"}
+    for name, g in m["graphs"].items():
+        sess = ort.InferenceSession(str(tiny_package / g["file"]), providers=["CPUExecutionProvider"])
+        for declared, actual in ((g["inputs"], sess.get_inputs()), (g["outputs"], sess.get_outputs())):
+            assert [d["name"] for d in declared] == [a.name for a in actual], name
+            assert [d["dtype"] for d in declared] == [to_np[a.type] for a in actual], name
+            assert [len(d["shape"]) for d in declared] == [len(a.shape) for a in actual], name
+        # the batch axis is symbolic in every graph's first input
+        assert any(isinstance(d, str) for d in g["inputs"][0]["shape"]), name
+        assert onnx.load(str(tiny_package / g["file"]), load_external_data=False).opset_import
+    p = m["pipeline"]
+    assert p["vae"]["scale_factor"] == 8 and len(p["vae"]["latents_mean"]) == p["vae"]["latent_channels"]
+    assert p["tokens"]["image_end_token_id"] == p["tokens"]["image_start_token_id"] + 1
+    assert p["scheduler"]["num_train_timesteps"] == 1000
+
+
+def test_selected_components_only(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    m = export_package(tiny_checkpoint, tmp_path / "pkg",
+                       ExportOptions(graphs=("glyph_encoder", "vae_decoder")), log=lambda _: None)
+    assert set(m["graphs"]) == {"glyph_encoder", "vae_decoder"}
+    assert not (tmp_path / "pkg" / "dit_decoder.onnx").exists()
+
+
+def test_failed_export_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    weights = ckpt / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated download
+    logs: list[str] = []
+    with pytest.raises(Exception):
+        export_package(ckpt, tmp_path / "pkg", ExportOptions(graphs=("glyph_encoder", "vae_decoder")),
+                       log=logs.append)
+    assert any("glyph_encoder: exported" in line for line in logs)  # it failed part-way
+    assert not (tmp_path / "pkg").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["broken"]  # no partial folder left behind
+
+
+def test_verify_failure_fails_the_export(tiny_checkpoint: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from glm_image_onnx.export.package import ExportError
+
+    monkeypatch.setattr(graph_mod, "MAX_RELATIVE_ERROR", 0.0)
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        # A zero tolerance: any rounding difference must fail the export.
+        export_package(tiny_checkpoint, tmp_path / "pkg", ExportOptions(graphs=("dit_decoder",), verify=True),
+                       log=lambda _: None)
+    assert not (tmp_path / "pkg").exists()
+
+
+class _Affine(torch.nn.Module):
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(n_in, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def _affine_spec(n_in: int, n_out: int) -> graph_mod.GraphSpec:
+    batch = torch.export.Dim("batch", max=1024)
+    return graph_mod.GraphSpec(
+        name="affine", module=_Affine(n_in, n_out).eval(),
+        example_inputs={"x": torch.randn(2, n_in)}, dynamic_shapes={"x": {0: batch}},
+        output_names=["y"],
+        verify_inputs=lambda g: [{"x": torch.randn(b, n_in, generator=g)} for b in (1, 3, 5)],
+    )
+
+
+def _check_external(spec: graph_mod.GraphSpec, tmp_path: Path) -> None:
+    path = graph_mod.export_onnx(spec, tmp_path / "affine.onnx")
+    files = graph_mod.onnx_files(path)
+    assert len(files) == 2 and files[1].exists()
+    assert path.stat().st_size < 1_000_000  # weights live in the data file
+    result = graph_mod.verify(spec, path)
+    assert result["passed"], result
+
+
+def test_external_data_written_past_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(graph_mod, "EXTERNAL_DATA_THRESHOLD", 1000)
+    _check_external(_affine_spec(64, 32), tmp_path)
+
+
+@pytest.mark.slow
+def test_external_data_model_over_2gb(tmp_path: Path) -> None:
+    # 16384 x 33000 fp32 = 2.16 GB: protobuf alone cannot hold it.
+    _check_external(_affine_spec(16384, 33000), tmp_path)
