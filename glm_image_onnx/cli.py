@@ -65,6 +65,71 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _provider_options(pairs: list[str] | None) -> dict[str, str]:
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"--provider-option must be KEY=VALUE, got {pair!r}")
+        options[key] = value
+    return options
+
+
+class _ProgressBar:
+    """One line per stage on stderr, redrawn in place: AR tokens, then denoising steps."""
+
+    def __init__(self, stream=sys.stderr, width: int = 30):
+        self.stream, self.stage, self.width, self.drawn = stream, None, width, -1
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            if self.stage is not None:
+                self.stream.write("\n")
+            self.stage, self.drawn = stage, -1
+        fill = self.width * done // max(total, 1)
+        if fill == self.drawn and done != total:
+            return  # redraw only when the bar moves
+        self.drawn = fill
+        width = self.width
+        label = {"ar": "AR tokens", "denoise": "denoising"}.get(stage, stage)
+        self.stream.write(f"\r{label:>10} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}")
+        if done == total:
+            self.stream.write("\n")
+            self.stage = None
+        self.stream.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from .runtime import GlmImageOnnxPipeline, PackageError, ProviderError
+
+    sources = []
+    for path in args.image or []:
+        try:
+            sources.append(Image.open(path).convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            raise CliError(f"--image {path}: cannot read the image ({e})") from None
+    try:
+        pipe = GlmImageOnnxPipeline.from_package(args.package, provider=args.provider,
+                                                 provider_options=_provider_options(args.provider_option),
+                                                 strict=args.strict, verify_files=not args.no_verify,
+                                                 threads=args.threads)
+        out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
+                   guidance_scale=args.guidance, seed=args.seed, image=sources or None,
+                   do_sample=False if args.greedy else None, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, progress=None if args.quiet else _ProgressBar())
+    except (PackageError, ProviderError, ValueError) as e:
+        raise CliError(str(e)) from None
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    out.images[0].save(args.out)
+    t = out.timings
+    print(f"wrote {args.out} (seed {out.seed}) in {t['total_s']:.2f}s: AR {t['ar_prefill_s'] + t['ar_decode_s']:.2f}s "
+          f"({int(t['ar_tokens'])} tokens), DiT {t['dit_s']:.2f}s, VAE {t['vae_s']:.2f}s on "
+          f"{', '.join(pipe.providers)}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-image-onnx", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +152,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="generate an image from an ONNX package (no torch needed)")
+    p.add_argument("package", help="exported ONNX package folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--height", type=int, help="pixels, a multiple of 32 (default: the package's, or the source image's)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--steps", type=int, help="denoising steps (default 50)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 1.5)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--greedy", action="store_true", help="greedy AR decoding instead of sampling")
+    p.add_argument("--image", action="append", metavar="FILE", help="source image for editing (repeatable)")
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "cann"])
+    p.add_argument("--provider-option", action="append", metavar="KEY=VALUE",
+                   help="execution provider option, e.g. device_id=0 (repeatable)")
+    p.add_argument("--strict", action="store_true", help="fail instead of falling back to CPU")
+    p.add_argument("--threads", type=int, help="CPU threads per graph (default: all cores)")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the package files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -1,0 +1,7 @@
+"""Torch-free runtime: an ONNX package -> images (numpy, onnxruntime, tokenizers, pillow, jinja2)."""
+
+from .package import Package, PackageError
+from .pipeline import GlmImageOnnxPipeline, GlmImageOutput
+from .providers import ProviderError, ProviderRequest
+
+__all__ = ["GlmImageOnnxPipeline", "GlmImageOutput", "Package", "PackageError", "ProviderError", "ProviderRequest"]

@@ -1,0 +1,349 @@
+"""GLM-Image on onnxruntime: diffusers' `GlmImagePipeline`, step for step, without torch.
+
+`__call__` reads like the algorithm: check inputs, tokenise source images, plan image tokens with
+the AR planner, encode glyphs, write the condition K/V, denoise with classifier-free guidance,
+decode. Each step is a method that a test can call alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from . import glyphs, images, mrope
+from .ar import ArPlanner
+from .package import Package
+from .prompt import PromptBuilder
+from .providers import ProviderRequest, create_session
+from .sampling import SamplingConfig, TokenSampler
+from .scheduler import FlowMatchSchedule, guidance as cfg_mix, image_seq_len
+
+log = logging.getLogger("glm_image_onnx.runtime")
+
+Progress = Callable[[str, int, int], None]
+"""progress(stage, done, total): stage is "ar" (tokens) or "denoise" (steps). Raising from it
+stops the generation (the server uses this for cancellations and deadlines)."""
+
+T2I_GRAPHS = ("ar_planner", "glyph_encoder", "dit_decoder", "vae_decoder")
+I2I_GRAPHS = ("vision_tokenizer", "vae_encoder", "dit_condition_write")
+
+
+@dataclass
+class GlmImageOutput:
+    images: list[Image.Image]
+    tokens: np.ndarray  # every AR token generated, int64 (t2i: preview grid then target grid)
+    prior_token_ids: np.ndarray  # the target grid upsampled 2x, int64 [1, N]: what the DiT saw
+    timings: dict[str, float] = field(default_factory=dict)
+    seed: int | None = None
+
+
+@dataclass
+class _Condition:
+    """Image-to-image state: source VQ ids for the prompt and the DiT's condition K/V."""
+
+    grids: list[tuple[int, int]]
+    ids: list[np.ndarray]
+    keys: np.ndarray | None = None
+    values: np.ndarray | None = None
+
+
+class GlmImageOnnxPipeline:
+    def __init__(self, package: Package, provider: ProviderRequest, threads: int | None = None):
+        self.package = package
+        self.provider = provider
+        self.config = package.pipeline
+        wanted = T2I_GRAPHS + tuple(g for g in I2I_GRAPHS if package.has(g))
+        self.sessions = {g: create_session(package.graph_path(g), provider, threads) for g in wanted}
+        self.supports_image_to_image = all(package.has(g) for g in I2I_GRAPHS)
+        ar_cfg = package.graph_config("ar_planner")
+        self.ar = ArPlanner(self.sessions["ar_planner"], ar_cfg, device=self._io_device())
+        self.prompts = PromptBuilder.from_package(package.root)
+        self.glyph_tokenizer = glyphs.ByteTokenizer.from_dir(package.file("tokenizer"))
+        self.schedule = FlowMatchSchedule.from_config(self.config["scheduler"])
+        self.image_processor = images.ImageProcessor.from_package(package.root)
+        tokens = self.config["tokens"]
+        self.codebook_size = int(tokens["codebook_size"])
+        self.image_start_id = int(tokens["image_start_token_id"])
+        self.image_end_id = int(tokens["image_end_token_id"])
+        self.image_token_id = int(tokens["image_token_id"])
+        vae = self.config["vae"]
+        self.vae_scale = int(vae["scale_factor"])
+        self.latent_channels = int(vae["latent_channels"])
+        self.latents_mean = np.asarray(vae["latents_mean"], np.float32).reshape(1, -1, 1, 1)
+        self.latents_std = np.asarray(vae["latents_std"], np.float32).reshape(1, -1, 1, 1)
+        dit = package.graph_config("dit_decoder")
+        self.patch_size = int(dit["patch_size"])
+        self.dit_layers, self.dit_heads, self.dit_head_dim = dit["num_layers"], dit["num_heads"], dit["head_dim"]
+        self.defaults = {**self.config.get("defaults", {}), **self.config.get("generation", {})}
+
+    @classmethod
+    def from_package(cls, path: Path | str, provider: str = "cpu", provider_options: dict[str, Any] | None = None,
+                     strict: bool = False, verify_files: bool = True, threads: int | None = None
+                     ) -> "GlmImageOnnxPipeline":
+        """Open an exported package on "cpu", "cuda" or "cann" (see runtime.providers)."""
+        request = ProviderRequest(provider, dict(provider_options or {}), strict)
+        return cls(Package.open(path, verify_files=verify_files), request, threads)
+
+    def _io_device(self) -> str:
+        # Keep the AR cache on the GPU between tokens when CUDA really runs the graph.
+        session = self.sessions["ar_planner"]
+        return "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
+
+    @property
+    def providers(self) -> list[str]:
+        return self.sessions["dit_decoder"].get_providers()
+
+    # ------------------------------------------------------------------------------------ call
+    def __call__(self, prompt: str, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 seed: int | None = None, latents: np.ndarray | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 image: Image.Image | Sequence[Image.Image] | None = None,
+                 progress: Progress | None = None) -> GlmImageOutput:
+        t_start = time.perf_counter()
+        timings: dict[str, float] = {}
+        sources = self._source_images(image)
+        height, width = self._size(height, width, sources)
+        steps = int(num_inference_steps if num_inference_steps is not None else self.defaults.get("num_inference_steps", 50))
+        scale = float(guidance_scale if guidance_scale is not None else self.defaults.get("guidance_scale", 1.5))
+        self.check_inputs(prompt, height, width, steps, scale, latents)
+        sampling = SamplingConfig(
+            do_sample=bool(self.defaults.get("do_sample", True) if do_sample is None else do_sample),
+            temperature=float(self.defaults.get("temperature", 1.0) if temperature is None else temperature),
+            top_p=float(self.defaults.get("top_p", 1.0) if top_p is None else top_p),
+            top_k=top_k if top_k is not None else self.defaults.get("top_k"),
+        )
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2 ** 63))
+        ar_seed, latent_seed = np.random.SeedSequence(seed).spawn(2)
+
+        t = time.perf_counter()
+        condition = self.tokenize_sources(sources) if sources else None
+        timings["vision_tokenizer_s"] = time.perf_counter() - t
+
+        tokens, prior_ids, ar_timings = self.generate_prior_tokens(
+            prompt, height, width, condition, TokenSampler(sampling, self.codebook_size, ar_seed), progress)
+        timings.update(ar_timings)
+
+        t = time.perf_counter()
+        cond_embeds, uncond_embeds = self.encode_glyphs(prompt)
+        timings["glyph_s"] = time.perf_counter() - t
+
+        if condition is not None:
+            t = time.perf_counter()
+            self.write_condition(sources, condition)
+            timings["condition_s"] = time.perf_counter() - t
+
+        latents = self.prepare_latents(height, width, latents, latent_seed)
+        t = time.perf_counter()
+        latents, per_step = self.denoise(latents, cond_embeds, uncond_embeds, prior_ids, height, width,
+                                         steps, scale, condition, progress)
+        timings["dit_s"] = time.perf_counter() - t
+        timings["dit_per_step_s"] = float(np.median(per_step)) if per_step else 0.0
+
+        t = time.perf_counter()
+        pixels = self.decode(latents)
+        timings["vae_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - t_start
+        return GlmImageOutput(images=images.to_pil(pixels), tokens=tokens, prior_token_ids=prior_ids,
+                              timings=timings, seed=seed)
+
+    # ---------------------------------------------------------------------------------- checks
+    def _source_images(self, image: Any) -> list[Image.Image]:
+        if image is None:
+            return []
+        items = [image] if isinstance(image, (Image.Image, np.ndarray)) else list(image)
+        if items and not self.supports_image_to_image:
+            raise ValueError(f"image: this package has no image-to-image graphs ({', '.join(I2I_GRAPHS)}); "
+                             f"export them to edit images")
+        out = []
+        for i, item in enumerate(items):
+            if isinstance(item, np.ndarray):
+                item = Image.fromarray(item)
+            if not isinstance(item, Image.Image):
+                raise ValueError(f"image[{i}]: expected a PIL image or a uint8 array, got {type(item).__name__}")
+            out.append(item.convert("RGB"))
+        return out
+
+    def _size(self, height: int | None, width: int | None, sources: list[Image.Image]) -> tuple[int, int]:
+        if height is None or width is None:
+            if sources:
+                # Like the pipeline: the first source's size, floored to the 32-pixel token grid.
+                height = height or (sources[0].height // 32) * 32
+                width = width or (sources[0].width // 32) * 32
+            else:
+                height = height or int(self.defaults.get("height", 1024))
+                width = width or int(self.defaults.get("width", 1024))
+        return int(height), int(width)
+
+    def check_inputs(self, prompt: str, height: int, width: int, steps: int, scale: float,
+                     latents: np.ndarray | None) -> None:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        for name, value in (("height", height), ("width", width)):
+            if value < 32 or value % 32:
+                raise ValueError(f"{name} must be a positive multiple of 32, got {value}")
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+        if not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {scale}")
+        if latents is not None:
+            shape = (1, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+            if tuple(np.shape(latents)) != shape:
+                raise ValueError(f"latents must have shape {shape} for {height}x{width}, got {np.shape(latents)}")
+
+    # ------------------------------------------------------------------------- image-to-image
+    def tokenize_sources(self, sources: list[Image.Image]) -> _Condition:
+        """Each source image -> its VQ ids (vision tokenizer), one image per call."""
+        session = self.sessions["vision_tokenizer"]
+        grids, ids = [], []
+        for img in sources:
+            pixels, (gh, gw) = self.image_processor.preprocess_one(img)
+            out = session.run(None, {"pixel_values": pixels,
+                                     "image_grid_thw": np.array([[1, gh, gw]], np.int64)})[0]
+            grids.append((gh, gw))
+            ids.append(out.astype(np.int64).reshape(-1))
+        return _Condition(grids=grids, ids=ids)
+
+    def write_condition(self, sources: list[Image.Image], condition: _Condition) -> None:
+        """The DiT's condition K/V: VAE-encode each source, normalise, one write pass per image."""
+        keys, values = [], []
+        for img, (gh, gw), ids in zip(sources, condition.grids, condition.ids):
+            h, w = images.condition_size(img, self.vae_scale, self.patch_size)
+            prior = images.upsample_prior_ids(ids, gh, gw)
+            tokens = (h // self.vae_scale // self.patch_size) * (w // self.vae_scale // self.patch_size)
+            if prior.shape[1] != tokens:
+                raise ValueError(f"image: a {img.width}x{img.height} source gives {prior.shape[1]} prior tokens "
+                                 f"but {tokens} latent tokens; use sides that are multiples of 32")
+            pixels = images.vae_preprocess(img, h, w, self.vae_scale)
+            latent = self.sessions["vae_encoder"].run(None, {"sample": pixels})[0]
+            latent = ((latent - self.latents_mean) / self.latents_std).astype(np.float32)
+            k, v = self.sessions["dit_condition_write"].run(None, {
+                "hidden_states": latent, "prior_token_id": prior,
+                "target_size": np.array([[h, w]], np.float32)})
+            keys.append(k)
+            values.append(v)
+        condition.keys = np.concatenate(keys, axis=2)
+        condition.values = np.concatenate(values, axis=2)
+
+    # ------------------------------------------------------------------------------- AR planner
+    def generate_prior_tokens(self, prompt: str, height: int, width: int, condition: _Condition | None,
+                              sampler: TokenSampler, progress: Progress | None = None
+                              ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """AR planning: (all generated tokens, the target grid upsampled 2x [1, N], timings)."""
+        built = self.prompts.build(prompt, height, width, condition.grids if condition else None)
+        input_ids = built["input_ids"]
+        if condition is not None:
+            # The processor's image placeholders become the sources' codebook ids (masked_scatter).
+            slots = input_ids[0] == self.image_token_id
+            input_ids = input_ids.copy()
+            input_ids[0, slots] = np.concatenate(condition.ids)
+        prefill, decode = mrope.rope_index(input_ids, image_start_token_id=self.image_start_id,
+                                           image_end_token_id=self.image_end_id,
+                                           image_grid_thw=built["image_grid_thw"])
+        th, tw = built["target_grid"]
+        num_tokens = built["max_new_tokens"] - 1  # every grid token; the end token is not needed
+        result = self.ar.generate(input_ids, prefill, decode, num_tokens, sampler, progress)
+        offset = built["target_offset"]
+        target = result.tokens[offset: offset + th * tw]
+        timings = {"ar_prefill_s": result.prefill_s, "ar_decode_s": result.decode_s,
+                   "ar_per_token_s": float(np.median(result.per_token_s)) if result.per_token_s else 0.0,
+                   "ar_tokens": float(num_tokens)}
+        return result.tokens, images.upsample_prior_ids(target, th, tw), timings
+
+    # ------------------------------------------------------------------------------------ glyphs
+    def encode_glyphs(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """(cond, uncond) glyph embeddings [1, T, D]: quoted text of the prompt, and "" for CFG."""
+        session = self.sessions["glyph_encoder"]
+
+        def encode(texts: list[str]) -> np.ndarray:
+            ids, mask = glyphs.glyph_batch(texts, tokenizer=self.glyph_tokenizer)
+            hidden = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+            return glyphs.gather_rows(hidden, mask).astype(np.float32)
+
+        return encode(glyphs.glyph_texts(prompt)), encode([])
+
+    # --------------------------------------------------------------------------------- denoising
+    def prepare_latents(self, height: int, width: int, latents: np.ndarray | None,
+                        seed: np.random.SeedSequence) -> np.ndarray:
+        if latents is not None:
+            return np.ascontiguousarray(latents, dtype=np.float32)
+        shape = (1, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+    def denoise(self, latents: np.ndarray, cond: np.ndarray, uncond: np.ndarray, prior_ids: np.ndarray,
+                height: int, width: int, steps: int, scale: float, condition: _Condition | None,
+                progress: Progress | None = None) -> tuple[np.ndarray, list[float]]:
+        """The flow-matching Euler loop with classifier-free guidance (`scale > 1`)."""
+        timesteps, sigmas = self.schedule.timesteps(
+            steps, image_seq_len(height, width, self.vae_scale, self.patch_size))
+        n = prior_ids.shape[1]
+        use_cfg = scale > 1
+        empty = np.zeros((self.dit_layers, 1, 0, self.dit_heads, self.dit_head_dim), np.float32)
+        keys = condition.keys if condition is not None else empty
+        values = condition.values if condition is not None else empty
+        # Text-to-image runs both CFG branches in one call: the shorter glyph sequence is padded and
+        # masked, which gives the unbatched result (the uncond branch never reads condition K/V, so
+        # image-to-image keeps two calls).
+        batch_cfg = use_cfg and condition is None
+        if batch_cfg:
+            text, mask = _pad_right([cond, uncond])
+            drop = np.array([[False] * n, [True] * n])
+            rows = 2
+        else:
+            rows = 1
+        size = np.array([[height, width]] * rows, np.float32)
+        crop = np.zeros((rows, 2), np.float32)
+        prior = np.repeat(prior_ids, rows, axis=0)
+        per_step = []
+        for i, t in enumerate(timesteps):
+            t0 = time.perf_counter()
+            timestep = np.full((rows,), t - 1, np.float32)  # the pipeline feeds t - 1
+            x = np.repeat(latents, rows, axis=0) if rows > 1 else latents
+            if batch_cfg:
+                pred = self._dit(x, text, mask, prior, drop, timestep, size, crop, empty, empty)
+                noise = cfg_mix(pred[:1], pred[1:], scale)
+            else:
+                noise = self._dit(x, cond, np.ones(cond.shape[:2], np.int64), prior, np.zeros((1, n), bool),
+                                  timestep, size, crop, keys, values)
+                if use_cfg:
+                    noise_u = self._dit(x, uncond, np.ones(uncond.shape[:2], np.int64), prior,
+                                        np.ones((1, n), bool), timestep, size, crop, empty, empty)
+                    noise = cfg_mix(noise, noise_u, scale)
+            latents = self.schedule.step(noise, i, latents, sigmas=sigmas)
+            per_step.append(time.perf_counter() - t0)
+            if progress is not None:
+                progress("denoise", i + 1, len(timesteps))
+        return latents, per_step
+
+    def _dit(self, x, text, mask, prior, drop, timestep, size, crop, keys, values) -> np.ndarray:
+        return self.sessions["dit_decoder"].run(["noise_pred"], {
+            "hidden_states": x, "encoder_hidden_states": text, "encoder_attention_mask": mask,
+            "prior_token_id": prior, "prior_token_drop": drop, "timestep": timestep,
+            "target_size": size, "crop_coords": crop, "condition_keys": keys, "condition_values": values,
+        })[0]
+
+    # ------------------------------------------------------------------------------------ decode
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """De-normalise, VAE-decode -> float images [B, H, W, 3] in [0, 1]."""
+        z = (latents * self.latents_std + self.latents_mean).astype(np.float32)
+        sample = self.sessions["vae_decoder"].run(None, {"latents": z})[0]
+        return images.vae_postprocess(sample)
+
+
+def _pad_right(embeds: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """[1, T_i, D] embeddings -> ([B, max T, D] zero-padded on the right, mask int64 [B, max T])."""
+    longest = max(e.shape[1] for e in embeds)
+    text = np.zeros((len(embeds), longest, embeds[0].shape[2]), np.float32)
+    mask = np.zeros((len(embeds), longest), np.int64)
+    for i, e in enumerate(embeds):
+        text[i, : e.shape[1]] = e[0]
+        mask[i, : e.shape[1]] = 1
+    return text, mask
