@@ -12,6 +12,7 @@ import gc
 import hashlib
 import importlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -58,6 +59,7 @@ class ExportOptions:
     opset: int = 18
     overwrite: bool = False
     seed: int = 0
+    jobs: int | None = None  # parallel component exports; None = default_jobs()
 
 
 def _load_component(folder: str, path: Path) -> Any:
@@ -146,11 +148,16 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def default_jobs(info: CheckpointInfo) -> int:
+    """Components export in parallel processes only while several fit in memory at once: a small
+    checkpoint on a multi-core machine gets 2 workers, a real 9B/7B one exports one at a time."""
+    weights = sum(p.stat().st_size for p in info.root.rglob("*.safetensors"))
+    return 2 if (os.cpu_count() or 1) >= 2 and weights < 2_000_000_000 else 1
+
+
 def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptions | None = None,
                    log: Callable[[str], None] = _log) -> dict[str, Any]:
     """Export the selected graphs of `checkpoint` into the package folder `out`; returns the manifest."""
-    from . import graph as graph_mod
-
     options = options or ExportOptions()
     unknown = [g for g in options.graphs if g not in GRAPHS]
     if unknown:
@@ -163,27 +170,15 @@ def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptio
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     selected = [g for g in GRAPHS if g in options.graphs]
+    # One job per checkpoint component: it loads the weights once and exports all its graphs.
+    jobs = [(folder, [g for g in selected if GRAPHS[g] == folder]) for folder in EXPORT_MODULES]
+    jobs = [(folder, wanted) for folder, wanted in jobs if wanted]
+    workers = min(options.jobs or default_jobs(info), len(jobs)) or 1
     t_start = time.perf_counter()
     try:
-        graphs: dict[str, Any] = {}
-        n = len(selected)
-        for folder, modules in EXPORT_MODULES.items():
-            wanted = [g for g in selected if GRAPHS[g] == folder]
-            if not wanted:
-                continue
-            log(f"loading {folder} from {info.root / folder}")
-            model = _load_component(folder, info.root / folder)
-            for module_name in modules:
-                module = importlib.import_module(f"{__package__}.{module_name}")
-                for spec in module.graph_specs(model, info.root):
-                    if spec.name not in wanted:
-                        continue
-                    i = selected.index(spec.name) + 1
-                    graphs[spec.name] = _export_one(spec, tmp, options, f"[{i}/{n}]", log, graph_mod)
-                    del spec
-                    gc.collect()
-            del model
-            gc.collect()
+        steps = {g: f"[{i + 1}/{len(selected)}]" for i, g in enumerate(selected)}
+        results = _run_jobs(jobs, info.root, tmp, options, steps, workers, log)
+        graphs = {g: results[g] for g in selected}
         for folder in COPIED_FOLDERS:
             shutil.copytree(info.root / folder, tmp / folder)
         manifest = {
@@ -206,8 +201,78 @@ def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptio
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"wrote {out} ({len(graphs)} graphs, {sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB) "
-        f"in {manifest['export_seconds']:.1f}s")
+        f"in {manifest['export_seconds']:.1f}s with {workers} worker{'s' if workers > 1 else ''}")
     return manifest
+
+
+def _run_jobs(jobs: list[tuple[str, list[str]]], root: Path, tmp: Path, options: ExportOptions,
+              steps: dict[str, str], workers: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Run the component jobs here (one worker) or in spawned processes whose log lines come back
+    through a queue, so progress shows as it happens either way."""
+    if workers == 1:
+        results: dict[str, Any] = {}
+        for folder, wanted in jobs:
+            results.update(_export_component(folder, wanted, root, tmp, options, steps, log))
+        return results
+    import multiprocessing as mp
+    import queue
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("spawn")  # torch and fork do not mix
+    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        lines = manager.Queue()
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        futures = [pool.submit(_worker, folder, wanted, root, tmp, options, steps, lines, threads)
+                   for folder, wanted in sorted(jobs, key=lambda j: -_JOB_COST.get(j[0], 1))]
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            while True:
+                try:
+                    log(lines.get_nowait())
+                except queue.Empty:
+                    break
+            if any(f.exception() for f in done):
+                for f in pending:
+                    f.cancel()
+                break
+        results = {}
+        for f in futures:
+            if f.done() and not f.cancelled():
+                results.update(f.result())  # re-raises a worker's error here
+        return results
+
+
+# Relative export time per component: the longest jobs start first.
+_JOB_COST = {"transformer": 4, "vision_language_encoder": 3, "vae": 2, "text_encoder": 1}
+
+
+def _worker(folder: str, wanted: list[str], root: Path, tmp: Path, options: ExportOptions,
+            steps: dict[str, str], lines: Any, threads: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)  # the workers share the cores
+    return _export_component(folder, wanted, root, tmp, options, steps, lines.put)
+
+
+def _export_component(folder: str, wanted: list[str], root: Path, tmp: Path, options: ExportOptions,
+                      steps: dict[str, str], log: Callable[[str], None]) -> dict[str, Any]:
+    """Load one checkpoint component once and export (and verify) the wanted graphs of it."""
+    from . import graph as graph_mod
+
+    log(f"loading {folder} from {root / folder}")
+    model = _load_component(folder, root / folder)
+    entries: dict[str, Any] = {}
+    for module_name in EXPORT_MODULES[folder]:
+        module = importlib.import_module(f"{__package__}.{module_name}")
+        for spec in module.graph_specs(model, root):
+            if spec.name in wanted:
+                entries[spec.name] = _export_one(spec, tmp, options, steps[spec.name], log, graph_mod)
+            del spec
+            gc.collect()
+    del model
+    gc.collect()
+    return entries
 
 
 def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,

@@ -56,8 +56,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .models.inspect import CheckpointError
 
     graphs = tuple(args.components) if args.components else tuple(GRAPHS)
+    if args.jobs is not None and args.jobs < 1:
+        raise CliError(f"--jobs must be >= 1, got {args.jobs}")
     options = ExportOptions(graphs=graphs, verify=args.verify, opset=args.opset,
-                            overwrite=args.overwrite, seed=args.seed)
+                            overwrite=args.overwrite, seed=args.seed, jobs=args.jobs)
     try:
         export_package(args.checkpoint, args.out, options)
     except (CheckpointError, ExportError) as e:
@@ -151,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    p.add_argument("--jobs", type=int, help="components exported in parallel processes (default: 2 for "
+                                             "checkpoints under 2 GB on a multi-core machine, else 1)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate an image from an ONNX package (no torch needed)")

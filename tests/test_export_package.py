@@ -78,11 +78,16 @@ def test_failed_export_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path) -> 
     weights.write_bytes(weights.read_bytes()[:100])  # truncated download
     logs: list[str] = []
     with pytest.raises(Exception):
-        export_package(ckpt, tmp_path / "pkg", ExportOptions(graphs=("glyph_encoder", "vae_decoder")),
+        export_package(ckpt, tmp_path / "pkg", ExportOptions(graphs=("glyph_encoder", "vae_decoder"), jobs=1),
                        log=logs.append)
     assert any("glyph_encoder: exported" in line for line in logs)  # it failed part-way
     assert not (tmp_path / "pkg").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["broken"]  # no partial folder left behind
+    # the same with parallel workers: the worker's error surfaces and nothing is left
+    with pytest.raises(Exception):
+        export_package(ckpt, tmp_path / "pkg", ExportOptions(graphs=("glyph_encoder", "vae_decoder"), jobs=2),
+                       log=logs.append)
+    assert [p.name for p in tmp_path.iterdir()] == ["broken"]
 
 
 def test_verify_failure_fails_the_export(tiny_checkpoint: Path, tmp_path: Path,
