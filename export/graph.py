@@ -8,6 +8,7 @@ PyTorch on fresh inputs at several shapes.
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,3 +165,47 @@ def verify(spec: GraphSpec, path: Path, seed: int = 0,
     return {"cases": len(cases), "input_shapes": shapes, "outputs": worst,
             "max_rel": max((w["max_rel"] for w in worst.values()), default=0.0),
             "passed": all(w["max_rel"] <= MAX_RELATIVE_ERROR for w in worst.values())}
+
+
+def share_external_data(paths: list[Path], data_name: str, min_bytes: int = 1024, align: int = 4096) -> Path:
+    """Rewrite graphs of one component so that identical weights are stored once, in `data_name`.
+
+    The DiT's decoder and condition-write graphs carry the same 7B weights; exported alone each
+    would hold its own copy. Tensors are matched by content (dtype, shape, bytes), so whatever the
+    exporter named or folded differently simply gets its own slot. Offsets are page aligned so
+    that onnxruntime can map the file.
+    """
+    from onnx import external_data_helper, numpy_helper
+
+    folder = Path(paths[0]).parent
+    data_path = folder / data_name
+    tmp_path = data_path.with_name(data_path.name + ".tmp")
+    slots: dict[tuple[str, tuple[int, ...], str], tuple[int, int]] = {}
+    old_files: set[Path] = set()
+    with open(tmp_path, "wb") as f:
+        for path in paths:
+            old_files.update(p for p in onnx_files(path)[1:])
+            model = onnx.load(str(path))  # with its external data
+            for tensor in _all_initializers(model.graph):
+                array = numpy_helper.to_array(tensor)
+                raw = array.tobytes()
+                if len(raw) < min_bytes:
+                    continue
+                key = (str(array.dtype), tuple(array.shape), hashlib.sha256(raw).hexdigest())
+                if key not in slots:
+                    f.write(b"\0" * (-f.tell() % align))
+                    slots[key] = (f.tell(), len(raw))
+                    f.write(raw)
+                offset, length = slots[key]
+                for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    tensor.ClearField(field)
+                del tensor.external_data[:]
+                tensor.raw_data = raw  # set_external_data insists on raw_data being present
+                external_data_helper.set_external_data(tensor, data_name, offset, length)
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+            onnx.save(model, str(path))
+    for old in old_files - {data_path}:
+        old.unlink(missing_ok=True)
+    os.replace(tmp_path, data_path)
+    return data_path

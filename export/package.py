@@ -272,7 +272,23 @@ def _export_component(folder: str, wanted: list[str], root: Path, tmp: Path, opt
             gc.collect()
     del model
     gc.collect()
+    if len(entries) > 1 and any(e["external_data"] for e in entries.values()):
+        _share_component_weights(folder, entries, tmp, graph_mod, log)
     return entries
+
+
+def _share_component_weights(folder: str, entries: dict[str, Any], tmp: Path, graph_mod: Any,
+                             log: Callable[[str], None]) -> None:
+    """Big graphs of one component (the DiT's decoder and condition write) share one weights file."""
+    paths = [tmp / e["file"] for e in entries.values()]
+    before = sum(e["bytes"] for e in entries.values())
+    data = graph_mod.share_external_data(paths, f"{folder}.weights")
+    for entry, path in zip(entries.values(), paths):
+        files = graph_mod.onnx_files(path)
+        entry["external_data"] = [f.name for f in files[1:]]
+        entry["bytes"] = sum(f.stat().st_size for f in files)
+    after = data.stat().st_size + sum(p.stat().st_size for p in paths)
+    log(f"{folder}: {len(paths)} graphs share {data.name} ({before / 1e9:.2f} GB -> {after / 1e9:.2f} GB)")
 
 
 def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,

@@ -139,3 +139,27 @@ def test_external_data_written_past_threshold(tmp_path: Path, monkeypatch: pytes
 def test_external_data_model_over_2gb(tmp_path: Path) -> None:
     # 16384 x 33000 fp32 = 2.16 GB: protobuf alone cannot hold it.
     _check_external(_affine_spec(16384, 33000), tmp_path)
+
+
+def test_big_component_graphs_share_one_weights_file(tiny_checkpoint: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the external-data threshold the DiT's two graphs store their common weights once."""
+    from diffusers import GlmImageTransformer2DModel
+
+    from glm_image_onnx.export import dit_decoder
+
+    monkeypatch.setattr(graph_mod, "EXTERNAL_DATA_THRESHOLD", 1000)  # tiny as if it were 7B
+    pkg = tmp_path / "pkg"
+    m = export_package(tiny_checkpoint, pkg, ExportOptions(graphs=("dit_decoder", "dit_condition_write"), jobs=1),
+                       log=lambda _: None)
+    for name in ("dit_decoder", "dit_condition_write"):
+        assert m["graphs"][name]["external_data"] == ["transformer.weights"]
+    assert sorted(p.name for p in pkg.iterdir() if p.suffix in (".data", ".weights")) == ["transformer.weights"]
+    model = GlmImageTransformer2DModel.from_pretrained(tiny_checkpoint / "transformer").eval()
+    weight_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert (pkg / "transformer.weights").stat().st_size < 1.3 * weight_bytes  # once, not twice
+    for spec in dit_decoder.graph_specs(model, tiny_checkpoint):
+        result = graph_mod.verify(spec, pkg / f"{spec.name}.onnx")
+        assert result["passed"], (spec.name, result)
+    for rel, entry in m["files"].items():
+        assert sha256_file(pkg / rel) == entry["sha256"], rel
