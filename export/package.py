@@ -9,7 +9,6 @@ looks complete.
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib
 import json
 import os
@@ -21,11 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_table, sha256_file  # noqa: F401 (re-exported)
 from ..models.inspect import CheckpointInfo, inspect_checkpoint
 
-FORMAT = "glm-image-onnx-package"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 
 # graph name -> checkpoint folder it comes from (also the order of export).
 GRAPHS: dict[str, str] = {
@@ -83,23 +80,6 @@ def _load_component(folder: str, path: Path) -> Any:
 
         return AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32).eval()
     raise KeyError(folder)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_table(root: Path) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file under `root` except the manifest itself."""
-    table = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            table[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    return table
 
 
 def pipeline_config(info: CheckpointInfo) -> dict[str, Any]:

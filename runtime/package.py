@@ -6,30 +6,19 @@ The runtime never imports the export side; it reads `manifest.json`, checks the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("glm_image_onnx.runtime")
+from ..manifest import FORMAT, MANIFEST, SUPPORTED_VERSIONS, sha256_file
 
-FORMAT = "glm-image-onnx-package"
-SUPPORTED_VERSIONS = (1,)
-MANIFEST = "manifest.json"
+log = logging.getLogger("glm_image_onnx.runtime")
 
 
 class PackageError(ValueError):
     """The package cannot be used; the message names the bad file."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -71,7 +60,7 @@ class Package:
             path = self.root / rel
             if not path.is_file():
                 raise PackageError(f"{path} is missing (listed in {MANIFEST})")
-            if path.stat().st_size != entry.get("bytes") or _sha256(path) != entry.get("sha256"):
+            if path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
                 raise PackageError(f"{path} does not match its sha256 in {MANIFEST} (corrupt or modified)")
 
     @property

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from glm_image_onnx.export import graph as graph_mod
-from glm_image_onnx.export.package import (FORMAT, FORMAT_VERSION, GRAPHS, ExportOptions, export_package,
-                                           load_manifest, sha256_file)
+from glm_image_onnx.export.package import GRAPHS, ExportOptions, export_package, load_manifest
+from glm_image_onnx.manifest import FORMAT, FORMAT_VERSION, sha256_file
 
 
 def test_manifest_lists_every_graph_verified(tiny_package: Path) -> None:
