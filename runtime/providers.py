@@ -1,14 +1,22 @@
 """Execution providers: CPU, CUDA and CANN, with their options, and honest fallback reporting.
 
-onnxruntime silently runs on CPU when a provider cannot start (missing CUDA or Ascend libraries).
-We compare what the session actually uses with what was asked for: a warning by default, an error
-naming the provider and the reason with `strict=True`.
+onnxruntime silently runs on CPU when a provider cannot start (missing CUDA or Ascend libraries):
+its Python wrapper catches the provider's error, prints it and retries on CPU, and some providers
+are simply left out of the session. We create sessions with that fallback off, compare what the
+session actually uses with what was asked for, and report the difference: a warning naming the
+provider, the options onnxruntime received and the reason (usually the device library that cannot
+be loaded) by default, a `ProviderError` with the same text with `strict=True`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import mmap
 import os
+import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,25 +40,76 @@ PROVIDER_OPTIONS = {
              "dump_om_model", "precision_mode", "op_select_impl_mode", "optypelist_for_implmode"},
 }
 INSTALL_HINT = {
-    "cuda": "install onnxruntime-gpu (instead of onnxruntime) and the CUDA 12 + cuDNN 9 libraries",
+    "cuda": "install onnxruntime-gpu (instead of onnxruntime) and the CUDA + cuDNN libraries it was built for "
+            "(e.g. pip install 'onnxruntime-gpu[cuda,cudnn]'), on a machine with an NVIDIA GPU and driver",
     "cann": "install onnxruntime-cann (instead of onnxruntime; it needs numpy<2) and the Ascend CANN toolkit, "
             "then source its set_env.sh",
 }
 
+# Used when the provider's plugin library cannot be inspected (not ELF, not found): a library the
+# plugin needs, whose absence is the usual reason for a fallback.
+DEVICE_LIBRARIES = {"cuda": ("libcudart.so.13", "libcublas.so.13", "libcuda.so.1"), "cann": ("libascendcl.so",)}
+# Libraries every Linux system has: not worth probing.
+_SYSTEM_LIBRARIES = ("libc.so", "libm.so", "libdl.so", "libpthread.so", "librt.so", "libstdc++.so", "libgcc_s.so",
+                     "ld-linux", "libonnxruntime")
 
-# A library each provider's plugin loads first: failing to open it is the usual reason for a fallback.
-DEVICE_LIBRARIES = {"cuda": ("libcudart.so.12", "libcublas.so.12", "libcudnn.so.9"), "cann": ("libascendcl.so",)}
+
+def provider_library(provider: str) -> Path:
+    """onnxruntime's plugin for a provider, e.g. .../onnxruntime/capi/libonnxruntime_providers_cann.so."""
+    return Path(ort.__file__).parent / "capi" / f"libonnxruntime_providers_{provider}.so"
+
+
+@functools.lru_cache(maxsize=8)
+def _elf_dynamic(path: Path) -> tuple[list[str], list[str]]:
+    """(DT_NEEDED, DT_RUNPATH + DT_RPATH entries) of a 64-bit little-endian ELF shared library."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:  # CUDA's is ~300 MB
+        if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+            raise ValueError(f"{path} is not a 64-bit little-endian ELF file")
+        shoff, = struct.unpack_from("<Q", data, 0x28)
+        shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+        sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        for _name, sh_type, _flags, _addr, offset, size, link, _info, _align, entsize in sections:
+            if sh_type != 6:  # SHT_DYNAMIC
+                continue
+            strtab = sections[link][4]
+
+            def string(at: int) -> str:
+                start = strtab + at
+                return data[start:data.find(b"\0", start)].decode()
+
+            needed, paths = [], []
+            for pos in range(offset, offset + size, entsize or 16):
+                tag, value = struct.unpack_from("<qQ", data, pos)
+                if tag == 0:  # DT_NULL
+                    break
+                if tag == 1:  # DT_NEEDED
+                    needed.append(string(value))
+                elif tag in (15, 29):  # DT_RPATH, DT_RUNPATH
+                    paths += [p.replace("$ORIGIN", str(path.parent)) for p in string(value).split(":") if p]
+            return needed, paths
+    return [], []
 
 
 def missing_library(provider: str) -> str | None:
-    """The loader's error for the first device library that cannot be opened, if any."""
-    import ctypes
+    """The loader's error for the first library the provider's plugin needs that cannot be loaded, if any.
 
-    for lib in DEVICE_LIBRARIES.get(provider, ()):
+    Reads the plugin's DT_NEEDED entries (so it names what this onnxruntime build links: CUDA 12 or 13,
+    libascendcl.so) and tries them the way the dynamic loader would: the plugin's RUNPATH first.
+    """
+    plugin = provider_library(provider)
+    try:
+        needed, search = _elf_dynamic(plugin)
+    except (OSError, ValueError, IndexError, UnicodeDecodeError, struct.error):
+        needed, search = list(DEVICE_LIBRARIES.get(provider, ())), []
+    for lib in needed:
+        if lib.startswith(_SYSTEM_LIBRARIES):
+            continue
+        candidates = [str(Path(d) / lib) for d in search if (Path(d) / lib).is_file()] + [lib]
         try:
-            ctypes.CDLL(lib)
+            ctypes.CDLL(candidates[0])
         except OSError as e:
-            return str(e)
+            error = str(e)
+            return f"{plugin.name} needs {error if error.startswith(lib) else f'{lib}: {error}'}"
     return None
 
 
@@ -58,18 +117,26 @@ class ProviderError(RuntimeError):
     """A requested execution provider is not usable and strict mode was asked for."""
 
 
+def _option_value(value: Any) -> str:
+    # onnxruntime takes string values; booleans as "1"/"0", which every provider parses.
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
 @dataclass
 class ProviderRequest:
-    """What the user asked for; `resolve()` turns it into onnxruntime's providers list."""
+    """What the user asked for; `providers()` turns it into onnxruntime's providers list."""
 
     name: str = "cpu"
     options: dict[str, Any] = field(default_factory=dict)
     strict: bool = False
 
     def __post_init__(self) -> None:
-        self.name = self.name.lower()
-        if self.name not in PROVIDERS:
+        if not isinstance(self.name, str) or self.name.lower() not in PROVIDERS:
             raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}, got {self.name!r}")
+        self.name = self.name.lower()
+        self.options = dict(self.options or {})
         unknown = sorted(set(self.options) - PROVIDER_OPTIONS[self.name])
         if unknown:
             allowed = ", ".join(sorted(PROVIDER_OPTIONS[self.name])) or "none"
@@ -79,12 +146,15 @@ class ProviderRequest:
     def ort_name(self) -> str:
         return PROVIDERS[self.name]
 
+    def ort_options(self) -> dict[str, str]:
+        """The options as onnxruntime receives them (strings)."""
+        return {k: _option_value(v) for k, v in self.options.items()}
+
     def providers(self) -> list[Any]:
         """onnxruntime's providers argument: the requested one first, CPU as the fallback."""
         if self.name == "cpu":
             return ["CPUExecutionProvider"]
-        opts = {k: str(v) for k, v in self.options.items()}  # onnxruntime takes string values
-        return [(self.ort_name, opts), "CPUExecutionProvider"]
+        return [(self.ort_name, self.ort_options()), "CPUExecutionProvider"]
 
 
 def check_available(request: ProviderRequest) -> bool:
@@ -112,24 +182,60 @@ def session_options(provider: str, threads: int | None = None) -> ort.SessionOpt
     return so
 
 
-def create_session(path: Path | str, request: ProviderRequest, threads: int | None = None) -> ort.InferenceSession:
-    """An InferenceSession on the requested provider; a silent fallback to CPU is reported."""
-    use_requested = request.name == "cpu" or check_available(request)
-    providers = request.providers() if use_requested else ["CPUExecutionProvider"]
-    so = session_options(request.name if use_requested else "cpu", threads)
+def _ort_error(error: BaseException) -> str:
+    """onnxruntime's error without its source location and C++ signature prefix."""
+    text = str(error).strip()
+    text = re.sub(r"^\S+\.(?:cc|h|cpp):\d+ .*?\)(?: const)? (?=\S)", "", text.splitlines()[-1] if text else "")
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    return text or type(error).__name__
+
+
+def fallback_message(path: Path | str, request: ProviderRequest, running_on: list[str],
+                     error: BaseException | None = None) -> str:
+    """Why a session is not on the requested provider: provider, options, reason, how to fix."""
+    reasons = [f"onnxruntime: {_ort_error(error)}"] if error is not None else []
+    library = missing_library(request.name)
+    if library:
+        reasons.append(library)
+    reason = "; ".join(reasons) or "onnxruntime gave no reason; set log_severity_level 0 for its log"
+    return (f"{Path(path).name}: {request.ort_name} was requested with options {request.ort_options()} "
+            f"but {'could not start' if error is not None else 'was left out of the session'}: {reason}. "
+            + ("strict: not falling back to CPU. " if request.strict else f"Running on {', '.join(running_on)}. ")
+            + f"To use {request.ort_name}: {INSTALL_HINT[request.name]}")
+
+
+def _session(path: Path | str, so: ort.SessionOptions, providers: list[Any]) -> ort.InferenceSession:
+    # enable_fallback=0: onnxruntime's wrapper would otherwise catch a provider error, print it to stdout
+    # and retry on CPU behind our back; we decide (and report) the fallback ourselves.
+    return ort.InferenceSession(str(path), so, providers=providers, enable_fallback=0)
+
+
+def _cpu_session(path: Path | str, threads: int | None) -> ort.InferenceSession:
     try:
-        session = ort.InferenceSession(str(path), so, providers=providers)
-    except Exception as e:  # a provider that fails hard at session creation
-        if request.strict or not use_requested or request.name == "cpu":
-            raise ProviderError(f"{Path(path).name}: cannot create a session on {request.ort_name}: {e}") from e
-        log.warning("%s: %s failed (%s); running on CPU", Path(path).name, request.ort_name, e)
-        return ort.InferenceSession(str(path), session_options("cpu", threads), providers=["CPUExecutionProvider"])
-    if use_requested and request.name != "cpu" and request.ort_name not in session.get_providers():
-        reason = missing_library(request.name) or "see onnxruntime's error above"
-        msg = (f"{Path(path).name}: {request.ort_name} was requested with options {request.options or '{}'} "
-               f"but the session fell back to {', '.join(session.get_providers())}: the provider is built in "
-               f"but could not start ({reason}); {INSTALL_HINT[request.name]}")
+        return _session(path, session_options("cpu", threads), ["CPUExecutionProvider"])
+    except Exception as e:  # a broken graph: name the file
+        raise ProviderError(f"{Path(path).name}: cannot create a session on CPUExecutionProvider: {e}") from e
+
+
+def create_session(path: Path | str, request: ProviderRequest, threads: int | None = None) -> ort.InferenceSession:
+    """An InferenceSession on the requested provider; a fallback to CPU is reported (or raised if strict)."""
+    if request.name == "cpu" or not check_available(request):
+        return _cpu_session(path, threads)
+    try:
+        session = _session(path, session_options(request.name, threads), request.providers())
+    except Exception as e:  # the provider failed at session creation, or the graph is broken
+        cpu = _cpu_session(path, threads)  # raises if the graph itself is the problem
+        msg = fallback_message(path, request, cpu.get_providers(), e)
+        if request.strict:
+            raise ProviderError(msg) from e
+        log.warning(msg)
+        return cpu
+    if request.ort_name not in session.get_providers():  # left out without an error
+        msg = fallback_message(path, request, session.get_providers())
         if request.strict:
             raise ProviderError(msg)
         log.warning(msg)
+        return session
+    if not request.strict:
+        session.enable_fallback()  # a provider failure inside run() then retries on CPU (onnxruntime prints it)
     return session
