@@ -132,6 +132,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    try:
+        import onnx  # noqa: F401
+        from onnxruntime import quantization  # noqa: F401
+    except ImportError as e:
+        raise CliError(f"this command needs the quantize extra ({e.name} is missing): "
+                       "pip install 'glm-image-onnx[quantize]'") from None
+    from .quantize import QuantizeError, QuantizeOptions, Thresholds, quantize_package
+
+    if args.calibration_prompts and not Path(args.calibration_prompts).is_file():
+        raise CliError(f"--calibration-prompts {args.calibration_prompts}: no such file")
+    thresholds = Thresholds(min_psnr=args.min_psnr, min_ssim=args.min_ssim, min_free_psnr=args.min_free_psnr,
+                            min_top1=args.min_top1, max_rel_error=args.max_rel_error)
+    options = QuantizeOptions(
+        recipe=args.recipe, graphs=tuple(args.components) if args.components else None,
+        overwrite=args.overwrite, per_channel=args.per_channel, calibration_prompts=args.calibration_prompts,
+        calibration_limit=args.calibration_limit, calibrate_method=args.calibrate_method,
+        block_size=args.block_size, accuracy_level=args.accuracy_level, height=args.height, width=args.width,
+        steps=args.steps, eval_prompts=args.eval_prompts, seed=args.seed, threads=args.threads,
+        thresholds=thresholds)
+    try:
+        quantize_package(args.package, args.out, options)
+    except QuantizeError as e:
+        usage = str(e).startswith(("unknown", "output", "the output", "the package has no")) or "must be" in str(e)
+        raise CliError(str(e), EXIT_USAGE if usage else EXIT_FAILED) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-image-onnx", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +207,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("quantize", help="quantise an ONNX package into a new package, with a quality report "
+                                        "(no torch needed)")
+    p.add_argument("package", help="exported fp32 ONNX package folder")
+    p.add_argument("out", help="package folder to write")
+    p.add_argument("--recipe", required=True, choices=["int8-dynamic", "int8-static", "int4-weight", "fp16"])
+    p.add_argument("--components", nargs="+", metavar="GRAPH",
+                   help="graphs to quantise (default: the recipe's: int8-dynamic AR, vision tokenizer, glyph "
+                        "encoder, DiT; int8-static AR, glyph encoder, DiT; int4-weight AR and DiT; fp16 all)")
+    p.add_argument("--calibration-prompts", metavar="FILE",
+                   help="prompts for calibration runs, one a line (default: the shipped set)")
+    p.add_argument("--calibration-limit", type=int, metavar="N", help="use the first N calibration prompts")
+    p.add_argument("--calibrate-method", default="minmax", choices=["minmax", "entropy", "percentile"],
+                   help="int8-static range estimation (default minmax)")
+    p.add_argument("--per-channel", default="auto", choices=["auto", "on", "off"],
+                   help="int8-dynamic weights per output channel; auto keeps whichever is more accurate "
+                        "on calibration inputs, per graph (default auto)")
+    p.add_argument("--block-size", type=int, default=32, help="int4-weight block size (default 32)")
+    p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
+                   help="int4-weight MatMulNBits compute type: 4 = int8 (fastest on CPU), 1 = fp32 (default: "
+                        "onnxruntime's)")
+    p.add_argument("--height", type=int, default=256, help="image size of calibration and evaluation runs")
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8, help="denoising steps of calibration and evaluation runs")
+    p.add_argument("--eval-prompts", type=int, default=3, metavar="N", help="prompts in the quality report")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads per graph (default: all cores)")
+    p.add_argument("--min-psnr", type=float, metavar="DB",
+                   help="fail below this image PSNR vs fp32 at fixed AR tokens and latents (worst prompt)")
+    p.add_argument("--min-ssim", type=float, help="fail below this image SSIM at fixed tokens and latents")
+    p.add_argument("--min-free-psnr", type=float, metavar="DB", help="fail below this free-running image PSNR")
+    p.add_argument("--min-top1", type=float, metavar="PCT",
+                   help="fail below this AR top-1 agreement with fp32 (teacher-forced, percent)")
+    p.add_argument("--max-rel-error", type=float,
+                   help="fail above this relative L2 error of any quantised graph's main output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    p.set_defaults(func=cmd_quantize)
+
+    from .server.cli import add_commands as add_server_commands  # serve, client, triton-repo (argparse only)
+
+    add_server_commands(sub)
     return parser
 
 

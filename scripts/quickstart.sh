@@ -1,12 +1,31 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded default: a tiny random GLM-Image checkpoint, exported
-# to a verified ONNX package, then an image generated from it without torch. Writes under ./out/.
+# The main job end to end on the embedded default: a tiny random GLM-Image checkpoint, exported to
+# a verified ONNX package, served over gRPC (KServe v2 / Triton protocol) on loopback, and one
+# client request through the stock tritonclient that writes out/tiny.png. Everything under ./out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-rm -rf out/tiny-checkpoint out/tiny-onnx
+rm -rf out/tiny-checkpoint out/tiny-onnx out/tiny.png
+mkdir -p out
 .venv/bin/glm-image-onnx init-checkpoint --preset tiny --seed 0 out/tiny-checkpoint
 .venv/bin/glm-image-onnx export out/tiny-checkpoint out/tiny-onnx --verify
-.venv/bin/glm-image-onnx generate out/tiny-onnx --prompt "a shop sign that says 'OPEN'" \
-    --height 256 --width 256 --steps 8 --seed 0 --out out/tiny.png
-echo "image: out/tiny.png (package: out/tiny-onnx)"
+# A free loopback port, then the server in the background (stopped on exit, drained by SIGTERM).
+PORT=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+.venv/bin/glm-image-onnx serve out/tiny-onnx --host 127.0.0.1 --port "$PORT" > out/server.log 2>&1 &
+SERVER=$!
+trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+  .venv/bin/python - "$PORT" <<'PY' && break
+import sys
+import tritonclient.grpc as g
+try:
+    sys.exit(0 if g.InferenceServerClient(f"127.0.0.1:{sys.argv[1]}").is_server_ready() else 1)
+except Exception:
+    sys.exit(1)
+PY
+  kill -0 $SERVER 2>/dev/null || { cat out/server.log >&2; exit 1; }
+  sleep 0.5
+done
+.venv/bin/glm-image-onnx client --url "127.0.0.1:$PORT" --prompt "a shop sign that says 'OPEN'" \
+    --height 256 --width 256 --steps 8 --seed 0 --stream --out out/tiny.png
+echo "image: out/tiny.png (package: out/tiny-onnx, server log: out/server.log)"

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup_triton.sh   # a real tritonserver for the Triton repository test
 exec .venv/bin/python -m pytest -q "$@"

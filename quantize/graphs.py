@@ -1,0 +1,392 @@
+"""One graph, one recipe: onnxruntime's quantisation tools applied to an exported ONNX file.
+
+Every transform reads the fp32 graph at `src` and writes the new graph at `dst` (with external data
+when it passes protobuf's 2 GB limit), keeping the graph's input/output names and dtypes. The work
+itself is onnxruntime's: `quant_pre_process` (constant folding, so that `Transpose(W)` patterns
+become plain weights), `quantize_dynamic`, `quantize_static` (QDQ), `MatMulNBitsQuantizer` and
+`onnxruntime.transformers.float16`. This module only chooses their settings and measures the result.
+
+No torch here: quantisation runs on a serving host.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# Protobuf cannot hold a model over 2 GB; same margin as the exporter.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Weights smaller than this are biases, norm scales, constants: not counted as "large" weights.
+LARGE_WEIGHT_ELEMENTS = 4096
+
+FP16_MAX = 65504.0
+FP16_MIN_POSITIVE = 5.96e-08  # the smallest fp16 subnormal
+
+# Kept in fp32 by the fp16 recipe: normalisations, softmax, and the reductions/powers of the
+# decomposed RMSNorm (opset 18 has no RMSNormalization). Rotary and timestep tables (Sin/Cos and
+# everything that computes their angles) are found by walking the graph, see `_angle_nodes`.
+FP16_KEEP_FP32_OPS = (
+    "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization", "RMSNormalization", "GroupNormalization",
+    "InstanceNormalization", "BatchNormalization", "Softmax", "LogSoftmax",
+    "ReduceMean", "ReduceSum", "ReduceSumSquare", "Pow", "Sqrt", "Reciprocal",
+    "Sin", "Cos", "RotaryEmbedding",
+)
+
+_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool",
+    onnx.TensorProto.INT4: "int4", onnx.TensorProto.UINT4: "uint4",
+}
+
+
+class GraphQuantizeError(RuntimeError):
+    """A graph that the recipe cannot transform; the message is one readable line."""
+
+
+# ----------------------------------------------------------------------------------- inspection
+def signature(path: Path | str) -> dict[str, list[dict[str, Any]]]:
+    """Inputs and outputs of a graph: names, dtypes and symbolic shapes (the manifest's format)."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values) -> list[dict[str, Any]]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else "?")
+                    for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": dims})
+        return out
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output),
+            "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))}
+
+
+def graph_files(path: Path | str) -> list[Path]:
+    """The graph file and the external-data files it references."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {e.value for t in _initializers(model.graph) for e in t.external_data if e.key == "location"}
+    return [path] + [path.parent / loc for loc in sorted(locations)]
+
+
+def graph_bytes(path: Path | str) -> int:
+    return sum(p.stat().st_size for p in graph_files(path))
+
+
+def _initializers(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _initializers(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _initializers(g)
+
+
+def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    n = int(np.prod(t.dims)) if len(t.dims) else 1
+    bits = {onnx.TensorProto.FLOAT: 32, onnx.TensorProto.FLOAT16: 16, onnx.TensorProto.BFLOAT16: 16,
+            onnx.TensorProto.DOUBLE: 64, onnx.TensorProto.INT64: 64, onnx.TensorProto.INT32: 32,
+            onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.BOOL: 8,
+            onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT16: 16,
+            onnx.TensorProto.UINT16: 16}.get(t.data_type, 32)
+    return (n * bits + 7) // 8
+
+
+def weight_stats(path: Path | str) -> dict[str, Any]:
+    """Initializer bytes by dtype; fp32 bytes held by large weights (>= LARGE_WEIGHT_ELEMENTS)."""
+    model = onnx.load(str(path), load_external_data=False)
+    by_dtype: dict[str, int] = {}
+    large_fp32: dict[str, int] = {}
+    for t in _initializers(model.graph):
+        nbytes = _tensor_nbytes(t)
+        name = _DTYPES.get(t.data_type, str(t.data_type))
+        by_dtype[name] = by_dtype.get(name, 0) + nbytes
+        if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims or [1])) >= LARGE_WEIGHT_ELEMENTS:
+            large_fp32[t.name] = nbytes
+    return {"bytes_by_dtype": by_dtype, "total": sum(by_dtype.values()),
+            "large_fp32": sum(large_fp32.values()),
+            "largest_fp32": sorted(large_fp32, key=large_fp32.get, reverse=True)[:5]}
+
+
+def count_constant_transposes(path: Path | str) -> int:
+    """`Transpose(initializer)` nodes: weights that a MatMul quantiser cannot see."""
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+    return sum(1 for n in model.graph.node if n.op_type == "Transpose" and n.input and n.input[0] in inits)
+
+
+# --------------------------------------------------------------------------------------- saving
+def _is_large(model: onnx.ModelProto) -> bool:
+    return sum(_tensor_nbytes(t) for t in _initializers(model.graph)) > EXTERNAL_DATA_THRESHOLD
+
+
+def save_model(model: onnx.ModelProto, dst: Path) -> list[Path]:
+    """Save `model` at `dst`; external data in `<dst>.data` past the 2 GB limit. Returns its files."""
+    dst = Path(dst)
+    if _is_large(model):
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dst))
+    return graph_files(dst)
+
+
+def normalize_external_data(path: Path) -> None:
+    """A graph written by a tool with external data under another name -> `<graph>.onnx.data`."""
+    path = Path(path)
+    files = graph_files(path)
+    if len(files) > 1 and [f.name for f in files[1:]] != [path.name + ".data"]:
+        model = onnx.load(str(path))
+        for f in files[1:]:
+            f.unlink()
+        save_model(model, path)
+
+
+def check_model(path: Path) -> None:
+    """onnx.checker on the saved file (by path, so that external data is allowed)."""
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:
+        raise GraphQuantizeError(f"{Path(path).name}: onnx.checker rejects the result: "
+                                 f"{str(e).splitlines()[0]}") from None
+
+
+# ------------------------------------------------------------------------------------- prepare
+def prepare(src: Path, dst: Path) -> dict[str, Any]:
+    """onnxruntime's `quant_pre_process`: constant folding (every `Transpose(W)` becomes a plain
+    weight the quantisers can see) and ONNX shape inference. The dynamo graphs need no symbolic
+    shape inference (and onnxruntime's does not handle all of their ops)."""
+    from onnxruntime.quantization import quant_pre_process
+
+    before = count_constant_transposes(src)
+    large = graph_bytes(src) > EXTERNAL_DATA_THRESHOLD
+    with _quiet():
+        quant_pre_process(str(src), str(dst), skip_optimization=False, skip_onnx_shape=False,
+                          skip_symbolic_shape=True, save_as_external_data=large,
+                          all_tensors_to_one_file=True,
+                          external_data_location=Path(dst).name + ".data" if large else None)
+    return {"constant_transposes_before": before, "constant_transposes_after": count_constant_transposes(dst)}
+
+
+def gemm_to_matmul(path: Path) -> int:
+    """Rewrite `Gemm(A, W, C)` with a constant W as `MatMul(A, W') + C`, in place.
+
+    onnxruntime's dynamic and 4-bit quantisers handle MatMul only (the DiT's adaLN modulation
+    linears, a third of its weights, export as Gemm). Runs after `prepare`, whose optimiser would
+    fuse a MatMul + Add back into a Gemm. Returns the number of rewritten nodes.
+    """
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, count = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in inits
+                or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        if attrs.get("transB", 0):
+            weight = np.ascontiguousarray(weight.T)
+        w_name = f"{node.input[1]}__matmul{count}"
+        model.graph.initializer.append(numpy_helper.from_array(weight, w_name))
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = f"{node.output[0]}__matmul" if has_bias else node.output[0]
+        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], w_name], [mm_out], name=f"{node.name}_MatMul"))
+        if has_bias:
+            nodes.append(onnx.helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{node.name}_Add"))
+        count += 1
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        used = {i for n in model.graph.node for i in n.input}
+        keep = [t for t in model.graph.initializer if t.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        save_model(model, path)
+    return count
+
+
+# ------------------------------------------------------------------------------------- recipes
+@dataclass
+class Calibration:
+    """Captured graph inputs (one dict per call), for static calibration and for choosing settings."""
+
+    feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+
+def _reader(feeds: Sequence[dict[str, np.ndarray]]):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+        def __len__(self) -> int:
+            return len(feeds)
+
+        def rewind(self) -> None:
+            self._it = iter(feeds)
+
+    return Reader()
+
+
+def int8_dynamic(prepared: Path, dst: Path, per_channel: bool, op_types: Sequence[str]) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet():
+        quantize_dynamic(str(prepared), str(dst), op_types_to_quantize=list(op_types), per_channel=per_channel,
+                         reduce_range=False, weight_type=QuantType.QInt8,
+                         use_external_data_format=graph_bytes(prepared) > EXTERNAL_DATA_THRESHOLD,
+                         extra_options={"MatMulConstBOnly": True})
+    return {"per_channel": per_channel, "weight_type": "int8", "activations": "uint8, dynamic per tensor",
+            "op_types": list(op_types)}
+
+
+def int8_static(prepared: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]], op_types: Sequence[str],
+                calibrate_method: str = "minmax", per_channel: bool = True) -> dict[str, Any]:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not feeds:
+        raise GraphQuantizeError(f"{Path(prepared).name}: no calibration inputs were captured for it")
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[calibrate_method]
+    extra = {"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False,
+             "CalibMovingAverage": False}
+    if method == CalibrationMethod.Percentile:
+        extra["CalibPercentile"] = 99.999
+    with _quiet():
+        quantize_static(str(prepared), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(op_types), per_channel=per_channel, reduce_range=False,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        use_external_data_format=graph_bytes(prepared) > EXTERNAL_DATA_THRESHOLD,
+                        calibrate_method=method, calibration_providers=["CPUExecutionProvider"],
+                        extra_options=extra)
+    return {"format": "QDQ", "per_channel": per_channel, "weight_type": "int8", "activation_type": "uint8",
+            "calibration": calibrate_method, "calibration_inputs": len(feeds), "op_types": list(op_types)}
+
+
+def int4_weight(prepared: Path, dst: Path, block_size: int, accuracy_level: int | None,
+                symmetric: bool = True, op_types: Sequence[str] = ("MatMul",)) -> dict[str, Any]:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(prepared))
+    with _quiet():
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
+                                         accuracy_level=accuracy_level, op_types_to_quantize=tuple(op_types))
+        quantizer.process()
+    out = quantizer.model.model
+    save_model(out, dst)
+    return {"bits": 4, "block_size": block_size, "symmetric": symmetric, "accuracy_level": accuracy_level,
+            "op_types": list(op_types)}
+
+
+def fp16(src: Path, dst: Path, keep_fp32_ops: Sequence[str] = FP16_KEEP_FP32_OPS) -> dict[str, Any]:
+    """float16 weights and compute, fp32 graph inputs/outputs; sensitive ops and every node that
+    computes a rotary/timestep angle (upstream of Sin/Cos) stay fp32. Reports weights beyond fp16."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = onnx.load(str(src))
+    overflow = fp16_range_report(model)
+    angle_nodes = _angle_nodes(model)
+    with _quiet():
+        converted = convert_float_to_float16(
+            model, min_positive_val=FP16_MIN_POSITIVE, max_finite_val=FP16_MAX, keep_io_types=True,
+            disable_shape_infer=_is_large(model),
+            op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops)),
+            node_block_list=sorted(angle_nodes))
+    # The converter inserts Casts after the graph inputs without re-sorting; ONNX needs topological order.
+    wrapped = OnnxModel(converted)
+    wrapped.topological_sort()
+    save_model(wrapped.model, dst)
+    check_model(dst)
+    kept = sum(1 for n in model.graph.node if n.op_type in set(keep_fp32_ops)) + len(angle_nodes)
+    return {"weights": "float16", "io": "float32", "kept_fp32_op_types": list(keep_fp32_ops),
+            "kept_fp32_nodes": kept, "fp16_range": overflow}
+
+
+def fp16_range_report(model: onnx.ModelProto) -> dict[str, Any]:
+    """Float weights that float16 cannot hold: beyond +-65504 (clamped) or so small they flush to 0."""
+    over, under, max_abs, worst = 0, 0, 0.0, []
+    for t in _initializers(model.graph):
+        if t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        a = np.abs(numpy_helper.to_array(t))
+        if not a.size:
+            continue
+        n_over = int(np.count_nonzero(a > FP16_MAX))
+        n_under = int(np.count_nonzero((a > 0) & (a < FP16_MIN_POSITIVE)))
+        over += n_over
+        under += n_under
+        max_abs = max(max_abs, float(a.max()))
+        if n_over:
+            worst.append(t.name)
+    return {"overflow_values": over, "underflow_values": under, "max_abs_weight": max_abs,
+            "overflow_tensors": worst[:10]}
+
+
+def _angle_nodes(model: onnx.ModelProto) -> set[str]:
+    """Sin/Cos and every float node upstream of them (positions x inverse frequencies, exp of the
+    frequency ramp): in float16 a position of a few thousand loses the angle entirely."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    out: set[str] = set()
+    stack = [n for n in model.graph.node if n.op_type in ("Sin", "Cos")]
+    while stack:
+        node = stack.pop()
+        if not node.name or node.name in out:
+            continue
+        out.add(node.name)
+        for name in node.input:
+            p = producers.get(name)
+            if p is not None and p.op_type not in ("Shape", "Size"):
+                stack.append(p)
+    return out
+
+
+# ------------------------------------------------------------------------------------- helpers
+class _quiet:
+    """onnxruntime's quantisers log every node at INFO and print progress; keep the CLI readable."""
+
+    def __enter__(self) -> "_quiet":
+        self._level = logging.root.manager.disable
+        logging.disable(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.disable(self._level)
+
+
+def copy_graph(src: Path, dst_dir: Path) -> list[Path]:
+    """Copy a graph and its external data unchanged."""
+    out = []
+    for f in graph_files(src):
+        target = Path(dst_dir) / f.name
+        if not target.exists():
+            shutil.copy2(f, target)
+        out.append(target)
+    return out
+
+
+def relative_l2(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
+    """(max abs error, squared error sum, squared reference sum) in float64."""
+    r, g = ref.astype(np.float64), got.astype(np.float64)
+    d = r - g
+    return float(np.max(np.abs(d), initial=0.0)), float(np.sum(d * d)), float(np.sum(r * r))
+
+
+Transform = Callable[..., dict[str, Any]]

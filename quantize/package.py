@@ -1,0 +1,432 @@
+"""An fp32 ONNX package -> a quantised package in the same format, with a quality report.
+
+The new package is complete and loadable by the runtime unchanged: every graph keeps its input and
+output names and dtypes, graphs a recipe does not touch are copied, `files` is recomputed, and a
+`quantization` section records the recipe, each graph's settings, sizes and the quality report.
+It is built in a temporary sibling folder and renamed at the end: a failure (including a quality
+threshold that is not met) leaves nothing behind.
+
+Steps: capture calibration inputs with the fp32 runtime (int8-static; int8-dynamic uses a few to
+choose per-channel or per-tensor weights per graph), transform each selected graph, write the
+package, then evaluate it against the fp32 package (see `quality`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from ..manifest import FORMAT, MANIFEST, file_table
+from . import capture as capture_mod
+from . import graphs as G
+from . import quality as Q
+
+Log = Callable[[str], None]
+
+
+class QuantizeError(RuntimeError):
+    """A quantisation that cannot go on or whose quality is below the thresholds; one line."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    default_graphs: tuple[str, ...]
+    needs_calibration: bool = False
+    target_providers: tuple[str, ...] = ("cpu", "cuda", "cann")
+
+
+ALL_GRAPHS = ("ar_planner", "vision_tokenizer", "glyph_encoder", "dit_decoder", "dit_condition_write",
+              "vae_decoder", "vae_encoder")
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("int8-dynamic", "int8 MatMul weights, activations quantised at run time (quantize_dynamic)",
+           ("ar_planner", "vision_tokenizer", "glyph_encoder", "dit_decoder", "dit_condition_write")),
+    Recipe("int8-static", "int8 QDQ weights and activations, ranges calibrated on captured inputs (quantize_static)",
+           ("ar_planner", "glyph_encoder", "dit_decoder", "dit_condition_write"), needs_calibration=True),
+    Recipe("int4-weight", "4-bit block-wise MatMul weights (MatMulNBits), fp32 activations",
+           ("ar_planner", "dit_decoder", "dit_condition_write")),
+    Recipe("fp16", "float16 weights and compute for GPU/NPU providers; fp32 I/O, norms, softmax and rotary",
+           ALL_GRAPHS, target_providers=("cuda", "cann")),
+)}
+# Graphs that only image-to-image runs feed (captured from an edit of a synthetic source image).
+I2I_ONLY = ("vision_tokenizer", "vae_encoder", "dit_condition_write")
+
+
+@dataclass
+class QuantizeOptions:
+    recipe: str = "int8-dynamic"
+    graphs: tuple[str, ...] | None = None  # None: the recipe's defaults that the package has
+    overwrite: bool = False
+    # int8-dynamic: "auto" tries both on calibration inputs and keeps the more accurate.
+    per_channel: str = "auto"
+    # int8-static
+    calibration_prompts: str | None = None  # file, one prompt a line; None: the shipped set
+    calibration_limit: int | None = None  # prompts used (int8-dynamic "auto" uses 2 by default)
+    calibrate_method: str = "minmax"
+    # int4-weight
+    block_size: int = 32
+    accuracy_level: int | None = None
+    # evaluation (and calibration runs)
+    height: int = 256
+    width: int = 256
+    steps: int = 8
+    eval_prompts: int = 3
+    seed: int = 0
+    threads: int | None = None
+    thresholds: Q.Thresholds = field(default_factory=Q.Thresholds)
+
+
+EVAL_PROMPTS = (
+    'A lighthouse on a cliff at dusk, the sign reads "HARBOR"',
+    "a bowl of ramen with chopsticks, top view, soft light",
+    "an astronaut riding a horse on the moon, oil painting",
+    'a vintage poster with the words "SUMMER FESTIVAL" in bold letters',
+    "macro photo of a dew drop on a green leaf",
+    "a cozy reading nook with a cat sleeping on a pile of books",
+)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("glm-image-onnx", "onnx", "onnxruntime"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def select_graphs(recipe: Recipe, manifest: dict[str, Any], wanted: tuple[str, ...] | None) -> list[str]:
+    present = list(manifest["graphs"])
+    if wanted is None:
+        return [g for g in present if g in recipe.default_graphs]
+    for g in wanted:
+        if g not in ALL_GRAPHS:
+            raise QuantizeError(f"unknown component {g!r}; choose from {', '.join(ALL_GRAPHS)}")
+        if g not in present:
+            raise QuantizeError(f"the package has no {g!r} graph (it has: {', '.join(present)})")
+    return [g for g in present if g in wanted]
+
+
+def quantize_package(package: Path | str, out: Path | str, options: QuantizeOptions | None = None,
+                     log: Log = _log) -> dict[str, Any]:
+    """Quantise `package` into the new package folder `out`; returns the new manifest."""
+    from ..runtime.package import Package, PackageError
+
+    options = options or QuantizeOptions()
+    _quiet_onnxruntime()
+    t_start = time.perf_counter()
+    if options.recipe not in RECIPES:
+        raise QuantizeError(f"unknown recipe {options.recipe!r}; choose from {', '.join(RECIPES)}")
+    recipe = RECIPES[options.recipe]
+    _check_options(options)
+    src = Path(package).resolve()
+    try:
+        source = Package.open(src, verify_files=True)
+    except PackageError as e:
+        raise QuantizeError(str(e)) from None
+    if "quantization" in source.manifest:
+        raise QuantizeError(f"{src} is already quantised ({source.manifest['quantization'].get('recipe')}); "
+                            "start from an fp32 package")
+    out = Path(out).resolve()
+    if out == src:
+        raise QuantizeError("the output folder must differ from the input package")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.overwrite:
+        raise QuantizeError(f"output {out} already exists; pass --overwrite to replace it")
+    selected = select_graphs(recipe, source.manifest, options.graphs)
+    if not selected:
+        raise QuantizeError(f"none of the graphs {recipe.name} applies to is in the package")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+    try:
+        calibration = _calibration_feeds(recipe, options, src, selected, log)
+        entries, per_graph = {}, {}
+        for i, name in enumerate(selected):
+            t0 = time.perf_counter()
+            log(f"[{i + 1}/{len(selected)}] {name}: {recipe.name}")
+            entry, info = _quantize_graph(recipe, options, source, name, tmp, work,
+                                          calibration.get(name, []), log)
+            info["seconds"] = round(time.perf_counter() - t0, 3)
+            entries[name], per_graph[name] = entry, info
+            log(f"[{i + 1}/{len(selected)}] {name}: {info['bytes_before'] / 1e6:.1f} MB -> "
+                f"{info['bytes_after'] / 1e6:.1f} MB ({info['summary']}) in {info['seconds']:.1f}s")
+        manifest = _assemble(source, src, tmp, entries, selected)
+        manifest["quantization"] = {
+            "recipe": recipe.name,
+            "description": recipe.description,
+            "target_providers": list(recipe.target_providers),
+            "source": {"package": str(src), "manifest_sha256": _sha256(src / MANIFEST)},
+            "created_by": _versions(),
+            "options": _options_record(options),
+            "graphs": per_graph,
+            "unchanged": [g for g in source.graphs if g not in selected],
+        }
+        if recipe.name == "fp16":
+            manifest["quantization"]["cpu"] = ("loads and runs on CPU (onnxruntime inserts no fp16 "
+                                               "kernels it lacks: slower than fp32 there); meant for CUDA/CANN")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+        log("evaluating against the fp32 package")
+        report = evaluate(src, tmp, selected, options, log)
+        sizes = {g: per_graph.get(g) or {"bytes_before": source.graphs[g]["bytes"],
+                                         "bytes_after": source.graphs[g]["bytes"], "summary": "unchanged"}
+                 for g in source.graphs}
+        table = Q.format_table(recipe.name, sizes, report)
+        report["table"] = table
+        log(table)
+        failures = options.thresholds.failures(report)
+        q = manifest["quantization"]
+        q.update({"report": report, "thresholds": options.thresholds.as_dict(), "passed": not failures,
+                  "seconds": round(time.perf_counter() - t_start, 3)})
+        if failures:
+            raise QuantizeError(f"{recipe.name} is below the quality thresholds: " + "; ".join(failures)
+                                + "; nothing written")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    log(f"wrote {out} ({recipe.name}, {total / 1e6:.1f} MB) in {q['seconds']:.1f}s")
+    return manifest
+
+
+def _quiet_onnxruntime() -> None:
+    """onnxruntime's C++ warnings (constant folding skipped for fp16 nodes, ...) are noise here."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+
+
+def _check_options(o: QuantizeOptions) -> None:
+    if o.per_channel not in ("auto", "on", "off"):
+        raise QuantizeError(f"per-channel must be auto, on or off, got {o.per_channel!r}")
+    if o.calibrate_method not in ("minmax", "entropy", "percentile"):
+        raise QuantizeError(f"calibration method must be minmax, entropy or percentile, got {o.calibrate_method!r}")
+    if o.block_size < 16 or o.block_size & (o.block_size - 1):
+        raise QuantizeError(f"block size must be a power of two >= 16, got {o.block_size}")
+    if o.accuracy_level is not None and o.accuracy_level not in (0, 1, 2, 3, 4):
+        raise QuantizeError(f"accuracy level must be 0..4, got {o.accuracy_level}")
+    for name in ("height", "width"):
+        v = getattr(o, name)
+        if v < 32 or v % 32:
+            raise QuantizeError(f"{name} must be a positive multiple of 32, got {v}")
+    if o.steps < 1 or o.eval_prompts < 1:
+        raise QuantizeError("steps and eval prompts must be >= 1")
+    if o.calibration_limit is not None and o.calibration_limit < 1:
+        raise QuantizeError("calibration limit must be >= 1")
+
+
+def _options_record(o: QuantizeOptions) -> dict[str, Any]:
+    d = asdict(o)
+    d.pop("thresholds", None)
+    d.pop("overwrite", None)
+    d["graphs"] = list(o.graphs) if o.graphs else None
+    return d
+
+
+# ---------------------------------------------------------------------------------- calibration
+def _calibration_feeds(recipe: Recipe, o: QuantizeOptions, src: Path, selected: list[str], log: Log
+                       ) -> dict[str, list[dict[str, Any]]]:
+    choose = recipe.name == "int8-dynamic" and o.per_channel == "auto"
+    if not (recipe.needs_calibration or choose):
+        return {}
+    try:
+        prompts = capture_mod.read_prompts(o.calibration_prompts)
+    except (OSError, ValueError) as e:
+        raise QuantizeError(f"calibration prompts: {e}") from None
+    limit = o.calibration_limit or (None if recipe.needs_calibration else 2)
+    prompts = prompts[:limit] if limit else prompts
+    i2i = 1 if any(g in I2I_ONLY for g in selected) else 0
+    log(f"capturing calibration inputs: {len(prompts)} prompts{' + 1 image edit' if i2i else ''} "
+        f"at {o.height}x{o.width}, {o.steps} steps (fp32 runtime)")
+    # Seeds far from the evaluation's, so that evaluation inputs are fresh.
+    feeds = capture_mod.capture(src, prompts, o.height, o.width, o.steps, seed=o.seed + 10_000,
+                                image_to_image=i2i, threads=o.threads)
+    log("captured " + ", ".join(f"{g}: {len(f)}" for g, f in feeds.items()) + " calls")
+    return feeds
+
+
+# --------------------------------------------------------------------------------------- graphs
+def _quantize_graph(recipe: Recipe, o: QuantizeOptions, source: Any, name: str, tmp: Path, work: Path,
+                    feeds: list[dict[str, Any]], log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
+    src_path = source.graph_path(name)
+    dst = tmp / f"{name}.onnx"
+    before = G.weight_stats(src_path)
+    info: dict[str, Any] = {"bytes_before": G.graph_bytes(src_path)}
+    try:
+        if recipe.name == "fp16":
+            settings = G.fp16(src_path, dst)
+            fr = settings["fp16_range"]
+            summary = (f"fp16, {settings['kept_fp32_nodes']} nodes fp32, "
+                       f"{fr['overflow_values']} weights beyond fp16")
+        else:
+            prepared = work / f"{name}.prepared.onnx"
+            info["prepare"] = G.prepare(src_path, prepared)
+            if recipe.name in ("int8-dynamic", "int4-weight"):
+                info["prepare"]["gemm_to_matmul"] = G.gemm_to_matmul(prepared)
+            if recipe.name == "int8-dynamic":
+                settings = _int8_dynamic(o, name, prepared, dst, work, feeds)
+                summary = f"int8 {'per-channel' if settings['per_channel'] else 'per-tensor'}"
+            elif recipe.name == "int8-static":
+                op_types = ["MatMul", "Gemm", "Conv"]
+                settings = G.int8_static(prepared, dst, capture_feeds_limit(feeds), op_types,
+                                         o.calibrate_method)
+                summary = f"QDQ int8, {settings['calibration_inputs']} calibration inputs"
+            else:
+                settings = G.int4_weight(prepared, dst, o.block_size, o.accuracy_level)
+                summary = f"int4 block {o.block_size}" + (f", accuracy level {o.accuracy_level}"
+                                                          if o.accuracy_level is not None else "")
+            G.normalize_external_data(dst)
+            G.check_model(dst)
+    except G.GraphQuantizeError as e:
+        raise QuantizeError(str(e)) from None
+    except Exception as e:  # onnxruntime's tools raise anything
+        raise QuantizeError(f"{name}: {recipe.name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    _check_signature(name, source.graphs[name], dst)
+    after = G.weight_stats(dst)
+    files = G.graph_files(dst)
+    info.update({
+        "settings": settings,
+        "summary": summary,
+        "bytes_after": sum(f.stat().st_size for f in files),
+        "weights_before": before["total"],
+        "weights_after": after["total"],
+        "weights_after_by_dtype": after["bytes_by_dtype"],
+        # Share of the graph's original weight bytes still stored as fp32 (biases and norms included).
+        "fp32_weight_share": after["bytes_by_dtype"].get("float32", 0) / max(before["total"], 1),
+        "largest_fp32_left": after["largest_fp32"],
+    })
+    entry = dict(source.graphs[name])
+    entry.pop("verify", None)  # the fp32 graph's check against PyTorch; this graph's is in the report
+    entry.update({"file": dst.name, "external_data": [f.name for f in files[1:]], "bytes": info["bytes_after"],
+                  "opset": G.signature(dst)["opset"],
+                  "quantization": {"recipe": recipe.name, **{k: v for k, v in settings.items() if k != "fp16_range"}}})
+    return entry, info
+
+
+def capture_feeds_limit(feeds: list[dict[str, Any]], limit: int = 256) -> list[dict[str, Any]]:
+    return Q.subsample(feeds, limit)
+
+
+def _int8_dynamic(o: QuantizeOptions, name: str, prepared: Path, dst: Path, work: Path,
+                  feeds: list[dict[str, Any]]) -> dict[str, Any]:
+    op_types = ["MatMul", "Gather"]
+    if o.per_channel != "auto" or not feeds:
+        settings = G.int8_dynamic(prepared, dst, o.per_channel != "off", op_types)
+        settings["per_channel_choice"] = o.per_channel if o.per_channel != "auto" else "auto (no calibration inputs: on)"
+        return settings
+    # "Where it helps": both variants on the calibration inputs, keep the lower relative L2 error.
+    trials = {}
+    sample = Q.subsample(feeds, 16)
+    for pc in (False, True):
+        path = work / f"{name}.int8-{'pc' if pc else 'pt'}.onnx"
+        G.int8_dynamic(prepared, path, pc, op_types)
+        trials[pc] = (Q.graph_errors(prepared, path, sample, o.threads)["worst_rel_l2"], path)
+    best = min(trials, key=lambda pc: (trials[pc][0], pc))
+    G.save_model(onnx.load(str(trials[best][1])), dst)
+    settings = {"per_channel": best, "weight_type": "int8", "activations": "uint8, dynamic per tensor",
+                "op_types": op_types, "per_channel_choice": "auto",
+                "calibration_rel_l2": {"per_tensor": trials[False][0], "per_channel": trials[True][0]}}
+    return settings
+
+
+def _check_signature(name: str, entry: dict[str, Any], path: Path) -> None:
+    """Same input/output names and dtypes as the fp32 graph: the runtime loads it unchanged."""
+    sig = G.signature(path)
+    for kind in ("inputs", "outputs"):
+        want = [(v["name"], v["dtype"]) for v in entry[kind]]
+        got = [(v["name"], v["dtype"]) for v in sig[kind]]
+        if want != got:
+            diff = next(((w, g) for w, g in zip(want, got) if w != g), (want[len(got):], got[len(want):]))
+            raise QuantizeError(f"{name}: the quantised graph's {kind} differ from the fp32 graph's ({diff[0]} -> {diff[1]})")
+
+
+def _assemble(source: Any, src: Path, tmp: Path, entries: dict[str, Any], selected: list[str]) -> dict[str, Any]:
+    """Copy unchanged graphs and every non-graph file, then the manifest with the new file table."""
+    manifest = json.loads(json.dumps(source.manifest))
+    graph_files: set[str] = set()
+    for g, e in source.graphs.items():
+        graph_files.update([e["file"], *e.get("external_data", [])])
+    for g, e in source.graphs.items():
+        if g in selected:
+            continue
+        for rel in [e["file"], *e.get("external_data", [])]:
+            target = tmp / rel
+            if not target.exists():
+                shutil.copy2(src / rel, target)
+    for rel in source.manifest["files"]:
+        if rel not in graph_files:
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, target)
+    manifest["graphs"] = {g: entries.get(g, e) for g, e in source.graphs.items()}
+    manifest["files"] = file_table(tmp)
+    assert manifest["format"] == FORMAT
+    return manifest
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def evaluate(src: Path, new: Path, selected: list[str], o: QuantizeOptions, log: Log) -> dict[str, Any]:
+    """The quality report of package `new` against the fp32 package `src` (see `quality`)."""
+    ref = capture_mod.open_pipeline(src, o.threads)
+    got = capture_mod.open_pipeline(new, o.threads)
+    # Every fp32 call made during the evaluation is recorded: those are the fresh graph inputs.
+    recorder = capture_mod.Recorder()
+    capture_mod.install(ref, recorder)
+    prompts = [EVAL_PROMPTS[i % len(EVAL_PROMPTS)] for i in range(o.eval_prompts)]
+    report: dict[str, Any] = {"prompts": prompts}
+    t0 = time.perf_counter()
+    ar, priors = Q.ar_agreement(ref, got, prompts, o.height, o.width, compare="ar_planner" in selected)
+    if ar:
+        report["ar_planner"] = ar
+    log(f"  AR agreement done in {time.perf_counter() - t0:.1f}s")
+    t0 = time.perf_counter()
+    report["end_to_end"] = Q.end_to_end(ref, got, prompts, priors, o.height, o.width, o.steps, o.seed)
+    if any(g in I2I_ONLY for g in selected) and ref.supports_image_to_image:
+        recorder.new_run()
+        image = capture_mod.source_image(min(o.height, o.width), o.seed)
+        kw = dict(height=o.height, width=o.width, num_inference_steps=o.steps, seed=o.seed, image=image)
+        a = ref(prompts[0], **kw).images[0]
+        b = got(prompts[0], **kw).images[0]
+        ia, ib = np.asarray(a, np.float32) / 255, np.asarray(b, np.float32) / 255
+        report["end_to_end"]["image_to_image"] = {"psnr_db": Q.psnr(ia, ib), "ssim": Q.ssim(ia, ib)}
+    log(f"  images done in {time.perf_counter() - t0:.1f}s")
+    t0 = time.perf_counter()
+    report["graphs"] = {}
+    for name in selected:
+        feeds = recorder.feeds.get(name, [])
+        if not feeds:
+            report["graphs"][name] = {"cases": 0, "note": "no evaluation inputs captured"}
+            continue
+        report["graphs"][name] = Q.graph_errors(ref.package.graph_path(name), new / f"{name}.onnx",
+                                                Q.subsample(feeds, 24), o.threads)
+    log(f"  graph errors done in {time.perf_counter() - t0:.1f}s")
+    return report

@@ -1,0 +1,216 @@
+"""The serving subcommands of `glm-image-onnx`: serve, client, triton-repo.
+
+Only argparse is imported here; each command imports its module when it runs, and says which
+extra to install when grpc or tritonclient is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cli_error(message: str, code: int = 2) -> Exception:
+    from glm_image_onnx.cli import CliError
+
+    return CliError(message, code)
+
+
+def _need_serve_extra() -> None:
+    try:
+        import grpc  # noqa: F401
+        import grpc_health  # noqa: F401
+        import grpc_reflection  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import tritonclient.grpc  # noqa: F401
+    except ImportError as e:
+        raise _cli_error(f"this command needs the serve extra ({e.name} is missing): "
+                         "pip install 'glm-image-onnx[serve]'") from None
+
+
+def _options(pairs: list[str] | None, flag: str) -> dict[str, str]:
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise _cli_error(f"{flag} must be KEY=VALUE, got {pair!r}")
+        options[key] = value
+    return options
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _need_serve_extra()
+    import asyncio
+    import logging
+
+    from ..runtime import Package, PackageError, ProviderError
+    from .app import GlmImageServer, LoadError, ServerConfig
+    from .glm_image_model import Limits
+    from .models import ComponentLimits
+    from .security import SecurityConfig, SecurityError
+
+    for flag in ("max_concurrency", "max_batch_size"):
+        if getattr(args, flag) < 1:
+            raise _cli_error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_queue < 0 or args.max_queue_delay_us < 0:
+        raise _cli_error("--max-queue and --max-queue-delay-us must be >= 0")
+    for flag in ("max_side", "max_steps", "max_prompt_bytes", "max_image_mb", "max_source_pixels",
+                 "max_tensor_elements", "max_axis_size", "max_message_mb"):
+        if getattr(args, flag) < 1:
+            raise _cli_error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_pixels is not None and args.max_pixels < 1024:
+        raise _cli_error(f"--max-pixels must be >= 1024, got {args.max_pixels}")
+    if not (Path(args.package) / "manifest.json").is_file():
+        raise _cli_error(f"{args.package}: not an exported package (no manifest.json)")
+    security = SecurityConfig(tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
+                              tls_client_ca=_path(args.tls_client_ca), token_file=_path(args.token_file))
+    try:
+        security.check()
+        Package.open(args.package, verify_files=False)  # manifest + format version, before the port opens
+    except (PackageError, SecurityError) as e:
+        raise _cli_error(str(e)) from None
+    logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.no_verify:
+        logging.getLogger("glm_image_onnx.server").warning(
+            "--no-verify: the package files are not checked against their sha256 in manifest.json; a corrupt "
+            "or modified graph is loaded as is")
+    limits = Limits(max_side=args.max_side, max_pixels=args.max_pixels or args.max_side * args.max_side,
+                    max_steps=args.max_steps, max_prompt_bytes=args.max_prompt_bytes,
+                    max_image_bytes=args.max_image_mb << 20, max_source_pixels=args.max_source_pixels)
+    component_limits = ComponentLimits(max_tensor_elements=args.max_tensor_elements, max_axis_size=args.max_axis_size)
+    config = ServerConfig(package=Path(args.package), host=args.host, port=args.port, provider=args.provider,
+                          provider_options=_options(args.provider_option, "--provider-option"), strict=args.strict,
+                          threads=args.threads, verify_files=not args.no_verify,
+                          max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                          max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+                          components=not args.no_components, metrics_port=args.metrics_port, limits=limits,
+                          max_message_bytes=args.max_message_mb << 20, drain_timeout_s=args.drain_timeout,
+                          security=security, component_limits=component_limits)
+    try:
+        return asyncio.run(GlmImageServer(config).run())
+    except (PackageError, SecurityError) as e:  # bad manifest or checksum (naming the file), TLS / token files
+        raise _cli_error(str(e), 2) from None
+    except (ProviderError, LoadError, ValueError, OSError) as e:
+        raise _cli_error(str(e), 1) from None
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    _need_serve_extra()
+    from .client import ClientError, generate
+
+    try:
+        return generate(args)
+    except ClientError as e:
+        raise _cli_error(str(e), 1) from None
+
+
+def cmd_triton_repo(args: argparse.Namespace) -> int:
+    _need_serve_extra()
+    from ..runtime import PackageError
+    from .triton_repo import RepoOptions, write_repository
+
+    options = RepoOptions(kind=args.kind, max_batch_size=args.max_batch_size,
+                          max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
+                          tensorrt=args.tensorrt, fp16=args.fp16, files=args.files,
+                          components=not args.no_components, pipeline=not args.no_pipeline,
+                          provider=args.pipeline_provider, overwrite=args.overwrite)
+    try:
+        out = write_repository(Path(args.package), Path(args.out), options)
+    except (PackageError, ValueError, FileExistsError) as e:
+        raise _cli_error(str(e)) from None
+    print(f"wrote Triton model repository {out}", file=sys.stderr)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a package over gRPC (KServe v2 / Triton protocol)")
+    p.add_argument("package", help="exported ONNX package folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001, Triton's)")
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "cann"])
+    p.add_argument("--provider-option", action="append", metavar="KEY=VALUE",
+                   help="execution provider option, e.g. device_id=0 (repeatable)")
+    p.add_argument("--strict", action="store_true", help="fail instead of falling back to CPU")
+    p.add_argument("--threads", type=int, help="CPU threads per graph (default: all cores)")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the package files")
+    p.add_argument("--max-concurrency", type=int, default=1,
+                   help="requests executing at once (worker threads; default 1)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting beyond those; more get RESOURCE_EXHAUSTED (default 64)")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="rows per execution of a dynamically batched component model (1: no batching; default 8)")
+    p.add_argument("--max-queue-delay-us", type=int, default=0,
+                   help="how long a component batch waits for more requests (default 0: never waits)")
+    p.add_argument("--no-components", action="store_true", help="serve only glm_image, not every graph")
+    p.add_argument("--max-side", type=int, default=2048, help="largest height/width a request may ask (default 2048)")
+    p.add_argument("--max-steps", type=int, default=100, help="most denoising steps a request may ask (default 100)")
+    p.add_argument("--max-message-mb", type=int, default=256, help="gRPC message size limit (default 256 MiB)")
+    p.add_argument("--max-pixels", type=int, help="largest height x width (default: max-side squared)")
+    p.add_argument("--max-prompt-bytes", type=int, default=16384, help="longest prompt in UTF-8 bytes (default 16384)")
+    p.add_argument("--max-image-mb", type=int, default=32, help="largest source image file (default 32 MiB)")
+    p.add_argument("--max-source-pixels", type=int, default=4096 * 4096,
+                   help="most pixels of a source image (default 4096x4096)")
+    p.add_argument("--max-tensor-elements", type=int, default=1 << 28,
+                   help="most elements of one input tensor of any request (default 2^28)")
+    p.add_argument("--max-axis-size", type=int, default=16384,
+                   help="largest dynamic axis (other than batch) of a component model input (default 16384)")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve over TLS with this certificate (chain)")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--tls-client-ca", metavar="PEM",
+                   help="mutual TLS: require client certificates signed by this CA")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="require 'authorization: Bearer <token>'; one token per line, re-read on SIGHUP")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (/metrics)")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds SIGTERM waits for in-flight requests (default 60)")
+    p.add_argument("--quiet", action="store_true", help="log warnings only (no per-request lines)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("client", help="generate an image with a running server (tritonclient)")
+    p.add_argument("--url", default="127.0.0.1:8001", help="server host:port (default 127.0.0.1:8001)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", metavar="FILE", help="source image to edit (PNG/JPEG)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--timeout", type=float, help="seconds before the request is abandoned (server stops the work)")
+    p.add_argument("--stream", action="store_true", help="show progress (ModelStreamInfer)")
+    p.add_argument("--model", default="glm_image", help="model name (default glm_image)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--token", help="bearer token (prefer --token-file or GLM_IMAGE_TOKEN: argv is visible to ps)")
+    p.add_argument("--token-file", metavar="FILE", help="file whose first token line is the bearer token")
+    p.add_argument("--tls", action="store_true", help="connect with TLS using the system roots")
+    p.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA (implies --tls)")
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS (implies --tls)")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    p.set_defaults(func=cmd_client)
+
+    p = sub.add_parser("triton-repo", help="write a Triton model repository for a package")
+    p.add_argument("package", help="exported ONNX package folder")
+    p.add_argument("out", help="repository folder to write")
+    p.add_argument("--kind", default="cpu", choices=["cpu", "gpu"],
+                   help="instance kind for the ONNX models (gpu: CUDA, optionally TensorRT)")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-queue-delay-us", type=int, default=100)
+    p.add_argument("--instances", type=int, default=1, help="instances per model (default 1)")
+    p.add_argument("--tensorrt", action="store_true", help="gpu: use the TensorRT accelerator for the ONNX models")
+    p.add_argument("--fp16", action="store_true", help="gpu + tensorrt: allow FP16 engines")
+    p.add_argument("--files", default="link", choices=["link", "copy", "symlink"],
+                   help="how graph files enter the repository (default link: hard link, else copy)")
+    p.add_argument("--no-components", action="store_true", help="only the glm_image Python model")
+    p.add_argument("--no-pipeline", action="store_true", help="only the ONNX component models")
+    p.add_argument("--pipeline-provider", default=None, choices=["cpu", "cuda", "cann"],
+                   help="execution provider of the glm_image model (default: cuda for --kind gpu, else cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing repository")
+    p.set_defaults(func=cmd_triton_repo)

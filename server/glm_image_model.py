@@ -1,0 +1,64 @@
+"""`glm_image`: the whole text-to-image / image-editing pipeline as one served model.
+
+The request contract (inputs, parameters, outputs, limits) lives in `glm_image_request`, shared
+with the Triton Python-backend model; this class adds the server's side: metadata, scheduling on a
+worker, and the pipeline's progress callback, which checks for cancellation between AR tokens and
+denoising steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from . import glm_image_request as glm
+from .context import RequestContext
+from .glm_image_request import Limits
+from .models import Model, Prepared, Progress, Result
+from .scheduler import Scheduler
+
+__all__ = ["GlmImageModel", "Limits"]
+
+
+class GlmImageModel(Model):
+    name = "glm_image"
+    platform = "glm_image_onnx"
+    backend = "glm_image_onnx"
+
+    def __init__(self, pipeline: Any, limits: Limits = Limits()):
+        super().__init__()
+        self.pipeline = pipeline
+        self.limits = limits
+        self.inputs = list(glm.INPUTS)
+        self.outputs = list(glm.OUTPUTS)
+        self.instance_kind = "KIND_CPU" if pipeline.providers[0] == "CPUExecutionProvider" else "KIND_GPU"
+
+    def config(self):
+        cfg = super().config()
+        cfg.parameters["streaming_progress"].string_value = (
+            "ModelStreamInfer sends progress responses (parameter progress_stage) before the image")
+        cfg.parameters["providers"].string_value = ",".join(self.pipeline.providers)
+        for name, value in dataclasses.asdict(self.limits).items():  # every bound of a request
+            cfg.parameters[name].string_value = str(value)
+        return cfg
+
+    def prepare(self, inputs: dict[str, np.ndarray], params: dict[str, Any], requested: list[str]) -> Prepared:
+        request = glm.parse(inputs, params, self.limits, self.pipeline.supports_image_to_image)
+        return Prepared({"request": request}, glm.requested_outputs(requested))
+
+    def submit(self, prepared: Prepared, ctx: RequestContext, scheduler: Scheduler,
+               progress: Progress | None = None) -> Future:
+        def on_progress(stage: str, done: int, total: int) -> None:
+            ctx.check()  # raising here stops the pipeline between AR tokens / denoising steps
+            if progress is not None:
+                progress(stage, done, total)
+
+        def work() -> Result:
+            out = glm.run(self.pipeline, prepared.inputs["request"], prepared.outputs, self.limits, on_progress)
+            self.stats.execution_done(1, out.timings.get("total", 0.0))
+            return Result(out.outputs, out.parameters, out.timings)
+
+        return scheduler.run(ctx, work)

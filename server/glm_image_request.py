@@ -1,0 +1,262 @@
+"""One `glm_image` request, protocol-free: decode and check the fields, run the pipeline, shape
+the outputs. Shared by the gRPC server's `glm_image` model and the Triton Python-backend model, so
+both accept the same inputs and refuse the same requests with the same messages (numpy + Pillow
+only: no grpc, no tritonclient).
+
+Inputs (each also accepted as a request parameter of the same name; a tensor wins over a parameter):
+
+| name | datatype, shape | meaning |
+|---|---|---|
+| `prompt` | BYTES [1] | UTF-8 prompt (required) |
+| `image` | BYTES [1] | encoded PNG / JPEG / WebP source image to edit (as a parameter: base64) |
+| `height`, `width` | INT32 [1] | pixels, multiples of 32 (default: the source image's, else the package's) |
+| `steps` | INT32 [1] | denoising steps |
+| `guidance` | FP32 [1] | classifier-free guidance scale |
+| `seed` | INT64 [1] | >= 0; the same seed gives the same image |
+| `temperature`, `top_p` | FP32 [1] | AR sampling |
+| `top_k` | INT32 [1] | AR sampling |
+
+Outputs (those requested, or all): `image_png` BYTES [1], `image` UINT8 [H, W, 3], `tokens` INT64 [N].
+Response parameters: `seed` (the one used) and `total_s`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from . import errors
+from .specs import TensorSpec
+from .tensors import datatype_of
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; larger requests are refused with INVALID_ARGUMENT."""
+
+    max_side: int = 2048
+    max_pixels: int = 2048 * 2048
+    max_steps: int = 100
+    max_guidance: float = 50.0
+    max_prompt_bytes: int = 16384
+    max_image_bytes: int = 32 << 20
+    max_source_pixels: int = 4096 * 4096
+
+
+@dataclass(frozen=True)
+class _Field:
+    datatype: str
+    kind: str  # text | image | int | float
+
+
+FIELDS = {
+    "prompt": _Field("BYTES", "text"), "image": _Field("BYTES", "image"),
+    "height": _Field("INT32", "int"), "width": _Field("INT32", "int"), "steps": _Field("INT32", "int"),
+    "guidance": _Field("FP32", "float"), "seed": _Field("INT64", "int"),
+    "temperature": _Field("FP32", "float"), "top_p": _Field("FP32", "float"), "top_k": _Field("INT32", "int"),
+}
+INPUTS = [TensorSpec(n, f.datatype, (1,), optional=(n != "prompt")) for n, f in FIELDS.items()]
+OUTPUTS = [TensorSpec("image_png", "BYTES", (1,)), TensorSpec("image", "UINT8", ("height", "width", 3)),
+           TensorSpec("tokens", "INT64", ("tokens",))]
+OUTPUT_NAMES = [s.name for s in OUTPUTS]
+
+
+def _from_tensor(name: str, f: _Field, array: np.ndarray) -> Any:
+    got = datatype_of(array.dtype)
+    if got != f.datatype:
+        raise errors.invalid(f"input '{name}' must be {f.datatype}, got {got}")
+    if array.shape != (1,):
+        raise errors.invalid(f"input '{name}' must have shape [1], got {list(array.shape)}")
+    value = array[0]
+    if f.kind in ("text", "image"):
+        return value if isinstance(value, bytes) else str(value).encode("utf-8")
+    return int(value) if f.kind == "int" else float(value)
+
+
+def _from_param(name: str, f: _Field, value: Any) -> Any:
+    if f.kind == "text":
+        if not isinstance(value, str):
+            raise errors.invalid(f"parameter '{name}' must be a string, got {type(value).__name__}")
+        return value.encode("utf-8")
+    if f.kind == "image":
+        if not isinstance(value, str):
+            raise errors.invalid(f"parameter 'image' must be a base64 string, got {type(value).__name__}")
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise errors.invalid("parameter 'image' is not valid base64 (send raw bytes as the BYTES input "
+                                 "'image' instead)") from None
+    if isinstance(value, bool):
+        raise errors.invalid(f"parameter '{name}' must be a number, got a bool")
+    if isinstance(value, str):
+        try:
+            value = float(value) if f.kind == "float" else int(value)
+        except ValueError:
+            raise errors.invalid(f"parameter '{name}' must be a number, got {value!r}") from None
+    if f.kind == "int":
+        if isinstance(value, float) and not value.is_integer():
+            raise errors.invalid(f"parameter '{name}' must be an integer, got {value}")
+        return int(value)
+    return float(value)
+
+
+@dataclass
+class GlmImageRequest:
+    prompt: str
+    image: Image.Image | None = None  # header read; pixels decoded by `run`
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+
+
+@dataclass
+class GlmImageResult:
+    outputs: list[tuple[str, np.ndarray, str]]  # (name, array, KServe datatype), in the requested order
+    parameters: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+
+
+def requested_outputs(requested: list[str]) -> list[str]:
+    for name in requested:
+        if name not in OUTPUT_NAMES:
+            raise errors.invalid(f"requested output '{name}' is not an output of glm_image "
+                                 f"(outputs: {', '.join(OUTPUT_NAMES)})")
+    return list(dict.fromkeys(requested)) or list(OUTPUT_NAMES)
+
+
+def parse(inputs: dict[str, np.ndarray], params: dict[str, Any], limits: Limits,
+          image_to_image: bool = True) -> GlmImageRequest:
+    """Decoded input tensors and request parameters -> a checked request (cheap: image header only)."""
+    for name in inputs:
+        if name not in FIELDS:
+            raise errors.invalid(f"unknown input '{name}' for glm_image (inputs: {', '.join(FIELDS)})")
+    values: dict[str, Any] = {}
+    for name, f in FIELDS.items():
+        if name in inputs:
+            values[name] = _from_tensor(name, f, inputs[name])
+        elif params.get(name) is not None:
+            values[name] = _from_param(name, f, params[name])
+    return _check(values, limits, image_to_image)
+
+
+def _check(v: dict[str, Any], lim: Limits, image_to_image: bool) -> GlmImageRequest:
+    if "prompt" not in v:
+        raise errors.invalid("input 'prompt' is missing: glm_image needs a prompt (BYTES [1], UTF-8)")
+    if len(v["prompt"]) > lim.max_prompt_bytes:
+        raise errors.invalid(f"prompt is {len(v['prompt'])} bytes, more than the limit of {lim.max_prompt_bytes}")
+    try:
+        prompt = v["prompt"].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise errors.invalid(f"prompt is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not prompt.strip():
+        raise errors.invalid("prompt is empty")
+    for name in ("height", "width"):
+        if name in v:
+            size = v[name]
+            if size < 32 or size % 32:
+                raise errors.invalid(f"{name} must be a positive multiple of 32, got {size}")
+            if size > lim.max_side:
+                raise errors.invalid(f"{name} {size} is larger than this server's limit of {lim.max_side} pixels")
+    if "height" in v and "width" in v and v["height"] * v["width"] > lim.max_pixels:
+        raise errors.invalid(f"height x width = {v['height']}x{v['width']} is more than this server's limit "
+                             f"of {lim.max_pixels} pixels")
+    if "steps" in v and not 1 <= v["steps"] <= lim.max_steps:
+        raise errors.invalid(f"steps must be between 1 and {lim.max_steps}, got {v['steps']}")
+    if "guidance" in v and not (math.isfinite(v["guidance"]) and 0 <= v["guidance"] <= lim.max_guidance):
+        raise errors.invalid(f"guidance must be between 0 and {lim.max_guidance}, got {v['guidance']}")
+    if "seed" in v and not 0 <= v["seed"] < 2 ** 63:
+        raise errors.invalid(f"seed must be between 0 and 2^63-1, got {v['seed']}")
+    if "temperature" in v and not (math.isfinite(v["temperature"]) and 0 < v["temperature"] <= 10):
+        raise errors.invalid(f"temperature must be in (0, 10], got {v['temperature']}")
+    if "top_p" in v and not (math.isfinite(v["top_p"]) and 0 < v["top_p"] <= 1):
+        raise errors.invalid(f"top_p must be in (0, 1], got {v['top_p']}")
+    if "top_k" in v and v["top_k"] < 1:
+        raise errors.invalid(f"top_k must be >= 1, got {v['top_k']}")
+    image = _open_image(v["image"], lim, image_to_image) if "image" in v else None
+    return GlmImageRequest(prompt, image, v.get("height"), v.get("width"), v.get("steps"), v.get("guidance"),
+                           v.get("seed"), v.get("temperature"), v.get("top_p"), v.get("top_k"))
+
+
+def _open_image(data: bytes, lim: Limits, image_to_image: bool) -> Image.Image:
+    """Read the header only (cheap); the pixels are decoded by `run`, on a worker."""
+    if not image_to_image:
+        raise errors.invalid("image: this package has no image-to-image graphs; export vision_tokenizer, "
+                             "vae_encoder and dit_condition_write to edit images")
+    if len(data) > lim.max_image_bytes:
+        raise errors.invalid(f"image is {len(data)} bytes, more than the limit of {lim.max_image_bytes}")
+    try:
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise errors.invalid(f"image: not a readable PNG, JPEG or WebP image ({e})") from None
+    if image.width * image.height > lim.max_source_pixels:
+        raise errors.invalid(f"image is {image.width}x{image.height}, more than the limit of "
+                             f"{lim.max_source_pixels} pixels")
+    return image
+
+
+def output_size(r: GlmImageRequest, source: Image.Image | None, defaults: dict[str, Any],
+                lim: Limits) -> tuple[int, int]:
+    """The size the pipeline will produce, checked against the limits before any work."""
+    if source is not None:
+        height = r.height or (source.height // 32) * 32
+        width = r.width or (source.width // 32) * 32
+    else:
+        height = r.height or int(defaults.get("height", 1024))
+        width = r.width or int(defaults.get("width", 1024))
+    origin = "the source image" if source is not None else "the package default"
+    for name, size in (("height", height), ("width", width)):
+        if size < 32 or size > lim.max_side:
+            raise errors.invalid(f"{name} {size} (from {origin}) is outside 32..{lim.max_side}; pass {name}")
+    if height * width > lim.max_pixels:
+        raise errors.invalid(f"{height}x{width} is more than this server's limit of {lim.max_pixels} pixels")
+    return height, width
+
+
+def run(pipeline: Any, r: GlmImageRequest, outputs: list[str], limits: Limits,
+        progress: Progress | None = None) -> GlmImageResult:
+    """Decode the source image, run the pipeline (progress may raise to stop it), encode the outputs."""
+    source = None
+    if r.image is not None:
+        try:
+            r.image.load()
+            source = r.image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise errors.invalid(f"image: cannot decode the {r.image.format} data ({e})") from None
+    height, width = output_size(r, source, pipeline.defaults, limits)
+    try:
+        out = pipeline(r.prompt, height=height, width=width, num_inference_steps=r.steps, guidance_scale=r.guidance,
+                       seed=r.seed, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, image=source,
+                       progress=progress)
+    except ValueError as e:
+        raise errors.invalid(str(e)) from None
+    image = out.images[0].convert("RGB")
+    result: list[tuple[str, np.ndarray, str]] = []
+    for name in outputs:
+        if name == "image_png":
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            value = np.empty(1, dtype=object)
+            value[0] = buffer.getvalue()
+            result.append((name, value, "BYTES"))
+        elif name == "image":
+            result.append((name, np.asarray(image, dtype=np.uint8), "UINT8"))
+        elif name == "tokens":
+            result.append((name, np.asarray(out.tokens, np.int64).reshape(-1), "INT64"))
+    stages = {k[:-2]: float(v) for k, v in out.timings.items()
+              if k.endswith("_s") and not k.startswith(("dit_per", "ar_per"))}
+    return GlmImageResult(result, {"seed": int(out.seed), "total_s": float(out.timings.get("total_s", 0.0))}, stages)

@@ -1,0 +1,249 @@
+"""Served models: the common interface, and one plain model per ONNX graph of the package.
+
+A model turns decoded input tensors into a validated request (`prepare`, cheap, on the event loop,
+raising INVALID_ARGUMENT that names the field), runs it off the event loop (`submit`) and describes
+itself as KServe metadata and a Triton `ModelConfig`. Names are the package's graph names
+(`ar_planner`, `dit_decoder`, ...), the same in the manifest, the server and the metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnxruntime as ort
+from tritonclient.grpc import model_config_pb2, service_pb2
+
+from . import errors
+from .batching import DynamicBatcher
+from .context import RequestContext
+from .scheduler import Scheduler
+from .specs import TensorSpec, graph_specs
+from .stats import ModelStats
+from .tensors import CONFIG_TYPE, datatype_of
+
+Progress = Callable[[str, int, int], None]
+VERSION = "1"
+
+
+@dataclass
+class Result:
+    outputs: list[tuple[str, np.ndarray, str]]  # (name, array, KServe datatype)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds, for the metrics
+
+
+@dataclass
+class Prepared:
+    inputs: dict[str, Any]
+    outputs: list[str]
+    rows: int = 1
+
+
+@dataclass(frozen=True)
+class ComponentLimits:
+    """What one request to a component model may send, checked before onnxruntime sees it."""
+
+    max_tensor_elements: int = 1 << 28  # elements of one input tensor (also the server-wide decode bound)
+    max_axis_size: int = 16384  # size of any dynamic axis other than `batch` (sequence, pixels, ...)
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    max_batch_size: int = 8  # rows per execution; 1 disables dynamic batching
+    max_queue_delay_us: int = 0
+
+
+class Model:
+    name: str
+    platform = ""
+    backend = ""
+    max_batch_size = 0
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dynamic_batching: BatchingOptions | None = None
+    instance_kind = "KIND_CPU"
+
+    def __init__(self) -> None:
+        self.stats = ModelStats()
+        self.ready = True
+
+    # ----------------------------------------------------------------------------- description
+    def _shape(self, spec: TensorSpec) -> list[int]:
+        dims = spec.dims()
+        return [-1] + dims[1:] if self.max_batch_size > 0 else dims
+
+    def metadata(self) -> service_pb2.ModelMetadataResponse:
+        md = service_pb2.ModelMetadataResponse(name=self.name, versions=[VERSION], platform=self.platform)
+        for spec in self.inputs:
+            md.inputs.add(name=spec.name, datatype=spec.datatype, shape=self._shape(spec))
+        for spec in self.outputs:
+            md.outputs.add(name=spec.name, datatype=spec.datatype, shape=self._shape(spec))
+        return md
+
+    def config(self) -> model_config_pb2.ModelConfig:
+        cfg = model_config_pb2.ModelConfig(name=self.name, platform=self.platform, backend=self.backend,
+                                           max_batch_size=self.max_batch_size)
+        for spec in self.inputs:
+            dims = spec.dims()[1:] if self.max_batch_size > 0 else spec.dims()
+            cfg.input.add(name=spec.name, data_type=model_config_pb2.DataType.Value(CONFIG_TYPE[spec.datatype]),
+                          dims=dims, optional=spec.optional)
+        for spec in self.outputs:
+            dims = spec.dims()[1:] if self.max_batch_size > 0 else spec.dims()
+            cfg.output.add(name=spec.name, data_type=model_config_pb2.DataType.Value(CONFIG_TYPE[spec.datatype]),
+                           dims=dims)
+        if self.dynamic_batching is not None:
+            cfg.dynamic_batching.max_queue_delay_microseconds = self.dynamic_batching.max_queue_delay_us
+        cfg.instance_group.add(name=self.name, count=1,
+                               kind=model_config_pb2.ModelInstanceGroup.Kind.Value(self.instance_kind))
+        cfg.version_policy.latest.num_versions = 1
+        return cfg
+
+    def output_names(self, requested: list[str]) -> list[str]:
+        known = [s.name for s in self.outputs]
+        for name in requested:
+            if name not in known:
+                raise errors.invalid(f"requested output '{name}' is not an output of {self.name} "
+                                     f"(outputs: {', '.join(known)})")
+        return list(dict.fromkeys(requested)) or known
+
+    # ------------------------------------------------------------------------------- execution
+    def prepare(self, inputs: dict[str, np.ndarray], params: dict[str, Any], requested: list[str]) -> Prepared:
+        raise NotImplementedError
+
+    def submit(self, prepared: Prepared, ctx: RequestContext, scheduler: Scheduler,
+               progress: Progress | None = None) -> Future:
+        """Start the work off the event loop; `finish` turns the future's value into a `Result`."""
+        raise NotImplementedError
+
+    def finish(self, prepared: Prepared, value: Any) -> Result:
+        return value
+
+    def close(self) -> None:
+        pass
+
+
+def _ort_error(name: str, e: Exception) -> errors.RequestError:
+    kind = type(e).__name__
+    message = str(e).split("\n")[0]
+    if kind in ("InvalidArgument", "InvalidGraph"):
+        return errors.invalid(f"{name}: onnxruntime rejected the inputs: {message}")
+    return errors.internal(f"{name}: onnxruntime failed ({kind}): {message}")
+
+
+class ComponentModel(Model):
+    """One ONNX graph of the package, run as is by an onnxruntime session (shared with the pipeline)."""
+
+    platform = "onnxruntime_onnx"
+    backend = "onnxruntime"
+
+    def __init__(self, name: str, graph: dict[str, Any], session: ort.InferenceSession,
+                 batching: BatchingOptions = BatchingOptions(),
+                 on_execution: Callable[[str, int, float], None] | None = None,
+                 limits: ComponentLimits = ComponentLimits()):
+        super().__init__()
+        self.name = name
+        self.limits = limits
+        self.session = session
+        self.description = graph.get("description", "")
+        self.inputs, self.outputs, self.batchable = graph_specs(graph)
+        self.instance_kind = "KIND_CPU" if session.get_providers()[0] == "CPUExecutionProvider" else "KIND_GPU"
+        self.batcher: DynamicBatcher | None = None
+        if self.batchable:
+            self.max_batch_size = max(1, batching.max_batch_size)
+            if self.max_batch_size > 1:
+                self.dynamic_batching = batching
+
+                def executed(rows: int, seconds: float) -> None:
+                    self.stats.execution_done(rows, seconds)
+                    if on_execution:
+                        on_execution(name, rows, seconds)
+
+                self.batcher = DynamicBatcher(name, self._run, self.max_batch_size,
+                                              batching.max_queue_delay_us / 1e6, executed)
+        self._on_execution = on_execution
+
+    def prepare(self, inputs: dict[str, np.ndarray], params: dict[str, Any], requested: list[str]) -> Prepared:
+        specs = {s.name: s for s in self.inputs}
+        for name in inputs:
+            if name not in specs:
+                raise errors.invalid(f"unknown input '{name}' for {self.name} (inputs: {', '.join(specs)})")
+        sizes: dict[str, tuple[int, str]] = {}  # symbolic axis -> (size, the input that set it)
+        for spec in self.inputs:
+            if spec.name not in inputs:
+                raise errors.invalid(f"input '{spec.name}' is missing ({self.name} needs {', '.join(specs)})")
+            array = inputs[spec.name]
+            if array.size > self.limits.max_tensor_elements:
+                raise errors.invalid(f"input '{spec.name}': {array.size} elements, more than this server's limit "
+                                     f"of {self.limits.max_tensor_elements}")
+            got = datatype_of(array.dtype)
+            if got != spec.datatype:
+                raise errors.invalid(f"input '{spec.name}' must be {spec.datatype}, got {got}")
+            if array.ndim != len(spec.shape):
+                raise errors.invalid(f"input '{spec.name}' must have {len(spec.shape)} dimensions "
+                                     f"{list(spec.dims())}, got shape {list(array.shape)}")
+            for axis, (want, size) in enumerate(zip(spec.shape, array.shape)):
+                if isinstance(want, int):
+                    if size != want:
+                        raise errors.invalid(f"input '{spec.name}': dimension {axis} must be {want}, "
+                                             f"got shape {list(array.shape)}")
+                elif want != "batch" and size > self.limits.max_axis_size:
+                    raise errors.invalid(f"input '{spec.name}': dimension {axis} ('{want}') is {size}, more than "
+                                         f"this server's limit of {self.limits.max_axis_size}")
+                elif want in sizes and sizes[want][0] != size:
+                    first, other = sizes[want]
+                    raise errors.invalid(f"input '{spec.name}': dimension {axis} ('{want}') is {size} but input "
+                                         f"'{other}' has {first}")
+                else:
+                    sizes.setdefault(want, (size, spec.name))
+        rows = int(sizes.get("batch", (1, ""))[0]) if self.batchable else 1
+        if self.max_batch_size > 0 and not 1 <= rows <= self.max_batch_size:
+            raise errors.invalid(f"{self.name}: batch size {rows} is outside 1..{self.max_batch_size} (max_batch_size)")
+        return Prepared(dict(inputs), self.output_names(requested), rows)
+
+    def _run(self, feeds: dict[str, np.ndarray], outputs: list[str],
+             run_options: ort.RunOptions | None = None) -> dict[str, np.ndarray]:
+        try:
+            values = self.session.run(outputs, feeds, run_options)
+        except Exception as e:
+            raise _ort_error(self.name, e) from None
+        return dict(zip(outputs, values))
+
+    def config(self) -> model_config_pb2.ModelConfig:
+        cfg = super().config()
+        cfg.parameters["max_tensor_elements"].string_value = str(self.limits.max_tensor_elements)
+        cfg.parameters["max_axis_size"].string_value = str(self.limits.max_axis_size)
+        return cfg
+
+    def finish(self, prepared: Prepared, value: dict[str, np.ndarray]) -> Result:
+        specs = {s.name: s for s in self.outputs}
+        return Result([(n, value[n], specs[n].datatype) for n in prepared.outputs])
+
+    def submit(self, prepared: Prepared, ctx: RequestContext, scheduler: Scheduler,
+               progress: Progress | None = None) -> Future:
+        if self.batcher is not None:
+            return self.batcher.submit(ctx, prepared.inputs, prepared.outputs)
+
+        def work() -> dict[str, np.ndarray]:
+            options = ort.RunOptions()
+            ctx.on_cancel(lambda: setattr(options, "terminate", True))  # onnxruntime stops mid-graph
+            t0 = time.perf_counter()
+            try:
+                values = self._run(prepared.inputs, prepared.outputs, options)
+            except errors.RequestError:
+                ctx.check()  # a terminated run reports the cancellation, not onnxruntime's error
+                raise
+            seconds = time.perf_counter() - t0
+            self.stats.execution_done(prepared.rows, seconds)
+            if self._on_execution:
+                self._on_execution(self.name, prepared.rows, seconds)
+            return values
+
+        return scheduler.run(ctx, work)
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()

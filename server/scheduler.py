@@ -1,0 +1,99 @@
+"""Admission control and the worker pool: inference never runs on the gRPC event loop.
+
+At most `max_concurrency` requests execute at once (worker threads) and at most `max_queue` more
+wait; one more is refused with RESOURCE_EXHAUSTED. Dynamically batched component models execute on
+their batcher's thread, but their requests count against the same limit. Draining refuses new
+requests with UNAVAILABLE and lets the admitted ones finish.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+from . import errors
+from .context import RequestContext
+
+
+class Scheduler:
+    def __init__(self, max_concurrency: int = 1, max_queue: int = 64, on_change: Callable[[int], None] | None = None):
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        self.executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="glm-image-worker")
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._draining = False
+        self._on_change = on_change
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def admit(self, ctx: RequestContext) -> None:
+        """Take a slot for this request or refuse it; `release` gives it back."""
+        with self._cond:
+            if self._draining:
+                raise errors.unavailable("the server is shutting down; send the request to another replica")
+            limit = self.max_concurrency + self.max_queue
+            if self._in_flight >= limit:
+                raise errors.exhausted(
+                    f"server busy: {self._in_flight} requests in flight (max-concurrency {self.max_concurrency} "
+                    f"+ max-queue {self.max_queue}); retry later")
+            self._in_flight += 1
+            count = self._in_flight
+        ctx.t_admitted = time.perf_counter()
+        if self._on_change:
+            self._on_change(count)
+
+    def release(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            count = self._in_flight
+            self._cond.notify_all()
+        if self._on_change:
+            self._on_change(count)
+
+    def hold_until_done(self, future: Future) -> Future:
+        """Release the request's slot when its work has really ended (not when the client left)."""
+        future.add_done_callback(lambda _: self.release())
+        return future
+
+    def run(self, ctx: RequestContext, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on a worker once one is free; a request cancelled while queued never starts."""
+
+        def task() -> Any:
+            ctx.t_started = time.perf_counter()
+            try:
+                ctx.check()
+                return fn()
+            finally:
+                ctx.t_finished = time.perf_counter()
+
+        return self.executor.submit(task)
+
+    def drain(self) -> None:
+        with self._cond:
+            self._draining = True
+
+    def wait_idle(self, timeout_s: float | None = None) -> bool:
+        """Wait until no request is in flight; False if the timeout passed first."""
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cond:
+            while self._in_flight > 0:
+                remaining = None if end is None else end - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

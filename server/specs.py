@@ -1,0 +1,32 @@
+"""Tensor specs of the served models, from the manifest (component graphs) or fixed (glm_image).
+
+Shared by the gRPC server and the Triton repository writer, so that both describe a model the same
+way: Triton's rule applies, a model batches (max_batch_size > 0, dims without the batch axis) only
+when every input and output starts with the manifest's `batch` axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .tensors import FROM_NUMPY
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str  # KServe datatype
+    shape: tuple  # ints, or names for dynamic axes (the manifest's symbolic shapes)
+    optional: bool = False
+
+    def dims(self) -> list[int]:
+        return [d if isinstance(d, int) else -1 for d in self.shape]
+
+
+def graph_specs(graph: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec], bool]:
+    """(inputs, outputs, batchable) of one manifest graph entry."""
+    inputs = [TensorSpec(t["name"], FROM_NUMPY[t["dtype"]], tuple(t["shape"])) for t in graph["inputs"]]
+    outputs = [TensorSpec(t["name"], FROM_NUMPY[t["dtype"]], tuple(t["shape"])) for t in graph["outputs"]]
+    batchable = all(s.shape and s.shape[0] == "batch" for s in inputs + outputs)
+    return inputs, outputs, batchable

@@ -1,0 +1,37 @@
+"""What the gRPC services read: the loaded models, the lifecycle phase, the scheduler, the metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import errors
+from .metrics import Metrics
+from .models import VERSION, Model
+from .scheduler import Scheduler
+
+LOADING, READY, DRAINING, STOPPED, FAILED = "LOADING", "READY", "DRAINING", "STOPPED", "FAILED"
+
+
+@dataclass
+class ServerState:
+    scheduler: Scheduler
+    metrics: Metrics
+    models: dict[str, Model] = field(default_factory=dict)
+    phase: str = LOADING
+    reason: str = ""  # why loading failed
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == READY
+
+    def model(self, name: str, version: str = "") -> Model:
+        model = self.models.get(name)
+        if model is None:
+            if self.phase == LOADING:
+                raise errors.unavailable(f"model '{name}': the server is still loading the package; retry when "
+                                         "ServerReady is true")
+            known = ", ".join(self.models) or "none"
+            raise errors.not_found(f"unknown model '{name}' (served models: {known})")
+        if version not in ("", VERSION):
+            raise errors.not_found(f"model '{name}' has no version '{version}' (served version: {VERSION})")
+        return model

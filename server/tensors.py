@@ -1,0 +1,183 @@
+"""KServe v2 tensors <-> numpy: datatypes, raw contents, BYTES framing.
+
+The stock `tritonclient.grpc` client sends every input as `raw_input_contents[i]` (little-endian,
+row-major) and reads `raw_output_contents`; BYTES elements are framed as a 4-byte little-endian
+length followed by the bytes. The typed `contents` fields are accepted too.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+
+from .errors import invalid
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import service_pb2
+
+# KServe datatype -> numpy dtype (little-endian); BYTES is an object array of `bytes`.
+NUMPY = {
+    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"), "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+# numpy / ONNX manifest dtype names -> KServe datatype
+FROM_NUMPY = {"bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+              "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64", "float16": "FP16",
+              "float32": "FP32", "float64": "FP64", "object": "BYTES", "string": "BYTES"}
+# KServe datatype -> Triton model config DataType name
+CONFIG_TYPE = {k: f"TYPE_{k}" for k in NUMPY if k != "BYTES"} | {"BYTES": "TYPE_STRING"}
+
+# The typed field of InferTensorContents that carries each datatype.
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}
+
+
+def datatype_of(dtype: str | np.dtype) -> str:
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    if name not in FROM_NUMPY:
+        raise ValueError(f"no KServe datatype for {dtype!r}")
+    return FROM_NUMPY[name]
+
+
+def decode_bytes(buffer: bytes, count: int, name: str) -> np.ndarray:
+    """BYTES raw contents -> object array of `count` bytes items; malformed framing is the client's error."""
+    items, offset, size = [], 0, len(buffer)
+    while offset < size:
+        if offset + 4 > size:
+            raise invalid(f"input '{name}': truncated BYTES element length at byte {offset}")
+        (length,) = struct.unpack_from("<I", buffer, offset)
+        offset += 4
+        if offset + length > size:
+            raise invalid(f"input '{name}': BYTES element of {length} bytes overruns the {size}-byte contents")
+        if len(items) == count:  # stop at once: never more items than the shape declares
+            raise invalid(f"input '{name}': shape holds {count} BYTES elements but the contents have more")
+        items.append(bytes(buffer[offset: offset + length]))
+        offset += length
+    if len(items) != count:
+        raise invalid(f"input '{name}': shape holds {count} BYTES elements but the contents have {len(items)}")
+    out = np.empty(count, dtype=object)
+    out[:] = items
+    return out
+
+
+def encode_bytes(items: Iterable[bytes]) -> bytes:
+    parts = []
+    for item in items:
+        data = item if isinstance(item, bytes) else str(item).encode("utf-8")
+        parts.append(struct.pack("<I", len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+MAX_DIMS = 16  # dimensions of one input tensor
+MAX_INPUTS = 64  # input tensors of one request
+DEFAULT_MAX_ELEMENTS = 1 << 28  # elements of one input tensor (server-wide; --max-tensor-elements)
+
+
+def _count(shape: Sequence[int], name: str, max_elements: int = DEFAULT_MAX_ELEMENTS) -> int:
+    """Elements of a declared shape, in Python integers (no int64 overflow), bounded before any decoding."""
+    if len(shape) > MAX_DIMS:
+        raise invalid(f"input '{name}': {len(shape)} dimensions, more than the limit of {MAX_DIMS}")
+    if any(d < 0 for d in shape):
+        raise invalid(f"input '{name}': shape {list(shape)} has a negative dimension")
+    count = 1
+    for d in shape:
+        count *= int(d)
+    if count > max_elements:
+        raise invalid(f"input '{name}': shape {list(shape)} holds {count} elements, more than this server's "
+                      f"limit of {max_elements} per tensor")
+    return count
+
+
+def read_inputs(request: service_pb2.ModelInferRequest,
+                max_elements: int = DEFAULT_MAX_ELEMENTS) -> dict[str, np.ndarray]:
+    """Every input of a ModelInferRequest as a numpy array of its declared shape and datatype.
+
+    Sizes are checked against the declared shape before anything is allocated: a shape over
+    `max_elements`, raw contents of the wrong length, or a BYTES length prefix that overruns the
+    contents are refused (INVALID_ARGUMENT); nothing is allocated beyond what the message holds.
+    """
+    raw = request.raw_input_contents
+    if len(request.inputs) > MAX_INPUTS:
+        raise invalid(f"the request has {len(request.inputs)} inputs, more than the limit of {MAX_INPUTS}")
+    if raw and len(raw) != len(request.inputs):
+        raise invalid(f"the request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents")
+    out: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
+        if name in out:
+            raise invalid(f"input '{name}' is given twice")
+        if "shared_memory_region" in tensor.parameters:
+            raise invalid(f"input '{name}': shared memory is not supported by this server; send the data inline")
+        if datatype not in NUMPY:
+            raise invalid(f"input '{name}': unknown datatype {datatype!r}")
+        count = _count(shape, name, max_elements)
+        if raw:
+            buffer = raw[i]
+            if datatype == "BYTES":
+                array = decode_bytes(buffer, count, name)
+            else:
+                dtype = NUMPY[datatype]
+                if len(buffer) != count * dtype.itemsize:
+                    raise invalid(f"input '{name}': {datatype} shape {shape} needs {count * dtype.itemsize} bytes, "
+                                  f"got {len(buffer)}")
+                array = np.frombuffer(buffer, dtype=dtype)
+        else:
+            field = _CONTENTS_FIELD.get(datatype)
+            if field is None:
+                raise invalid(f"input '{name}': {datatype} must be sent as raw_input_contents")
+            values = list(getattr(tensor.contents, field))
+            if len(values) != count:
+                raise invalid(f"input '{name}': shape {shape} holds {count} elements, contents have {len(values)}")
+            if datatype == "BYTES":
+                array = np.empty(count, dtype=object)
+                array[:] = values
+            else:
+                try:
+                    array = np.asarray(values, dtype=NUMPY[datatype])
+                except (OverflowError, ValueError):
+                    raise invalid(f"input '{name}': contents out of range for {datatype}") from None
+        out[name] = array.reshape(shape)
+    return out
+
+
+def add_output(response: service_pb2.ModelInferResponse, name: str, array: np.ndarray,
+               datatype: str | None = None) -> None:
+    """Append one output tensor as raw contents."""
+    array = np.asarray(array)
+    datatype = datatype or datatype_of(array.dtype)
+    tensor = response.outputs.add()
+    tensor.name = name
+    tensor.datatype = datatype
+    tensor.shape.extend(array.shape)
+    if datatype == "BYTES":
+        response.raw_output_contents.append(encode_bytes(array.reshape(-1)))
+    else:
+        response.raw_output_contents.append(np.ascontiguousarray(array, dtype=NUMPY[datatype]).tobytes())
+
+
+def set_parameter(params, key: str, value) -> None:
+    """Set a protobuf map<string, InferParameter> entry from a Python value."""
+    p = params[key]
+    if isinstance(value, (bool, np.bool_)):
+        p.bool_param = bool(value)
+    elif isinstance(value, (int, np.integer)):
+        p.int64_param = int(value)
+    elif isinstance(value, (float, np.floating)):
+        p.double_param = float(value)
+    else:
+        p.string_param = str(value)
+
+
+def parameter_value(param):
+    """The Python value of an InferParameter (None when unset)."""
+    kind = param.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(param, kind)
