@@ -65,17 +65,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise _cli_error(f"{args.package}: not an exported package (no manifest.json)")
     security = SecurityConfig(tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
                               tls_client_ca=_path(args.tls_client_ca), token_file=_path(args.token_file))
+    runtime_log = logging.getLogger("glm_image_onnx.runtime")
+    level = runtime_log.level
+    runtime_log.setLevel(logging.ERROR)  # no "not verified" warning from this manifest-only pre-check
     try:
         security.check()
         Package.open(args.package, verify_files=False)  # manifest + format version, before the port opens
     except (PackageError, SecurityError) as e:
         raise _cli_error(str(e)) from None
+    finally:
+        runtime_log.setLevel(level)
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if args.no_verify:
-        logging.getLogger("glm_image_onnx.server").warning(
-            "--no-verify: the package files are not checked against their sha256 in manifest.json; a corrupt "
-            "or modified graph is loaded as is")
     limits = Limits(max_side=args.max_side, max_pixels=args.max_pixels or args.max_side * args.max_side,
                     max_steps=args.max_steps, max_prompt_bytes=args.max_prompt_bytes,
                     max_image_bytes=args.max_image_mb << 20, max_source_pixels=args.max_source_pixels)

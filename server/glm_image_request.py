@@ -150,7 +150,11 @@ def parse(inputs: dict[str, np.ndarray], params: dict[str, Any], limits: Limits,
         if name in inputs:
             values[name] = _from_tensor(name, f, inputs[name])
         elif params.get(name) is not None:
-            values[name] = _from_param(name, f, params[name])
+            value = params[name]
+            if f.kind == "image" and isinstance(value, str) and len(value) > limits.max_image_bytes * 4 // 3 + 4:
+                raise errors.invalid(f"parameter 'image' is {len(value)} base64 characters, more than the limit "
+                                     f"of {limits.max_image_bytes} bytes")
+            values[name] = _from_param(name, f, value)
     return _check(values, limits, image_to_image)
 
 

@@ -1,0 +1,211 @@
+"""Faults: a bad package (manifest, checksums, truncated graph, missing tokenizer), a provider that
+cannot start, a client that leaves mid-stream, shutdown with requests in flight. Each ends in a clear
+one-line error or a clean drain; nothing hangs (every wait is bounded)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _server_helpers import free_port, glm_inputs, outputs, start_server, tensor, tritonclient_grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+CLI = [sys.executable, "-c", "import sys; from glm_image_onnx.cli import main; sys.exit(main())"]
+
+
+@pytest.fixture
+def package(tiny_package: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "pkg"
+    shutil.copytree(tiny_package, out)
+    return out
+
+
+def _serve(package: Path, *extra: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    """`serve` that is expected to fail at start-up (a SIGTERM stops it if it ever gets ready)."""
+    cmd = CLI + ["serve", str(package), "--port", str(free_port()), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "glm-image-onnx serve: error:" in ln]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def _manifest(package: Path) -> dict:
+    return json.loads((package / "manifest.json").read_text())
+
+
+# ------------------------------------------------------------------------------------- integrity
+def test_missing_malformed_or_unknown_manifest_exit_2(package: Path):
+    (package / "manifest.json").rename(package / "moved.json")
+    proc = _serve(package)
+    assert proc.returncode == 2 and "no manifest.json" in _error_line(proc)
+
+    (package / "manifest.json").write_text('{"format": "glm-image-onnx", "graphs": {')
+    proc = _serve(package)
+    assert proc.returncode == 2 and "malformed" in _error_line(proc)
+
+    manifest = json.loads((package / "moved.json").read_text())
+    manifest["format_version"] = 999
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    proc = _serve(package)
+    assert proc.returncode == 2 and "format_version 999" in _error_line(proc)
+
+    (package / "manifest.json").write_text("[1, 2]")
+    proc = _serve(package)
+    assert proc.returncode == 2 and "not a JSON object" in _error_line(proc)
+
+
+def test_corrupt_graph_fails_its_checksum_exit_2(package: Path):
+    graph = package / _manifest(package)["graphs"]["vae_decoder"]["file"]
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    graph.write_bytes(bytes(data))
+    proc = _serve(package)
+    line = _error_line(proc)
+    assert proc.returncode == 2 and graph.name in line and "sha256" in line
+    assert "port" not in line and "not verified" not in proc.stderr
+
+
+def test_truncated_graph_without_verify_is_a_clear_load_error(package: Path):
+    graph = package / _manifest(package)["graphs"]["dit_decoder"]["file"]
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 3])
+    proc = _serve(package, "--no-verify")
+    line = _error_line(proc)
+    assert proc.returncode == 1 and graph.name in line and "cannot" in line
+    assert "file checksums not verified (--no-verify)" in proc.stderr  # the opt-out is announced
+
+    proc = _serve(package)  # verified: the checksum names the file first
+    assert proc.returncode == 2 and graph.name in _error_line(proc) and "sha256" in _error_line(proc)
+
+
+def test_missing_tokenizer_file(package: Path):
+    files = _manifest(package)["files"]
+    tokenizer = next(rel for rel in files if rel.endswith("tokenizer.json"))
+    (package / tokenizer).unlink()
+    proc = _serve(package)
+    line = _error_line(proc)
+    assert proc.returncode == 2 and "tokenizer.json" in line and "missing" in line
+    proc = _serve(package, "--no-verify")
+    line = _error_line(proc)
+    assert proc.returncode == 1 and "cannot load" in line
+
+
+def test_strict_provider_that_cannot_start(package: Path):
+    import onnxruntime as ort
+
+    if "CANNExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CANN provider")
+    proc = _serve(package, "--no-verify", "--provider", "cann", "--strict")
+    line = _error_line(proc)
+    assert proc.returncode == 1 and re.search(r"cann", line, re.I), line
+
+
+# ------------------------------------------------------------------------- clients and shutdown
+@pytest.fixture(scope="module")
+def server(tiny_package: Path):
+    srv = start_server(tiny_package, max_concurrency=1)
+    yield srv
+    srv.stop()
+
+
+def _wait(cond, timeout: float = 20, what: str = "") -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_client_that_disconnects_mid_stream(server):
+    """The client goes away after the first progress response: the work stops, the worker is freed."""
+    scheduler = server.server.state.scheduler
+    for _ in range(2):
+        client = grpcclient.InferenceServerClient(server.url)
+        answers: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer("glm_image", glm_inputs(prompt="a long walk", height=512, width=512, steps=100,
+                                                          seed=1), outputs=outputs("image"))
+        result, error = answers.get(timeout=30)
+        assert error is None and "progress_stage" in result.get_response().parameters
+        client.stop_stream(cancel_requests=True)
+        client.close()
+        _wait(lambda: scheduler.in_flight == 0, what="the abandoned request to stop")
+    with grpcclient.InferenceServerClient(server.url) as c:
+        result = c.infer("glm_image", glm_inputs(prompt="next", height=64, width=64, steps=1, seed=2),
+                         outputs=outputs("image"), client_timeout=60)
+        assert result.as_numpy("image").shape == (64, 64, 3)
+        stats = c.get_inference_statistics("glm_image", as_json=True)["model_stats"][0]
+        assert int(stats["inference_stats"]["fail"]["count"]) >= 2
+
+
+def test_shutdown_drains_requests_in_flight(tiny_package: Path, tmp_path: Path):
+    """SIGTERM with requests running and queued: those admitted finish, new ones get UNAVAILABLE, exit 0."""
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(CLI + ["serve", str(tiny_package), "--port", str(port), "--no-verify",
+                                       "--drain-timeout", "60"], stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"127.0.0.1:{port}"
+    try:
+        _wait(lambda: "ready:" in log_path.read_text() or proc.poll() is not None, 60, "the server to load")
+        assert proc.poll() is None, log_path.read_text()
+        results: dict[int, object] = {}
+
+        def call(i: int) -> None:
+            try:
+                with grpcclient.InferenceServerClient(url) as c:
+                    r = c.infer("glm_image", glm_inputs(prompt=f"p{i}", height=256, width=256, steps=60, seed=i),
+                                outputs=outputs("image"), client_timeout=60)
+                    results[i] = r.as_numpy("image").shape
+            except InferenceServerException as e:
+                results[i] = e.status()
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # the three are admitted (one running, two queued behind --max-concurrency 1)
+        proc.send_signal(signal.SIGTERM)
+        _wait(lambda: "draining" in log_path.read_text(), 10, "the drain to start")
+        with grpcclient.InferenceServerClient(url) as c:
+            try:
+                c.infer("vae_decoder", [tensor("latents", np.zeros((1, 4, 8, 8), np.float32), "FP32")],
+                        client_timeout=10)
+                late = "OK"
+            except InferenceServerException as e:
+                late = e.status()
+        for t in threads:
+            t.join(timeout=60)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert all(v == (256, 256, 3) for v in results.values()) and len(results) == 3, results
+    assert late in ("StatusCode.UNAVAILABLE",), late
+    log = log_path.read_text()
+    assert re.search(r"draining: [1-9]\d* request\(s\) in flight", log), log
+    assert "stopped" in log and "Traceback" not in log
+
+
+
+def test_serve_flag_errors_exit_2(package: Path, tmp_path: Path):
+    for flags, words in ((["--max-steps", "0"], "--max-steps must be >= 1"),
+                         (["--max-axis-size", "-1"], "--max-axis-size"),
+                         (["--max-pixels", "10"], "--max-pixels"),
+                         (["--tls-cert", str(tmp_path / "c.pem")], "go together"),
+                         (["--token-file", str(tmp_path / "none")], "no such file")):
+        proc = _serve(package, *flags, timeout=30)
+        assert proc.returncode == 2 and words in _error_line(proc), (flags, proc.stderr)
