@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 import torch
 
+from .onnx_info import all_initializers, onnx_files, signature  # noqa: F401 (re-exported)
+
 OPSET = 18
 # Protobuf cannot hold a model over 2 GB; leave margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -70,57 +72,6 @@ def export_onnx(spec: GraphSpec, path: Path, opset: int = OPSET) -> Path:
     del program
     gc.collect()
     return path
-
-
-def onnx_files(path: Path) -> list[Path]:
-    """The graph file and its external-data files, if any."""
-    path = Path(path)
-    files = [path]
-    model = onnx.load(str(path), load_external_data=False)
-    locations = set()
-    for tensor in _all_initializers(model.graph):
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                locations.add(entry.value)
-    files += [path.parent / loc for loc in sorted(locations)]
-    return files
-
-
-def _all_initializers(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_initializers(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_initializers(g)
-
-
-_DTYPES = {
-    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-    onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.DOUBLE: "float64",
-    onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
-    onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool",
-}
-
-
-def signature(path: Path) -> dict[str, list[dict[str, Any]]]:
-    """Inputs and outputs of a graph: names, dtypes and symbolic shapes (str = dynamic axis)."""
-    model = onnx.load(str(path), load_external_data=False)
-
-    def describe(values) -> list[dict[str, Any]]:
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            dims = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else "?")
-                    for d in t.shape.dim]
-            out.append({"name": v.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)),
-                        "shape": dims})
-        return out
-
-    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output),
-            "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))}
 
 
 def _errors(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
@@ -186,7 +137,7 @@ def share_external_data(paths: list[Path], data_name: str, min_bytes: int = 1024
         for path in paths:
             old_files.update(p for p in onnx_files(path)[1:])
             model = onnx.load(str(path))  # with its external data
-            for tensor in _all_initializers(model.graph):
+            for tensor in all_initializers(model.graph):
                 array = numpy_helper.to_array(tensor)
                 raw = array.tobytes()
                 if len(raw) < min_bytes:
@@ -197,8 +148,8 @@ def share_external_data(paths: list[Path], data_name: str, min_bytes: int = 1024
                     slots[key] = (f.tell(), len(raw))
                     f.write(raw)
                 offset, length = slots[key]
-                for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                    tensor.ClearField(field)
+                for data_field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    tensor.ClearField(data_field)
                 del tensor.external_data[:]
                 tensor.raw_data = raw  # set_external_data insists on raw_data being present
                 external_data_helper.set_external_data(tensor, data_name, offset, length)

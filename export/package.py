@@ -14,13 +14,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_table, sha256_file  # noqa: F401 (re-exported)
+from ..manifest import (FORMAT, FORMAT_VERSION, MANIFEST, file_table, sha256_file,  # noqa: F401 (re-exported)
+                        staged_package, write_manifest)
 from ..models.inspect import CheckpointInfo, inspect_checkpoint
 
 
@@ -147,15 +147,13 @@ def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptio
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not options.overwrite:
             raise ExportError(f"output {out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     selected = [g for g in GRAPHS if g in options.graphs]
     # One job per checkpoint component: it loads the weights once and exports all its graphs.
     jobs = [(folder, [g for g in selected if GRAPHS[g] == folder]) for folder in EXPORT_MODULES]
     jobs = [(folder, wanted) for folder, wanted in jobs if wanted]
     workers = min(options.jobs or default_jobs(info), len(jobs)) or 1
     t_start = time.perf_counter()
-    try:
+    with staged_package(out) as tmp:
         steps = {g: f"[{i + 1}/{len(selected)}]" for i, g in enumerate(selected)}
         results = _run_jobs(jobs, info.root, tmp, options, steps, workers, log)
         graphs = {g: results[g] for g in selected}
@@ -172,14 +170,7 @@ def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptio
             "files": file_table(tmp),
             "export_seconds": round(time.perf_counter() - t_start, 3),
         }
-        # Written last: a folder without a manifest is never a package.
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, manifest)  # last: a folder without a manifest is never a package
     log(f"wrote {out} ({len(graphs)} graphs, {sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB) "
         f"in {manifest['export_seconds']:.1f}s with {workers} worker{'s' if workers > 1 else ''}")
     return manifest

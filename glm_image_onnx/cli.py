@@ -67,16 +67,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _provider_options(pairs: list[str] | None) -> dict[str, str]:
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise CliError(f"--provider-option must be KEY=VALUE, got {pair!r}")
-        options[key] = value
-    return options
-
-
 class _ProgressBar:
     """One line per stage on stderr, redrawn in place: AR tokens, then denoising steps."""
 
@@ -105,6 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
 
     from .runtime import GlmImageOnnxPipeline, PackageError, ProviderError
+    from .runtime.providers import parse_options
 
     sources = []
     for path in args.image or []:
@@ -114,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise CliError(f"--image {path}: cannot read the image ({e})") from None
     try:
         pipe = GlmImageOnnxPipeline.from_package(args.package, provider=args.provider,
-                                                 provider_options=_provider_options(args.provider_option),
+                                                 provider_options=parse_options(args.provider_option),
                                                  strict=args.strict, verify_files=not args.no_verify,
                                                  threads=args.threads)
         out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,

@@ -4,8 +4,12 @@ and the runtime and server, which read it. Format constants and checksums live h
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 FORMAT = "glm-image-onnx-package"
 FORMAT_VERSION = 1
@@ -28,3 +32,24 @@ def file_table(root: Path) -> dict[str, dict[str, Any]]:
         if p.is_file() and p.name != MANIFEST:
             table[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return table
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+@contextmanager
+def staged_package(out: Path) -> Iterator[Path]:
+    """A temporary sibling folder that replaces `out` only when the block completes: a failed export
+    or quantisation leaves nothing that looks like a package (write the manifest last)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

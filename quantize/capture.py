@@ -165,17 +165,9 @@ def source_image(size: int, seed: int = 0) -> Any:
 
 def open_pipeline(path: Path, threads: int | None = None) -> Any:
     """The runtime on CPU; files were checked when the package was opened or just written."""
-    import logging
+    from ..runtime import GlmImageOnnxPipeline, Package, ProviderRequest
 
-    from ..runtime import GlmImageOnnxPipeline
-
-    logger = logging.getLogger("glm_image_onnx.runtime")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # no "checksums not verified" warning for our own packages
-    try:
-        return GlmImageOnnxPipeline.from_package(path, provider="cpu", verify_files=False, threads=threads)
-    finally:
-        logger.setLevel(level)
+    return GlmImageOnnxPipeline(Package.open(path, verify_files=False), ProviderRequest("cpu"), threads)
 
 
 def capture(package: Path | str, prompts: Sequence[str], height: int, width: int, steps: int,

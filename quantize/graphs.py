@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..export.onnx_info import DTYPES as _DTYPES, signature  # noqa: F401 (signature re-exported)
+
 # Protobuf cannot hold a model over 2 GB; same margin as the exporter.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # Weights smaller than this are biases, norm scales, constants: not counted as "large" weights.
@@ -40,37 +42,11 @@ FP16_KEEP_FP32_OPS = (
     "Sin", "Cos", "RotaryEmbedding",
 )
 
-_DTYPES = {
-    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-    onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.DOUBLE: "float64",
-    onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
-    onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool",
-    onnx.TensorProto.INT4: "int4", onnx.TensorProto.UINT4: "uint4",
-}
-
-
 class GraphQuantizeError(RuntimeError):
     """A graph that the recipe cannot transform; the message is one readable line."""
 
 
 # ----------------------------------------------------------------------------------- inspection
-def signature(path: Path | str) -> dict[str, list[dict[str, Any]]]:
-    """Inputs and outputs of a graph: names, dtypes and symbolic shapes (the manifest's format)."""
-    model = onnx.load(str(path), load_external_data=False)
-
-    def describe(values) -> list[dict[str, Any]]:
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            dims = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else "?")
-                    for d in t.shape.dim]
-            out.append({"name": v.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": dims})
-        return out
-
-    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output),
-            "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))}
-
-
 def graph_files(path: Path | str) -> list[Path]:
     """The graph file and the external-data files it references."""
     path = Path(path)

@@ -13,7 +13,6 @@ package, then evaluate it against the fp32 package (see `quality`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -26,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from ..manifest import FORMAT, MANIFEST, file_table
+from ..manifest import FORMAT, MANIFEST, file_table, sha256_file, staged_package, write_manifest
 from . import capture as capture_mod
 from . import graphs as G
 from . import quality as Q
@@ -101,10 +100,6 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -159,58 +154,52 @@ def quantize_package(package: Path | str, out: Path | str, options: QuantizeOpti
         raise QuantizeError(f"none of the graphs {recipe.name} applies to is in the package")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
     try:
-        calibration = _calibration_feeds(recipe, options, src, selected, log)
-        entries, per_graph = {}, {}
-        for i, name in enumerate(selected):
-            t0 = time.perf_counter()
-            log(f"[{i + 1}/{len(selected)}] {name}: {recipe.name}")
-            entry, info = _quantize_graph(recipe, options, source, name, tmp, work,
-                                          calibration.get(name, []), log)
-            info["seconds"] = round(time.perf_counter() - t0, 3)
-            entries[name], per_graph[name] = entry, info
-            log(f"[{i + 1}/{len(selected)}] {name}: {info['bytes_before'] / 1e6:.1f} MB -> "
-                f"{info['bytes_after'] / 1e6:.1f} MB ({info['summary']}) in {info['seconds']:.1f}s")
-        manifest = _assemble(source, src, tmp, entries, selected)
-        manifest["quantization"] = {
-            "recipe": recipe.name,
-            "description": recipe.description,
-            "target_providers": list(recipe.target_providers),
-            "source": {"package": str(src), "manifest_sha256": _sha256(src / MANIFEST)},
-            "created_by": _versions(),
-            "options": _options_record(options),
-            "graphs": per_graph,
-            "unchanged": [g for g in source.graphs if g not in selected],
-        }
-        if recipe.name == "fp16":
-            manifest["quantization"]["cpu"] = ("loads and runs on CPU (onnxruntime inserts no fp16 "
-                                               "kernels it lacks: slower than fp32 there); meant for CUDA/CANN")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        with staged_package(out) as tmp:
+            calibration = _calibration_feeds(recipe, options, src, selected, log)
+            entries, per_graph = {}, {}
+            for i, name in enumerate(selected):
+                t0 = time.perf_counter()
+                log(f"[{i + 1}/{len(selected)}] {name}: {recipe.name}")
+                entry, info = _quantize_graph(recipe, options, source, name, tmp, work,
+                                              calibration.get(name, []), log)
+                info["seconds"] = round(time.perf_counter() - t0, 3)
+                entries[name], per_graph[name] = entry, info
+                log(f"[{i + 1}/{len(selected)}] {name}: {info['bytes_before'] / 1e6:.1f} MB -> "
+                    f"{info['bytes_after'] / 1e6:.1f} MB ({info['summary']}) in {info['seconds']:.1f}s")
+            manifest = _assemble(source, src, tmp, entries, selected)
+            manifest["quantization"] = {
+                "recipe": recipe.name,
+                "description": recipe.description,
+                "target_providers": list(recipe.target_providers),
+                "source": {"package": str(src), "manifest_sha256": sha256_file(src / MANIFEST)},
+                "created_by": _versions(),
+                "options": _options_record(options),
+                "graphs": per_graph,
+                "unchanged": [g for g in source.graphs if g not in selected],
+            }
+            if recipe.name == "fp16":
+                manifest["quantization"]["cpu"] = ("loads and runs on CPU (onnxruntime inserts no fp16 "
+                                                   "kernels it lacks: slower than fp32 there); meant for CUDA/CANN")
+            write_manifest(tmp, manifest)  # the runtime evaluates the staged package
 
-        log("evaluating against the fp32 package")
-        report = evaluate(src, tmp, selected, options, log)
-        sizes = {g: per_graph.get(g) or {"bytes_before": source.graphs[g]["bytes"],
-                                         "bytes_after": source.graphs[g]["bytes"], "summary": "unchanged"}
-                 for g in source.graphs}
-        table = Q.format_table(recipe.name, sizes, report)
-        report["table"] = table
-        log(table)
-        failures = options.thresholds.failures(report)
-        q = manifest["quantization"]
-        q.update({"report": report, "thresholds": options.thresholds.as_dict(), "passed": not failures,
-                  "seconds": round(time.perf_counter() - t_start, 3)})
-        if failures:
-            raise QuantizeError(f"{recipe.name} is below the quality thresholds: " + "; ".join(failures)
-                                + "; nothing written")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            log("evaluating against the fp32 package")
+            report = evaluate(src, tmp, selected, options, log)
+            sizes = {g: per_graph.get(g) or {"bytes_before": source.graphs[g]["bytes"],
+                                             "bytes_after": source.graphs[g]["bytes"], "summary": "unchanged"}
+                     for g in source.graphs}
+            table = Q.format_table(recipe.name, sizes, report)
+            report["table"] = table
+            log(table)
+            failures = options.thresholds.failures(report)
+            q = manifest["quantization"]
+            q.update({"report": report, "thresholds": options.thresholds.as_dict(), "passed": not failures,
+                      "seconds": round(time.perf_counter() - t_start, 3)})
+            if failures:
+                raise QuantizeError(f"{recipe.name} is below the quality thresholds: " + "; ".join(failures)
+                                    + "; nothing written")
+            write_manifest(tmp, manifest)  # last: a folder without a manifest is never a package
     finally:
         shutil.rmtree(work, ignore_errors=True)
     total = sum(f["bytes"] for f in manifest["files"].values())

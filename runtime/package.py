@@ -7,15 +7,11 @@ The runtime never imports the export side; it reads `manifest.json`, checks the 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..manifest import FORMAT, MANIFEST, SUPPORTED_VERSIONS, sha256_file
-
-log = logging.getLogger("glm_image_onnx.runtime")
-
 
 class PackageError(ValueError):
     """The package cannot be used; the message names the bad file."""
@@ -51,8 +47,6 @@ class Package:
         package = cls(root, manifest)
         if verify_files:
             package.verify_files()
-        else:
-            log.warning("%s: file checksums not verified (--no-verify)", root)
         return package
 
     def verify_files(self) -> None:

@@ -89,6 +89,8 @@ class GlmImageOnnxPipeline:
                      ) -> "GlmImageOnnxPipeline":
         """Open an exported package on "cpu", "cuda" or "cann" (see runtime.providers)."""
         request = ProviderRequest(provider, dict(provider_options or {}), strict)
+        if not verify_files:
+            log.warning("%s: file checksums not verified (--no-verify)", path)
         return cls(Package.open(path, verify_files=verify_files), request, threads)
 
     def _io_device(self) -> str:

@@ -239,3 +239,14 @@ def create_session(path: Path | str, request: ProviderRequest, threads: int | No
     if not request.strict:
         session.enable_fallback()  # a provider failure inside run() then retries on CPU (onnxruntime prints it)
     return session
+
+
+def parse_options(pairs: list[str] | None, flag: str = "--provider-option") -> dict[str, str]:
+    """Command-line KEY=VALUE pairs -> a provider options dict (values stay strings, as onnxruntime takes them)."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} must be KEY=VALUE, got {pair!r}")
+        options[key] = value
+    return options

@@ -29,22 +29,13 @@ def _need_serve_extra() -> None:
                          "pip install 'glm-image-onnx[serve]'") from None
 
 
-def _options(pairs: list[str] | None, flag: str) -> dict[str, str]:
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise _cli_error(f"{flag} must be KEY=VALUE, got {pair!r}")
-        options[key] = value
-    return options
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     _need_serve_extra()
     import asyncio
     import logging
 
     from ..runtime import Package, PackageError, ProviderError
+    from ..runtime.providers import parse_options
     from .app import GlmImageServer, LoadError, ServerConfig
     from .glm_image_model import Limits
     from .models import ComponentLimits
@@ -65,16 +56,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise _cli_error(f"{args.package}: not an exported package (no manifest.json)")
     security = SecurityConfig(tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
                               tls_client_ca=_path(args.tls_client_ca), token_file=_path(args.token_file))
-    runtime_log = logging.getLogger("glm_image_onnx.runtime")
-    level = runtime_log.level
-    runtime_log.setLevel(logging.ERROR)  # no "not verified" warning from this manifest-only pre-check
     try:
+        provider_options = parse_options(args.provider_option)
         security.check()
         Package.open(args.package, verify_files=False)  # manifest + format version, before the port opens
-    except (PackageError, SecurityError) as e:
+    except (ValueError, SecurityError) as e:  # PackageError is a ValueError; it names the bad file
         raise _cli_error(str(e)) from None
-    finally:
-        runtime_log.setLevel(level)
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     limits = Limits(max_side=args.max_side, max_pixels=args.max_pixels or args.max_side * args.max_side,
@@ -82,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_image_bytes=args.max_image_mb << 20, max_source_pixels=args.max_source_pixels)
     component_limits = ComponentLimits(max_tensor_elements=args.max_tensor_elements, max_axis_size=args.max_axis_size)
     config = ServerConfig(package=Path(args.package), host=args.host, port=args.port, provider=args.provider,
-                          provider_options=_options(args.provider_option, "--provider-option"), strict=args.strict,
+                          provider_options=provider_options, strict=args.strict,
                           threads=args.threads, verify_files=not args.no_verify,
                           max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                           max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
