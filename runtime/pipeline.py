@@ -286,7 +286,6 @@ class GlmImageOnnxPipeline:
         """The flow-matching Euler loop with classifier-free guidance (`scale > 1`)."""
         timesteps, sigmas = self.schedule.timesteps(
             steps, image_seq_len(height, width, self.vae_scale, self.patch_size))
-        n = prior_ids.shape[1]
         use_cfg = scale > 1
         empty = np.zeros((self.dit_layers, 1, 0, self.dit_heads, self.dit_head_dim), np.float32)
         keys = condition.keys if condition is not None else empty
@@ -295,42 +294,32 @@ class GlmImageOnnxPipeline:
         # masked, which gives the unbatched result (the uncond branch never reads condition K/V, so
         # image-to-image keeps two calls).
         batch_cfg = use_cfg and condition is None
+        session = self.sessions["dit_decoder"]
         if batch_cfg:
             text, mask = _pad_right([cond, uncond])
-            drop = np.array([[False] * n, [True] * n])
-            rows = 2
+            branches = [_DitCall(session, latents.shape, text, mask, prior_ids, [False, True], height, width,
+                                 empty, empty)]
         else:
-            rows = 1
-        size = np.array([[height, width]] * rows, np.float32)
-        crop = np.zeros((rows, 2), np.float32)
-        prior = np.repeat(prior_ids, rows, axis=0)
+            branches = [_DitCall(session, latents.shape, cond, np.ones(cond.shape[:2], np.int64), prior_ids, [False],
+                                 height, width, keys, values)]
+            if use_cfg:
+                branches.append(_DitCall(session, latents.shape, uncond, np.ones(uncond.shape[:2], np.int64),
+                                         prior_ids, [True], height, width, empty, empty))
         per_step = []
         for i, t in enumerate(timesteps):
             t0 = time.perf_counter()
-            timestep = np.full((rows,), t - 1, np.float32)  # the pipeline feeds t - 1
-            x = np.repeat(latents, rows, axis=0) if rows > 1 else latents
+            preds = [branch(latents, t - 1) for branch in branches]  # the pipeline feeds t - 1
             if batch_cfg:
-                pred = self._dit(x, text, mask, prior, drop, timestep, size, crop, empty, empty)
-                noise = cfg_mix(pred[:1], pred[1:], scale)
+                noise = cfg_mix(preds[0][:1], preds[0][1:], scale)
+            elif use_cfg:
+                noise = cfg_mix(preds[0], preds[1], scale)
             else:
-                noise = self._dit(x, cond, np.ones(cond.shape[:2], np.int64), prior, np.zeros((1, n), bool),
-                                  timestep, size, crop, keys, values)
-                if use_cfg:
-                    noise_u = self._dit(x, uncond, np.ones(uncond.shape[:2], np.int64), prior,
-                                        np.ones((1, n), bool), timestep, size, crop, empty, empty)
-                    noise = cfg_mix(noise, noise_u, scale)
+                noise = preds[0]
             latents = self.schedule.step(noise, i, latents, sigmas=sigmas)
             per_step.append(time.perf_counter() - t0)
             if progress is not None:
                 progress("denoise", i + 1, len(timesteps))
         return latents, per_step
-
-    def _dit(self, x, text, mask, prior, drop, timestep, size, crop, keys, values) -> np.ndarray:
-        return self.sessions["dit_decoder"].run(["noise_pred"], {
-            "hidden_states": x, "encoder_hidden_states": text, "encoder_attention_mask": mask,
-            "prior_token_id": prior, "prior_token_drop": drop, "timestep": timestep,
-            "target_size": size, "crop_coords": crop, "condition_keys": keys, "condition_values": values,
-        })[0]
 
     # ------------------------------------------------------------------------------------ decode
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -338,6 +327,44 @@ class GlmImageOnnxPipeline:
         z = (latents * self.latents_std + self.latents_mean).astype(np.float32)
         sample = self.sessions["vae_decoder"].run(None, {"latents": z})[0]
         return images.vae_postprocess(sample)
+
+
+class _DitCall:
+    """One DiT call signature, reused for every denoising step.
+
+    The inputs that do not change between steps (glyphs, mask, prior ids and drop flags, sizes,
+    condition K/V) are bound once through IO binding; each step only rewrites the latent and
+    timestep buffers in place, and `noise_pred` lands in a preallocated buffer (overwritten by the
+    next call: use it before calling again). Rows are CFG branches sharing one call.
+    """
+
+    def __init__(self, session: Any, latent_shape: tuple[int, ...], text: np.ndarray, mask: np.ndarray,
+                 prior_ids: np.ndarray, drop_rows: list[bool], height: int, width: int,
+                 keys: np.ndarray, values: np.ndarray):
+        rows, n = len(drop_rows), prior_ids.shape[1]
+        self.session = session
+        self.x = np.empty((rows, *latent_shape[1:]), np.float32)
+        self.timestep = np.empty((rows,), np.float32)
+        self.noise = np.empty_like(self.x)  # noise_pred has the latent's shape
+        inputs = {
+            "hidden_states": self.x, "encoder_hidden_states": text, "encoder_attention_mask": mask,
+            "prior_token_id": np.repeat(prior_ids, rows, axis=0),
+            "prior_token_drop": np.repeat(np.array(drop_rows)[:, None], n, axis=1),
+            "timestep": self.timestep, "target_size": np.array([[height, width]] * rows, np.float32),
+            "crop_coords": np.zeros((rows, 2), np.float32), "condition_keys": keys, "condition_values": values,
+        }
+        # Bound by pointer: the arrays must outlive the binding, so keep them.
+        self._bound = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+        self.io = session.io_binding()
+        for name, arr in self._bound.items():
+            self.io.bind_input(name, "cpu", 0, arr.dtype.type, list(arr.shape), arr.ctypes.data)
+        self.io.bind_output("noise_pred", "cpu", 0, np.float32, list(self.noise.shape), self.noise.ctypes.data)
+
+    def __call__(self, latents: np.ndarray, timestep: float) -> np.ndarray:
+        self.x[:] = latents  # [1, C, h, w] broadcast to every CFG row
+        self.timestep[:] = timestep
+        self.session.run_with_iobinding(self.io)
+        return self.noise
 
 
 def _pad_right(embeds: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

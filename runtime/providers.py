@@ -170,15 +170,47 @@ def check_available(request: ProviderRequest) -> bool:
     return False
 
 
+def physical_cores() -> int:
+    """Physical cores this process may run on (SMT siblings counted once); os.cpu_count() if unknown."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_cpus_list").read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+# How long (microseconds) an idle intra-op worker spins before it sleeps. onnxruntime's default spins
+# much longer, and every session owns its own pool: after the DiT's last step its worker was still
+# spinning through the VAE decode (+15% there, and 2x on the AR prefill after the glyph encoder),
+# and beside another busy process a spinning worker halves the AR decode. 100 us still bridges the
+# gaps between the small ops of one AR token (no spinning at all costs ~15% per token).
+# Measured in benchmarks/README.md; GLM_IMAGE_ONNX_SPIN_US overrides it (0 = never spin).
+DEFAULT_SPIN_US = 100
+
+
 def session_options(provider: str, threads: int | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     if provider == "cpu":
-        # One op at a time on all cores: these graphs are chains of large MatMuls.
+        # One op at a time on all cores: these graphs are chains of large MatMuls. The thread count
+        # is set explicitly (0 would let onnxruntime pick it and also pin threads to cores, which
+        # hurts on a shared machine); memory arena and memory patterns stay on (both measured).
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = threads or int(os.environ.get("GLM_IMAGE_ONNX_THREADS", 0)) or 0
+        so.intra_op_num_threads = threads or int(os.environ.get("GLM_IMAGE_ONNX_THREADS", 0)) or physical_cores()
         so.inter_op_num_threads = 1
+        spin_us = int(os.environ.get("GLM_IMAGE_ONNX_SPIN_US", DEFAULT_SPIN_US))
+        if spin_us <= 0:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        else:
+            so.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
+            so.add_session_config_entry("session.intra_op.spin_backoff_max", "8")
     return so
 
 
