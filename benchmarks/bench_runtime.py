@@ -52,12 +52,9 @@ STAGES = [
 
 # ------------------------------------------------------------------------------------------ helpers
 def _physical_cores() -> int:
-    try:
-        import psutil
+    from glm_image_onnx.runtime.providers import physical_cores  # torch-free, like the runtime
 
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
+    return physical_cores()
 
 
 def _peak_rss_mb() -> float:

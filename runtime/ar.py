@@ -71,13 +71,16 @@ class ArPlanner:
         f32, i64 = np.float32, np.int64
         io = self.session.io_binding()
 
+        # Raw pointers, read once: the per-token binding calls then create no Python objects.
+        cur_ptrs, nxt_ptrs = [b.data_ptr() for b in cur], [b.data_ptr() for b in nxt]
+
         def bind_cache(past: int) -> None:
             shape_in = [batch, self.kv_heads, past, self.head_dim]
             shape_out = [batch, self.kv_heads, past + 1, self.head_dim]
-            for name, buf in zip(self.past_names, cur):
-                io.bind_input(name, self.device, self.device_id, f32, shape_in, buf.data_ptr())
-            for name, buf in zip(self.present_names, nxt):
-                io.bind_output(name, self.device, self.device_id, f32, shape_out, buf.data_ptr())
+            for name, ptr in zip(self.past_names, cur_ptrs):
+                io.bind_input(name, self.device, self.device_id, f32, shape_in, ptr)
+            for name, ptr in zip(self.present_names, nxt_ptrs):
+                io.bind_output(name, self.device, self.device_id, f32, shape_out, ptr)
 
         t0 = time.perf_counter()
         ids = np.ascontiguousarray(input_ids, dtype=i64)
@@ -88,15 +91,14 @@ class ArPlanner:
         io.bind_input("attention_mask", "cpu", 0, i64, [batch, prompt_len], mask.ctypes.data)
         # The prefill writes a present of prompt_len positions: bind it like a step from past 0
         # with `prompt_len` new positions.
-        for name, buf in zip(self.past_names, cur):
-            io.bind_input(name, self.device, self.device_id, f32, [batch, self.kv_heads, 0, self.head_dim],
-                          buf.data_ptr())
-        for name, buf in zip(self.present_names, nxt):
-            io.bind_output(name, self.device, self.device_id, f32,
-                           [batch, self.kv_heads, prompt_len, self.head_dim], buf.data_ptr())
+        for name, ptr in zip(self.past_names, cur_ptrs):
+            io.bind_input(name, self.device, self.device_id, f32, [batch, self.kv_heads, 0, self.head_dim], ptr)
+        for name, ptr in zip(self.present_names, nxt_ptrs):
+            io.bind_output(name, self.device, self.device_id, f32, [batch, self.kv_heads, prompt_len, self.head_dim],
+                           ptr)
         io.bind_output("logits", "cpu", 0, f32, list(prefill_logits.shape), prefill_logits.ctypes.data)
         self.session.run_with_iobinding(io)
-        cur, nxt = nxt, cur
+        cur_ptrs, nxt_ptrs = nxt_ptrs, cur_ptrs
         logits = prefill_logits[:, -1, :]
         prefill_s = time.perf_counter() - t0
 
@@ -129,7 +131,7 @@ class ArPlanner:
             io.bind_input("attention_mask", "cpu", 0, i64, [batch, past + 1], mask.ctypes.data)
             bind_cache(past)
             self.session.run_with_iobinding(io)
-            cur, nxt = nxt, cur
+            cur_ptrs, nxt_ptrs = nxt_ptrs, cur_ptrs
             logits = step_logits[:, -1, :]
             per_token.append(time.perf_counter() - t1)
         return ArResult(tokens=tokens[0] if batch == 1 else tokens, prefill_s=prefill_s,
