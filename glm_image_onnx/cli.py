@@ -23,14 +23,20 @@ class CliError(Exception):
         self.code = code
 
 
+def need_extra(extra: str, *modules: str) -> None:
+    """Fail with the pip command when an optional extra's modules are missing (imports are lazy)."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise CliError(f"this command needs the {extra} extra ({e.name} is missing): "
+                           f"pip install 'glm-image-onnx[{extra}]'") from None
+
+
 def _need_export_extra() -> None:
-    try:
-        import diffusers  # noqa: F401
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise CliError(f"this command needs the export extra ({e.name} is missing): "
-                       "pip install 'glm-image-onnx[export]'") from None
+    need_extra("export", "torch", "transformers", "diffusers")
 
 
 def cmd_init_checkpoint(args: argparse.Namespace) -> int:
@@ -124,12 +130,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    try:
-        import onnx  # noqa: F401
-        from onnxruntime import quantization  # noqa: F401
-    except ImportError as e:
-        raise CliError(f"this command needs the quantize extra ({e.name} is missing): "
-                       "pip install 'glm-image-onnx[quantize]'") from None
+    need_extra("quantize", "onnx", "onnxruntime.quantization")
     from .quantize import QuantizeError, QuantizeOptions, Thresholds, quantize_package
 
     if args.calibration_prompts and not Path(args.calibration_prompts).is_file():

@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..export.onnx_info import DTYPES as _DTYPES, signature  # noqa: F401 (signature re-exported)
+from ..export.onnx_info import DTYPES as _DTYPES, all_initializers, signature  # noqa: F401 (signature re-exported)
+from ..export.onnx_info import onnx_files as graph_files  # noqa: F401 (re-exported)
 
 # Protobuf cannot hold a model over 2 GB; same margin as the exporter.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -42,32 +43,14 @@ FP16_KEEP_FP32_OPS = (
     "Sin", "Cos", "RotaryEmbedding",
 )
 
+
 class GraphQuantizeError(RuntimeError):
     """A graph that the recipe cannot transform; the message is one readable line."""
 
 
 # ----------------------------------------------------------------------------------- inspection
-def graph_files(path: Path | str) -> list[Path]:
-    """The graph file and the external-data files it references."""
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {e.value for t in _initializers(model.graph) for e in t.external_data if e.key == "location"}
-    return [path] + [path.parent / loc for loc in sorted(locations)]
-
-
 def graph_bytes(path: Path | str) -> int:
     return sum(p.stat().st_size for p in graph_files(path))
-
-
-def _initializers(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _initializers(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _initializers(g)
 
 
 def _tensor_nbytes(t: onnx.TensorProto) -> int:
@@ -85,7 +68,7 @@ def weight_stats(path: Path | str) -> dict[str, Any]:
     model = onnx.load(str(path), load_external_data=False)
     by_dtype: dict[str, int] = {}
     large_fp32: dict[str, int] = {}
-    for t in _initializers(model.graph):
+    for t in all_initializers(model.graph):
         nbytes = _tensor_nbytes(t)
         name = _DTYPES.get(t.data_type, str(t.data_type))
         by_dtype[name] = by_dtype.get(name, 0) + nbytes
@@ -105,7 +88,7 @@ def count_constant_transposes(path: Path | str) -> int:
 
 # --------------------------------------------------------------------------------------- saving
 def _is_large(model: onnx.ModelProto) -> bool:
-    return sum(_tensor_nbytes(t) for t in _initializers(model.graph)) > EXTERNAL_DATA_THRESHOLD
+    return sum(_tensor_nbytes(t) for t in all_initializers(model.graph)) > EXTERNAL_DATA_THRESHOLD
 
 
 def save_model(model: onnx.ModelProto, dst: Path) -> list[Path]:
@@ -299,7 +282,7 @@ def fp16(src: Path, dst: Path, keep_fp32_ops: Sequence[str] = FP16_KEEP_FP32_OPS
 def fp16_range_report(model: onnx.ModelProto) -> dict[str, Any]:
     """Float weights that float16 cannot hold: beyond +-65504 (clamped) or so small they flush to 0."""
     over, under, max_abs, worst = 0, 0, 0.0, []
-    for t in _initializers(model.graph):
+    for t in all_initializers(model.graph):
         if t.data_type != onnx.TensorProto.FLOAT:
             continue
         a = np.abs(numpy_helper.to_array(t))

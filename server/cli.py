@@ -18,15 +18,9 @@ def _cli_error(message: str, code: int = 2) -> Exception:
 
 
 def _need_serve_extra() -> None:
-    try:
-        import grpc  # noqa: F401
-        import grpc_health  # noqa: F401
-        import grpc_reflection  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import tritonclient.grpc  # noqa: F401
-    except ImportError as e:
-        raise _cli_error(f"this command needs the serve extra ({e.name} is missing): "
-                         "pip install 'glm-image-onnx[serve]'") from None
+    from glm_image_onnx.cli import need_extra
+
+    need_extra("serve", "grpc", "grpc_health", "grpc_reflection", "prometheus_client", "tritonclient.grpc")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
