@@ -57,6 +57,28 @@ def _physical_cores() -> int:
     return physical_cores()
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds spent by the whole machine (all processes), from /proc/stat; 0 where unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return 0.0
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def wait_idle(limit_s: float, idle: float = 0.9) -> float:
+    """Wait (at most limit_s) until the machine is >= `idle` idle over 2 s; returns the seconds waited."""
+    t0 = time.perf_counter()
+    cores = os.cpu_count() or 1
+    while time.perf_counter() - t0 < limit_s:
+        b0, w0 = _busy_cpu_s(), time.perf_counter()
+        time.sleep(2)
+        if (_busy_cpu_s() - b0) / ((time.perf_counter() - w0) * cores) <= 1 - idle:
+            break
+    return time.perf_counter() - t0
+
+
 def _peak_rss_mb() -> float:
     import resource
 
@@ -73,8 +95,18 @@ def _call_medians(calls: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _measure(call: Callable[[], dict[str, float]], runs: int) -> list[dict[str, float]]:
-    call()  # warm-up: first-call allocations, lazy initialisation, page faults on the weights
-    return [call() for _ in range(runs)]
+    """One warm-up call (first-call allocations, lazy initialisation, page faults on the weights),
+    then `runs` measured calls, each with `others_cores`: how many cores other processes kept busy
+    meanwhile (the machine is shared; a reader can tell a quiet run from a contended one)."""
+    call()
+    calls = []
+    for _ in range(runs):
+        b0, c0, w0 = _busy_cpu_s(), time.process_time(), time.perf_counter()
+        result = call()
+        wall = time.perf_counter() - w0
+        result["others_cores"] = max(0.0, (_busy_cpu_s() - b0) - (time.process_time() - c0)) / wall
+        calls.append(result)
+    return calls
 
 
 # ------------------------------------------------------------------------------- child: diffusers
@@ -203,6 +235,7 @@ def child_floor(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import numpy as np
 
     reps = 7
+    b0, c0, w0 = _busy_cpu_s(), time.process_time(), time.perf_counter()
     # Read bandwidth: sum a 512 MB array (16x the L3 cache) split over `threads` threads (numpy
     # releases the GIL inside reductions); the AR weights are read, never written, per token.
     data = np.ones(128 * 1024 * 1024, np.float32)
@@ -229,7 +262,8 @@ def child_floor(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 t = time.perf_counter()
                 fn()
                 rates[name] = max(rates.get(name, 0.0), 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
-    return {"bandwidth_gbs": bandwidth, "gemm_gflops": max(rates.values()),
+    others = max(0.0, (_busy_cpu_s() - b0) - (time.process_time() - c0)) / (time.perf_counter() - w0)
+    return {"bandwidth_gbs": bandwidth, "gemm_gflops": max(rates.values()), "others_cores": others,
             **{f"gemm_{k}_gflops": v for k, v in rates.items()}, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -429,6 +463,9 @@ def report(args: argparse.Namespace, results: dict[str, list[dict]], work: dict[
         f"prefill, glyph, VAE = max(FLOPs/GEMM, weights/bandwidth)",
         f"same image: AR tokens {'identical' if tokens_equal else 'DIFFERENT'}, max abs pixel diff "
         f"{max_diff:.0f}/255 = {max_diff / 255:.4f} over {len(diffs)} diffusers x runtime pairs",
+        f"contention: other processes kept a median of {med['diffusers']['others_cores']:.2f} cores busy during the "
+        f"diffusers calls, {med['runtime']['others_cores']:.2f} during the runtime calls, "
+        f"{machine['others_cores']:.2f} during the floor measurements (of {os.cpu_count()})",
         f"providers: {', '.join(results['runtime'][0]['providers'])}",
     ]
     print("\n".join(lines))
@@ -449,6 +486,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2 processes of 1 measured call each")
     p.add_argument("--threads", type=int, default=_physical_cores(), help="threads for torch and onnxruntime")
     p.add_argument("--json", type=Path, help="write every number to this JSON file")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                   help="before each process, wait up to S seconds for the machine to be 90%% idle")
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--steps", type=int, default=8)
@@ -483,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, list[dict]] = {k: [] for k in CONFIGS}
         for i in range(args.processes):
             for kind in CONFIGS:
+                if args.wait_idle > 0:
+                    wait_idle(args.wait_idle)
                 t = time.perf_counter()
                 results[kind].append(run_child(kind, args, work, f"{kind}-{i}"))
                 print(f"[{i + 1}/{args.processes}] {kind}: {time.perf_counter() - t:.1f}s", file=sys.stderr)
