@@ -7,16 +7,22 @@ original forward derives them with data-dependent Python that does not export.
 Inputs
   input_ids                    int64   [batch, seq]
   position_ids                 int64   [3, batch, seq]     (t, h, w) mRoPE positions
-  attention_mask               int64   [batch, past+seq]   1 = attend; left padding supported
-  past_key_values.{i}.key      float32 [batch, kv_heads, past, head_dim]   for i in 0..layers-1
-  past_key_values.{i}.value    float32 [batch, kv_heads, past, head_dim]
+  seqlens_k                    int32   [batch]             valid cache length after this call - 1, per row
+  total_sequence_length        int32   []                  the longest row's valid cache length
+  past_key_values.{i}.key      float32 [batch, kv_heads, capacity, head_dim]   for i in 0..layers-1
+  past_key_values.{i}.value    float32 [batch, kv_heads, capacity, head_dim]
 Outputs
   logits                       float32 [batch, seq, vision_vocab_size]   (ids = codebook indices)
-  present.{i}.key / .value     float32 [batch, kv_heads, past+seq, head_dim]
+  present.{i}.key / .value     float32 [batch, kv_heads, capacity, head_dim]
 
-Prefill: past tensors with past = 0. The export example uses past = 4 (a 0- or 1-sized example dim
-is specialised unless its Dim explicitly allows it; torch 2.13 with Dim(min=0) also exports from
-past = 0, but >= 2 is the safe choice). The graph has no guard on past; verification runs past = 0.
+The cache is a fixed-capacity buffer (capacity >= prompt + generated tokens) that each call
+updates in place: attention is onnxruntime's `com.microsoft.GroupQueryAttention`, and a caller
+that binds `present.*` to the same memory as `past_key_values.*` gets the new entries written
+into it (no copy of the whole cache per token, which a Concat-based graph makes). Row b's `seq`
+new tokens go to positions seqlens_k[b]+1-seq .. seqlens_k[b]; rows may have different lengths
+(ragged decode; right-padded prompts, whose pad outputs are meaningless). onnxruntime accepts
+seq > 1 after a non-empty past only at batch 1 (chunked prefill of one prompt). mRoPE is applied in the
+graph before the op (its own rotary has no mRoPE sections).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from ..models.ar_wrappers import ArPlannerDecoder
+from ..models.ar_wrappers import ArPlannerDecoder  # also registers torch.ops.glm_image_onnx
 from .graph import GraphSpec
 
 NAME = "ar_planner"
@@ -36,7 +42,34 @@ PAST_VALUE = "past_key_values.%d.value"
 PRESENT_KEY = "present.%d.key"
 PRESENT_VALUE = "present.%d.value"
 # Export example sizes: every dynamic dim >= 2 so that torch.export does not specialise it.
-_EXAMPLE = {"batch": 2, "seq": 3, "past": 4}
+_EXAMPLE = {"batch": 2, "seq": 3, "past": 4, "capacity": 9}
+
+
+def _gqa_schema() -> Any:
+    """The contrib op's schema, for the exporter's op builder (onnx knows only the standard
+    domain). Only what this graph uses is declared; `export_onnx` registers it for the export
+    alone, since onnxruntime's own tools later write attributes this sketch does not list."""
+    from onnx.defs import OpSchema
+
+    param = OpSchema.FormalParameter
+    return OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1,
+        inputs=[param(n, "T") for n in ("query", "key", "value", "past_key", "past_value")]
+        + [param("seqlens_k", "M"), param("total_sequence_length", "M")],
+        outputs=[param(n, "T") for n in ("output", "present_key", "present_value")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")])
+
+
+def _gqa_onnx(query: Any, key: Any, value: Any, past_key: Any, past_value: Any, seqlens_k: Any,
+              total_sequence_length: Any, num_heads: int, kv_num_heads: int, scale: float) -> Any:
+    import onnxscript
+
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+    return msft.GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+                                    num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale)
 
 
 def text_sizes(model: Any) -> dict[str, Any]:
@@ -72,24 +105,23 @@ def _present_names(num_layers: int) -> list[str]:
     return names
 
 
-def random_inputs(sizes: dict[str, Any], batch: int, seq: int, past: int, gen: torch.Generator,
-                  left_pad: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """A random but well-formed call: ids, ramp positions (pads at 1 like get_rope_index), a
-    left-padded mask and a random cache."""
-    total = past + seq
-    left_pad = left_pad or [0] * batch
-    mask = torch.ones(batch, total, dtype=torch.long)
-    for b, n in enumerate(left_pad):
-        mask[b, :n] = 0
-    ramp = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, past:]
+def random_inputs(sizes: dict[str, Any], batch: int, seq: int, past: int | list[int], capacity: int,
+                  gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A random but well-formed call: ids, ramp positions, per-row past lengths (`past` may differ
+    per row) and a random cache of `capacity` positions (what lies past the valid length is junk
+    the graph must not read)."""
+    pasts = torch.tensor(past if isinstance(past, list) else [past] * batch)
+    ramp = pasts[:, None] + torch.arange(seq)[None, :]
     # Distinct t/h/w axes so that every mRoPE section is exercised.
     offsets = torch.randint(0, 5, (3, batch, 1), generator=gen)
+    lengths = pasts + seq
     inputs = {
         "input_ids": torch.randint(0, sizes["vocab_size"], (batch, seq), generator=gen),
         "position_ids": (ramp[None] + offsets).contiguous(),
-        "attention_mask": mask,
+        "seqlens_k": (lengths - 1).to(torch.int32),
+        "total_sequence_length": lengths.max().to(torch.int32),
     }
-    shape = (batch, sizes["num_kv_heads"], past, sizes["head_dim"])
+    shape = (batch, sizes["num_kv_heads"], capacity, sizes["head_dim"])
     for name in _past_names(sizes["num_layers"]):
         inputs[name] = torch.randn(shape, generator=gen)
     return inputs
@@ -101,36 +133,37 @@ def graph_specs(model: Any, checkpoint_dir: Path) -> list[GraphSpec]:
     module = ArPlannerDecoder(model).eval()
     n = sizes["num_layers"]
 
-    example = random_inputs(sizes, _EXAMPLE["batch"], _EXAMPLE["seq"], _EXAMPLE["past"],
+    ex = _EXAMPLE
+    example = random_inputs(sizes, ex["batch"], ex["seq"], ex["past"], ex["capacity"],
                             torch.Generator().manual_seed(1234))
     batch = Dim("batch", min=1, max=1024)
     seq = Dim("seq", min=1, max=1 << 20)
-    past = Dim("past", min=0, max=1 << 20)
-    kv_shape = {0: batch, 2: past}
+    capacity = Dim("capacity", min=1, max=1 << 20)
+    kv_shape = {0: batch, 2: capacity}
     # Keys are forward()'s parameter names: the cache is the *past_key_values varargs (a tuple in
-    # input order), since "past_key_values.0.key" is no Python identifier. The mask's length is
-    # past + seq, which a Dim cannot express for an input: a string (the ONNX exporter turns it into
-    # Dim.DYNAMIC and names the axis after it) lets export infer the relation.
+    # input order), since "past_key_values.0.key" is no Python identifier.
     dynamic_shapes = {
         "input_ids": {0: batch, 1: seq},
         "position_ids": {1: batch, 2: seq},
-        "attention_mask": {0: batch, 1: "past_plus_seq"},
+        "seqlens_k": {0: batch},
+        "total_sequence_length": {},
         "past_key_values": tuple(kv_shape for _ in range(2 * n)),
     }
 
     def verify_inputs(gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
-        # Shapes other than the export example: prefill (past 0), decode, chunked, left padding.
+        # Shapes other than the export example: prefill (past 0), decode, chunked, ragged rows.
         return [
-            random_inputs(sizes, 1, 7, 0, gen),                       # prefill, batch 1
-            random_inputs(sizes, 2, 5, 0, gen, left_pad=[0, 2]),      # padded prefill, batch 2
-            random_inputs(sizes, 2, 1, 9, gen, left_pad=[3, 0]),      # decode step
-            random_inputs(sizes, 1, 1, 1, gen),                       # first decode step after a 1-token prefill
-            random_inputs(sizes, 2, 6, 11, gen, left_pad=[0, 4]),     # chunked continuation
+            random_inputs(sizes, 1, 7, 0, 7, gen),              # prefill, batch 1, exact capacity
+            random_inputs(sizes, 2, 5, 0, 16, gen),             # prefill, batch 2, spare capacity
+            random_inputs(sizes, 2, 1, [9, 4], 12, gen),        # decode step, rows of different length
+            random_inputs(sizes, 1, 1, 1, 2, gen),              # first decode step after a 1-token prefill
+            random_inputs(sizes, 1, 6, 11, 20, gen),            # chunked continuation (batch 1 only)
         ]
 
     config = {
         **sizes,
-        "input_names": ["input_ids", "position_ids", "attention_mask"],
+        "input_names": ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"],
+        "kv_cache": "fixed-capacity, updated in place: bind each present.* to its past_key_values.* buffer",
         "past_key_template": PAST_KEY,
         "past_value_template": PAST_VALUE,
         "present_key_template": PRESENT_KEY,
@@ -151,8 +184,12 @@ def graph_specs(model: Any, checkpoint_dir: Path) -> list[GraphSpec]:
         dynamic_shapes=dynamic_shapes,
         output_names=["logits", *_present_names(n)],
         verify_inputs=verify_inputs,
-        description=("GLM-Image AR planner: language model + lm_head (image vocabulary), explicit KV cache; "
-                     "one graph for prefill (past=0) and decode. position_ids [3,B,S] are host-computed "
-                     "mRoPE positions (runtime/mrope.py mirrors get_rope_index)."),
+        description=("GLM-Image AR planner: language model + lm_head (image vocabulary), fixed-capacity KV "
+                     "cache updated in place (GroupQueryAttention); one graph for prefill and decode. "
+                     "position_ids [3,B,S] are host-computed mRoPE positions (runtime/mrope.py mirrors "
+                     "get_rope_index)."),
         config=config,
+        custom_translation_table={torch.ops.glm_image_onnx.group_query_attention.default: _gqa_onnx},
+        custom_schemas=[_gqa_schema()],
+        shared_buffers=dict(zip(_present_names(n), _past_names(n))),
     )]

@@ -7,12 +7,13 @@ PyTorch on fresh inputs at several shapes.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -46,13 +47,35 @@ class GraphSpec:
     verify_inputs: Callable[[torch.Generator], list[dict[str, torch.Tensor]]]
     description: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    # torch op -> onnxscript function, for ops the exporter should emit as something else (the AR
+    # planner's attention becomes onnxruntime's GroupQueryAttention).
+    custom_translation_table: dict[Any, Callable[..., Any]] = field(default_factory=dict)
+    custom_schemas: list[Any] = field(default_factory=list)  # onnx.defs.OpSchema of the ops it emits
+    # output name -> input name bound to the same buffer when verifying: graphs that update a
+    # cache in place are checked the way the runtime calls them.
+    shared_buffers: dict[str, str] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _registered(schemas: list[Any]) -> Iterator[None]:
+    """Register op schemas with onnx for the duration of an export only."""
+    added = []
+    try:
+        for schema in schemas:
+            if not onnx.defs.has(schema.name, schema.domain):
+                onnx.defs.register_schema(schema)
+                added.append(schema)
+        yield
+    finally:
+        for schema in added:
+            onnx.defs.deregister_schema(schema.name, schema.since_version, schema.domain)
 
 
 def export_onnx(spec: GraphSpec, path: Path, opset: int = OPSET) -> Path:
     """Export `spec` to `path`; weights go to `<path>.data` when the model is too big for protobuf."""
     path = Path(path)
     args = tuple(spec.example_inputs.values())
-    with torch.no_grad():
+    with torch.no_grad(), _registered(spec.custom_schemas):
         program = torch.onnx.export(
             spec.module,
             args,
@@ -61,6 +84,7 @@ def export_onnx(spec: GraphSpec, path: Path, opset: int = OPSET) -> Path:
             dynamic_shapes=spec.dynamic_shapes,
             opset_version=opset,
             dynamo=True,
+            custom_translation_table=spec.custom_translation_table or None,
             external_data=False,
             optimize=True,
             verbose=False,
@@ -88,6 +112,24 @@ def _errors(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     return {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else max_abs}
 
 
+def _run(session: Any, spec: GraphSpec, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    if not spec.shared_buffers:
+        return session.run(spec.output_names, feed)
+    # In-place outputs: bind each to a private copy of its input, as the runtime binds one buffer.
+    feed = {k: np.array(v, copy=True) for k, v in feed.items()}
+    io = session.io_binding()
+    for name, value in feed.items():
+        io.bind_cpu_input(name, value)
+    for name in spec.output_names:  # bound in output order, so the copies come back in it
+        if name in spec.shared_buffers:
+            buf = feed[spec.shared_buffers[name]]
+            io.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        else:
+            io.bind_output(name, "cpu")
+    session.run_with_iobinding(io)
+    return io.copy_outputs_to_cpu()
+
+
 def verify(spec: GraphSpec, path: Path, seed: int = 0,
            providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> dict[str, Any]:
     """Run the graph in onnxruntime against PyTorch on `spec.verify_inputs`; worst error per output."""
@@ -105,7 +147,7 @@ def verify(spec: GraphSpec, path: Path, seed: int = 0,
             ref = spec.module(*inputs.values())
         ref = ref if isinstance(ref, (tuple, list)) else (ref,)
         feed = {k: v.numpy() for k, v in inputs.items() if k in feed_names}
-        got = session.run(spec.output_names, feed)
+        got = _run(session, spec, feed)
         shapes.append({k: list(v.shape) for k, v in inputs.items()})
         for name, r, g in zip(spec.output_names, ref, got):
             e = _errors(r.detach().numpy(), g)

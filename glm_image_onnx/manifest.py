@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 FORMAT = "glm-image-onnx-package"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+# 2: the AR planner's cache is a fixed-capacity buffer updated in place (seqlens_k and
+# total_sequence_length replace attention_mask); a version 1 package needs re-exporting.
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (2,)
 MANIFEST = "manifest.json"
 
 

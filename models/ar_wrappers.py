@@ -3,16 +3,17 @@
 Both wrappers hold the real submodules (no weight copies) and re-drive them without the parts of
 the original forward that do not export:
 
-- `ArPlannerDecoder`: language model + lm_head with the KV cache as plain tensors. The original
-  forward computes mRoPE positions with data-dependent Python (`get_rope_index`) and keeps them in
-  model state; here the host passes `position_ids` [3, B, S], so one graph serves prefill (past
-  length 0) and decode.
+- `ArPlannerDecoder`: language model + lm_head with the KV cache as plain fixed-capacity tensors.
+  The original forward computes mRoPE positions with data-dependent Python (`get_rope_index`) and
+  keeps them in model state; here the host passes `position_ids` [3, B, S], so one graph serves
+  prefill and decode. Attention + cache update is one custom op (`group_query_attention`) that the
+  exporter maps to onnxruntime's GroupQueryAttention, which updates the cache in place.
 - `VisionTokenizer`: vision encoder + VQ for ONE image per call. The original splits the packed
   patches with `lengths.tolist()` (a data-dependent split) and reshapes with Python ints from the
   grid; for one image attention is plain full attention and no Python ints are needed.
 
-Attention is computed with the model's own `eager_attention_forward` (branch-free, so no shape
-guards at export); the loaded model may use sdpa, which agrees to float rounding.
+The vision tokenizer's attention is the model's own `eager_attention_forward` (branch-free, so no
+shape guards at export); the loaded model may use sdpa, which agrees to float rounding.
 """
 
 from __future__ import annotations
@@ -29,12 +30,69 @@ def _modeling() -> Any:
     return modeling_glm_image
 
 
-class ArPlannerDecoder(nn.Module):
-    """Language model + lm_head, explicit KV cache.
+@torch.library.custom_op("glm_image_onnx::group_query_attention", mutates_args=())
+def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          past_key: torch.Tensor, past_value: torch.Tensor, seqlens_k: torch.Tensor,
+                          total_sequence_length: torch.Tensor, num_heads: int, kv_num_heads: int,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch reference of onnxruntime's `com.microsoft.GroupQueryAttention` as the AR graph uses
+    it: a fixed-capacity cache updated in place (past and present are one buffer), causal.
 
-    forward(input_ids [B,S] int64, position_ids [3,B,S] int64, attention_mask [B,P+S] int64,
-            past_0_key, past_0_value, past_1_key, ... [B, kv_heads, P, head_dim])
-      -> (logits [B,S,vision_vocab], present_0_key, present_0_value, ... [B, kv_heads, P+S, head_dim])
+    query [B, S, H*D], key/value [B, S, KVH*D] (rotary already applied), past_key/value
+    [B, KVH, capacity, D], seqlens_k int32 [B] = valid length after this call - 1 per row,
+    total_sequence_length int32 scalar = the longest row's valid length. Row b writes its S new
+    keys/values at positions seqlens_k[b]+1-S .. seqlens_k[b] and attends causally to everything up
+    to its own position. Returns (output [B, S, H*D], present_key, present_value): the cache with
+    the new entries written, all other positions unchanged.
+
+    Exported as the onnxruntime contrib op (`export.ar_planner`): onnxruntime then writes the new
+    entries into the bound buffer instead of copying the whole cache per token.
+    """
+    batch, seq, _ = query.shape
+    head_dim = past_key.shape[-1]
+    q = query.view(batch, seq, num_heads, head_dim).transpose(1, 2)
+    k = key.view(batch, seq, kv_num_heads, head_dim).transpose(1, 2)
+    v = value.view(batch, seq, kv_num_heads, head_dim).transpose(1, 2)
+    present_key, present_value = past_key.clone(), past_value.clone()
+    out = torch.empty_like(q)
+    group = num_heads // kv_num_heads
+    for b in range(batch):  # eager only: the exporter sees the op, not this loop
+        end = int(seqlens_k[b]) + 1
+        start = end - seq
+        present_key[b, :, start:end] = k[b]
+        present_value[b, :, start:end] = v[b]
+        keys = present_key[b, :, :end].repeat_interleave(group, dim=0)
+        values = present_value[b, :, :end].repeat_interleave(group, dim=0)
+        scores = q[b] @ keys.transpose(-1, -2) * scale  # [H, S, end]
+        causal = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+        scores = scores.masked_fill(~causal, float("-inf"))
+        out[b] = torch.softmax(scores, dim=-1) @ values
+    return out.transpose(1, 2).reshape(batch, seq, -1), present_key, present_value
+
+
+@group_query_attention.register_fake
+def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, num_heads, kv_num_heads,
+      scale):  # noqa: ANN001, ANN202 (shapes only, for torch.export)
+    return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
+
+
+def rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """`GlmImageRMSNorm` written as x / sqrt(mean(x^2) + eps) * w: the form onnxruntime fuses into
+    one SimplifiedLayerNormalization (the model's x * rsqrt(...) stays five separate ops)."""
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    return norm.weight * (hidden / torch.sqrt(variance + norm.variance_epsilon))
+
+
+class ArPlannerDecoder(nn.Module):
+    """Language model + lm_head, fixed-capacity KV cache.
+
+    forward(input_ids [B,S] int64, position_ids [3,B,S] int64, seqlens_k [B] int32,
+            total_sequence_length [] int32,
+            past_0_key, past_0_value, past_1_key, ... [B, kv_heads, capacity, head_dim])
+      -> (logits [B,S,vision_vocab], present_0_key, present_0_value, ... [B, kv_heads, capacity, head_dim])
+
+    The S new tokens of row b sit at cache positions seqlens_k[b]+1-S .. seqlens_k[b] (see
+    `group_query_attention`); a caller binds each present to the same buffer as its past.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -43,64 +101,47 @@ class ArPlannerDecoder(nn.Module):
         self.lm_head = model.lm_head
         self.num_layers = len(self.language_model.layers)
 
-    @staticmethod
-    def additive_mask(attention_mask: torch.Tensor, seq: int, dtype: torch.dtype) -> torch.Tensor:
-        """[B, P+S] keep-mask -> [B, 1, S, P+S] additive mask (causal and padding).
-
-        Masked entries get finfo.min, not -inf: a fully masked row (a left-pad query) then softmaxes
-        to a finite uniform row instead of NaN, and no NaN can enter the KV cache.
-        """
-        total = attention_mask.shape[1]
-        device = attention_mask.device
-        q_pos = torch.arange(seq, device=device) + (total - seq)  # absolute positions of the queries
-        k_pos = torch.arange(total, device=device)
-        causal = k_pos[None, :] <= q_pos[:, None]  # [S, P+S]
-        allowed = causal[None, None, :, :] & (attention_mask[:, None, None, :] != 0)
-        zero = torch.zeros((), dtype=dtype, device=device)
-        neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
-        return torch.where(allowed, zero, neg)
-
     def _attention(self, attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Same steps as GlmImageTextAttention.forward, with the cache update as a concat.
+                   seqlens_k: torch.Tensor, total: torch.Tensor, past_key: torch.Tensor,
+                   past_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Same steps as GlmImageTextAttention.forward; mRoPE is applied here (the contrib op's own
+        # rotary knows no mRoPE sections), the cache update and attention are one op.
         m = _modeling()
-        input_shape = hidden.shape[:-1]
-        hidden_shape = (*input_shape, -1, attn.head_dim)
+        batch, seq = hidden.shape[:2]
+        hidden_shape = (batch, seq, -1, attn.head_dim)
         q = attn.q_proj(hidden).view(hidden_shape).transpose(1, 2)
         k = attn.k_proj(hidden).view(hidden_shape).transpose(1, 2)
-        v = attn.v_proj(hidden).view(hidden_shape).transpose(1, 2)
+        v = attn.v_proj(hidden)
         q, k = m.apply_rotary_pos_emb(q, k, cos, sin)
-        k = torch.cat([past_key, k], dim=2)
-        v = torch.cat([past_value, v], dim=2)
-        out, _ = m.eager_attention_forward(attn, q, k, v, mask, scaling=attn.scaling, dropout=0.0)
-        out = out.reshape(*input_shape, -1).contiguous()
-        return attn.o_proj(out), k, v
+        out, present_key, present_value = group_query_attention(
+            q.transpose(1, 2).reshape(batch, seq, -1), k.transpose(1, 2).reshape(batch, seq, -1), v,
+            past_key, past_value, seqlens_k, total, attn.config.num_attention_heads,
+            attn.config.num_key_value_heads, float(attn.scaling))
+        return attn.o_proj(out), present_key, present_value
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, seqlens_k: torch.Tensor,
+                total_sequence_length: torch.Tensor, *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(past_key_values) != 2 * self.num_layers:
             raise ValueError(f"expected {2 * self.num_layers} past tensors, got {len(past_key_values)}")
         lm = self.language_model
         hidden = lm.embed_tokens(input_ids)
         cos, sin = lm.rotary_emb(hidden, position_ids=position_ids)
-        mask = self.additive_mask(attention_mask, input_ids.shape[1], hidden.dtype)
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(lm.layers):
             # Same order as GlmImageTextDecoderLayer.forward (sandwich norms around attn and MLP).
             residual = hidden
-            h = layer.input_layernorm(hidden)
-            h, k, v = self._attention(layer.self_attn, h, cos, sin, mask,
+            h = rms_norm(layer.input_layernorm, hidden)
+            h, k, v = self._attention(layer.self_attn, h, cos, sin, seqlens_k, total_sequence_length,
                                       past_key_values[2 * i], past_key_values[2 * i + 1])
-            h = layer.post_self_attn_layernorm(h)
+            h = rms_norm(layer.post_self_attn_layernorm, h)
             hidden = residual + h
             residual = hidden
-            h = layer.post_attention_layernorm(hidden)
+            h = rms_norm(layer.post_attention_layernorm, hidden)
             h = layer.mlp(h)
-            h = layer.post_mlp_layernorm(h)
+            h = rms_norm(layer.post_mlp_layernorm, h)
             hidden = residual + h
             presents += [k, v]
-        hidden = lm.norm(hidden)
+        hidden = rms_norm(lm.norm, hidden)
         return (self.lm_head(hidden), *presents)
 
 

@@ -1,17 +1,14 @@
 """The AR planner's decoding loop on onnxruntime: prefill once, then one token per call.
 
-The hot path (one graph call per image token) allocates nothing and creates no Python objects
-per token beyond the binding calls:
-- The KV cache lives in two preallocated flat buffers per cache tensor ("ping-pong"): a call
-  reads `past_key_values.*` from the prefix of one and writes `present.*` into the prefix of the
-  other, then they swap. A prefix of a flat buffer is a contiguous [B, KV_heads, P, D] tensor, so
-  both sides are bound by pointer (`bind_input` / `bind_output` with `buffer_ptr`); on a GPU the
+The hot path (one graph call per image token) allocates nothing, copies no cache and creates no
+Python objects per token beyond writing two small buffers:
+- The KV cache is one preallocated buffer per cache tensor, [B, KV_heads, capacity, D] with
+  capacity = prompt + generated tokens, bound once as both `past_key_values.*` and `present.*`:
+  the graph's GroupQueryAttention writes each token's keys/values into it in place. On a GPU the
   buffers are device OrtValues and the cache never leaves the device.
-- `input_ids`, `position_ids`, `attention_mask` and `logits` are preallocated host buffers bound by
-  pointer; a step only rewrites their contents.
-- The graph still copies the whole cache once per token (its `present` is `Concat(past, new)`):
-  avoiding that needs a graph whose cache is a fixed-capacity buffer updated in place (see
-  benchmarks/README.md), which the exported graph does not have.
+- `input_ids`, `position_ids`, `seqlens_k`, `total_sequence_length` and `logits` are preallocated
+  host buffers bound by pointer; a step only rewrites their contents, so every binding is made
+  once for the prefill and once for the decode loop.
 
 Logits are restricted to the codebook by the sampler, and exactly `num_tokens` image tokens are
 produced (no early end-of-image).
@@ -53,57 +50,44 @@ class ArPlanner:
                               for t in (config["present_key_template"], config["present_value_template"])]
         self.device, self.device_id = device, device_id
 
-    def _cache_buffers(self, elements: int) -> list[ort.OrtValue]:
-        """One flat float32 buffer per cache tensor, on the device that computes the graph."""
-        return [ort.OrtValue.ortvalue_from_shape_and_type([elements], np.float32, self.device, self.device_id)
+    def _cache_buffers(self, shape: list[int]) -> list[ort.OrtValue]:
+        """One float32 cache buffer per past/present pair, on the device that computes the graph."""
+        return [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, self.device_id)
                 for _ in self.past_names]
 
     def generate(self, input_ids: np.ndarray, prefill_positions: np.ndarray, decode_positions: np.ndarray,
                  num_tokens: int, sampler: TokenSampler, progress: Progress | None = None) -> ArResult:
         """input_ids [1, S]; prefill_positions [3, 1, S]; decode_positions [1, 3, L] (mrope.rope_index)."""
         batch, prompt_len = input_ids.shape
-        total = prompt_len + num_tokens
-        kv_row = batch * self.kv_heads * self.head_dim  # elements per cached position
-        # Ping-pong cache: `cur` holds the past of the next call, `nxt` receives its present.
-        cur, nxt = self._cache_buffers(kv_row * total), self._cache_buffers(kv_row * total)
-        # All-ones mask, flat so that any prefix reshapes to a contiguous [batch, length] array.
-        mask = np.ones(batch * total, dtype=np.int64)
-        f32, i64 = np.float32, np.int64
+        f32, i32, i64 = np.float32, np.int32, np.int64
+        if num_tokens - 1 > decode_positions.shape[-1]:
+            raise IndexError(f"{num_tokens} tokens need {num_tokens - 1} decode positions, "
+                             f"{decode_positions.shape[-1]} were precomputed")
+        shape = [batch, self.kv_heads, prompt_len + num_tokens, self.head_dim]
+        cache = self._cache_buffers(shape)  # held here: the binding keeps only their pointers
         io = self.session.io_binding()
-
-        # Raw pointers, read once: the per-token binding calls then create no Python objects.
-        cur_ptrs, nxt_ptrs = [b.data_ptr() for b in cur], [b.data_ptr() for b in nxt]
-
-        def bind_cache(past: int) -> None:
-            shape_in = [batch, self.kv_heads, past, self.head_dim]
-            shape_out = [batch, self.kv_heads, past + 1, self.head_dim]
-            for name, ptr in zip(self.past_names, cur_ptrs):
-                io.bind_input(name, self.device, self.device_id, f32, shape_in, ptr)
-            for name, ptr in zip(self.present_names, nxt_ptrs):
-                io.bind_output(name, self.device, self.device_id, f32, shape_out, ptr)
+        for past, present, buf in zip(self.past_names, self.present_names, cache):
+            io.bind_input(past, self.device, self.device_id, f32, shape, buf.data_ptr())
+            io.bind_output(present, self.device, self.device_id, f32, shape, buf.data_ptr())
+        seqlens = np.zeros(batch, dtype=i32)  # valid cache length after the call, minus 1
+        total = np.zeros((), dtype=i32)
+        io.bind_input("seqlens_k", "cpu", 0, i32, [batch], seqlens.ctypes.data)
+        io.bind_input("total_sequence_length", "cpu", 0, i32, [], total.ctypes.data)
 
         t0 = time.perf_counter()
         ids = np.ascontiguousarray(input_ids, dtype=i64)
         positions = np.ascontiguousarray(prefill_positions, dtype=i64)
         prefill_logits = np.empty((batch, prompt_len, self.vocab), dtype=f32)
+        seqlens[:], total[()] = prompt_len - 1, prompt_len
         io.bind_input("input_ids", "cpu", 0, i64, list(ids.shape), ids.ctypes.data)
         io.bind_input("position_ids", "cpu", 0, i64, list(positions.shape), positions.ctypes.data)
-        io.bind_input("attention_mask", "cpu", 0, i64, [batch, prompt_len], mask.ctypes.data)
-        # The prefill writes a present of prompt_len positions: bind it like a step from past 0
-        # with `prompt_len` new positions.
-        for name, ptr in zip(self.past_names, cur_ptrs):
-            io.bind_input(name, self.device, self.device_id, f32, [batch, self.kv_heads, 0, self.head_dim], ptr)
-        for name, ptr in zip(self.present_names, nxt_ptrs):
-            io.bind_output(name, self.device, self.device_id, f32, [batch, self.kv_heads, prompt_len, self.head_dim],
-                           ptr)
         io.bind_output("logits", "cpu", 0, f32, list(prefill_logits.shape), prefill_logits.ctypes.data)
         self.session.run_with_iobinding(io)
-        cur_ptrs, nxt_ptrs = nxt_ptrs, cur_ptrs
         logits = prefill_logits[:, -1, :]
         prefill_s = time.perf_counter() - t0
 
-        # Decode: every per-token input is a preallocated buffer bound once; only its contents and
-        # the two growing shapes (mask, cache) change from step to step.
+        # Decode: every per-token input is a preallocated buffer bound once; a step only rewrites
+        # the token, its positions and the two lengths.
         token_buf = np.zeros((batch, 1), dtype=i64)
         pos_buf = np.zeros((3, batch, 1), dtype=i64)
         step_logits = np.empty((batch, 1, self.vocab), dtype=f32)
@@ -111,9 +95,6 @@ class ArPlanner:
         io.bind_input("input_ids", "cpu", 0, i64, [batch, 1], token_buf.ctypes.data)
         io.bind_input("position_ids", "cpu", 0, i64, [3, batch, 1], pos_buf.ctypes.data)
         io.bind_output("logits", "cpu", 0, f32, [batch, 1, self.vocab], step_logits.ctypes.data)
-        if num_tokens - 1 > positions_by_step.shape[0]:
-            raise IndexError(f"{num_tokens} tokens need {num_tokens - 1} decode positions, "
-                             f"{positions_by_step.shape[0]} were precomputed")
 
         tokens = np.empty((batch, num_tokens), dtype=i64)
         per_token: list[float] = []
@@ -125,13 +106,11 @@ class ArPlanner:
                 progress("ar", step + 1, num_tokens)
             if step == num_tokens - 1:
                 break  # the last token needs no forward pass
-            past = prompt_len + step
             token_buf[:, 0] = tokens[:, step]
             pos_buf[:, :, 0] = positions_by_step[step]
-            io.bind_input("attention_mask", "cpu", 0, i64, [batch, past + 1], mask.ctypes.data)
-            bind_cache(past)
+            seqlens[:] = prompt_len + step  # this token's cache position
+            total[()] = prompt_len + step + 1
             self.session.run_with_iobinding(io)
-            cur_ptrs, nxt_ptrs = nxt_ptrs, cur_ptrs
             logits = step_logits[:, -1, :]
             per_token.append(time.perf_counter() - t1)
         return ArResult(tokens=tokens[0] if batch == 1 else tokens, prefill_s=prefill_s,

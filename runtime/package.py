@@ -39,8 +39,10 @@ class Package:
                                if isinstance(manifest, dict) else f"{path}: not a JSON object")
         version = manifest.get("format_version")
         if version not in SUPPORTED_VERSIONS:
+            older = isinstance(version, int) and version < min(SUPPORTED_VERSIONS)
             raise PackageError(f"{path}: format_version {version!r} is not supported by this runtime "
-                               f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
+                               f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})"
+                               + ("; re-export the checkpoint with this version" if older else ""))
         for key in ("graphs", "pipeline", "files"):
             if not isinstance(manifest.get(key), dict):
                 raise PackageError(f"{path}: field {key!r} is missing or not an object")

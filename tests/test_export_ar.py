@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -75,17 +76,23 @@ def _check_verified(graphs: dict, model: Any) -> None:
     spec, path, result = graphs["ar_planner"]
     assert result["passed"] and result["max_rel"] < graph.MAX_RELATIVE_ERROR, result
     assert result["cases"] >= 3
-    # verified at past = 0 (prefill) and at batch 1 and 2, none of it the export shape
-    pasts = {s["past_key_values.0.key"][2] for s in result["input_shapes"]}
+    # verified at batch 1 and 2 and at several cache capacities, none of it the export shape
+    capacities = {s["past_key_values.0.key"][2] for s in result["input_shapes"]}
     batches = {s["input_ids"][0] for s in result["input_shapes"]}
-    assert 0 in pasts and {1, 2} <= batches
+    assert len(capacities) >= 3 and {1, 2} <= batches
     tc = model.config.text_config
     sig = graph.signature(path)
     names = [i["name"] for i in sig["inputs"]]
-    assert names[:3] == ["input_ids", "position_ids", "attention_mask"]
+    assert names[:4] == ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"]
     layers = range(tc.num_hidden_layers)
-    assert names[3:] == [f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")]
+    assert names[4:] == [f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")]
+    # attention + cache update is onnxruntime's in-place GroupQueryAttention, one per layer
+    ops = [(n.op_type, n.domain) for n in onnx.load(str(path)).graph.node]
+    assert ops.count(("GroupQueryAttention", "com.microsoft")) == tc.num_hidden_layers
     outs = {o["name"]: o for o in sig["outputs"]}
+    ins = {i["name"]: i for i in sig["inputs"]}
+    assert outs["present.0.key"]["shape"] == ins["past_key_values.0.key"]["shape"]  # same buffer
+    assert ins["seqlens_k"]["dtype"] == "int32" and ins["total_sequence_length"]["shape"] == []
     assert outs["logits"]["shape"][2] == tc.vision_vocab_size and outs["logits"]["dtype"] == "float32"
     assert len(outs) == 1 + 2 * tc.num_hidden_layers
     assert {i["name"]: i["dtype"] for i in sig["inputs"]}["position_ids"] == "int64"
@@ -118,33 +125,30 @@ def test_alternative_config_exports_and_verifies(alt_setup: tuple[Any, Path],
 # --- the torch wrapper against transformers -------------------------------------------------------
 
 def _check_wrapper_matches_transformers(model: Any) -> None:
-    """Prefill (left-padded batch 2) and one decode step against the model's own forward/cache."""
+    """Prefill (batch 2) and one ragged decode step against the model's own forward and cache."""
     tc = model.config.text_config
     wrapper = ArPlannerDecoder(model).eval()
     sizes = ar_planner.text_sizes(model)
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, tc.vocab_size, (2, 6), generator=gen)
-    mask = torch.ones(2, 6, dtype=torch.long)
-    mask[1, :2] = 0
-    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    pos = torch.arange(6).expand(2, 6)
     pos = torch.stack([pos, pos + 1, pos + 2])  # distinct axes
-    empty = [torch.zeros(2, sizes["num_kv_heads"], 0, sizes["head_dim"])] * (2 * sizes["num_layers"])
-    valid = mask.bool()
+    capacity = 9
+    cache = [torch.randn(2, sizes["num_kv_heads"], capacity, sizes["head_dim"], generator=gen)
+             for _ in range(2 * sizes["num_layers"])]  # junk beyond the valid length must not matter
+    lengths = torch.tensor([6, 6], dtype=torch.int32)
     with torch.no_grad():
-        ours = wrapper(ids, pos, mask, *empty)
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        torch.testing.assert_close(ours[0][valid], ref.logits[valid], rtol=1e-4, atol=1e-4)
+        ours = wrapper(ids, pos, lengths - 1, lengths.max(), *cache)
+        ref = model(input_ids=ids, position_ids=pos, use_cache=True)
+        torch.testing.assert_close(ours[0], ref.logits, rtol=1e-4, atol=1e-4)
         nxt = torch.randint(0, tc.vision_vocab_size, (2, 1), generator=gen)
-        mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
         pos2 = pos[:, :, -1:] + torch.tensor([1, 2, 3]).view(3, 1, 1)
-        ours2 = wrapper(nxt, pos2, mask2, *ours[1:])
-        ref2 = model(input_ids=nxt, attention_mask=mask2, position_ids=pos2,
-                     past_key_values=ref.past_key_values, use_cache=True)
+        ours2 = wrapper(nxt, pos2, lengths, lengths.max() + 1, *ours[1:])
+        ref2 = model(input_ids=nxt, position_ids=pos2, past_key_values=ref.past_key_values, use_cache=True)
         torch.testing.assert_close(ours2[0], ref2.logits, rtol=1e-4, atol=1e-4)
-        valid2 = mask2.bool()
         for i, layer in enumerate(ref2.past_key_values.layers):
-            k = ours2[1 + 2 * i].transpose(1, 2)[valid2]
-            torch.testing.assert_close(k, layer.keys.transpose(1, 2)[valid2], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(ours2[1 + 2 * i][:, :, :7], layer.keys, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(ours2[1 + 2 * i][:, :, 7:], cache[2 * i][:, :, 7:])  # untouched
 
 
 def test_wrapper_matches_transformers(tiny_model: Any) -> None:
@@ -233,24 +237,44 @@ def test_rope_helpers_match_processor(processor: Any) -> None:
 
 def _greedy_onnx(session: ort.InferenceSession, config: dict, input_ids: np.ndarray, mask: np.ndarray,
                  grids: np.ndarray, per_sample: np.ndarray, max_new_tokens: int) -> np.ndarray:
-    """The runtime's loop in miniature: host mRoPE, prefill with an empty cache, then 1-token steps."""
+    """The runtime's loop in miniature: host mRoPE, one in-place cache buffer per past/present pair,
+    prefill, then 1-token steps. A left-padded batch (the processor's) is fed right-padded: each
+    row's tokens moved to the front, its length in seqlens_k, so that rows decode ragged."""
     prefill, decode = rope_index(input_ids, image_start_token_id=config["image_start_token_id"],
                                  image_end_token_id=config["image_end_token_id"], image_grid_thw=grids,
                                  images_per_sample=per_sample, attention_mask=mask)
-    batch, n = input_ids.shape[0], config["num_layers"]
-    cache_names = [config[t] % i for i in range(n) for t in ("past_key_template", "past_value_template")]
-    empty = np.zeros((batch, config["num_kv_heads"], 0, config["head_dim"]), np.float32)
-    feed = {"input_ids": input_ids, "position_ids": prefill, "attention_mask": mask,
-            **{name: empty for name in cache_names}}
-    tokens = []
-    for step in range(max_new_tokens):
-        out = session.run(None, feed)
-        nxt = out[0][:, -1].argmax(-1).astype(np.int64)
+    batch, seq = input_ids.shape
+    lengths = mask.sum(1).astype(np.int32)
+    order = np.argsort(mask == 0, axis=1, kind="stable")  # real tokens first, pads after
+    input_ids = np.take_along_axis(input_ids, order, 1)
+    prefill = np.stack([np.take_along_axis(p, order, 1) for p in prefill])
+    n = config["num_layers"]
+    names = [(config[p] % i, config[q] % i) for i in range(n)
+             for p, q in (("past_key_template", "present_key_template"),
+                          ("past_value_template", "present_value_template"))]
+    shape = (batch, config["num_kv_heads"], seq + max_new_tokens, config["head_dim"])
+    cache = [np.zeros(shape, np.float32) for _ in names]
+    io = session.io_binding()
+    for (past, present), buf in zip(names, cache):
+        io.bind_cpu_input(past, buf)
+        io.bind_output(present, "cpu", 0, np.float32, list(shape), buf.ctypes.data)
+
+    def step(ids: np.ndarray, positions: np.ndarray, seqlens: np.ndarray) -> np.ndarray:
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
+        io.bind_cpu_input("seqlens_k", seqlens.astype(np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(seqlens.max() + 1, np.int32))
+        io.bind_output("logits", "cpu")
+        session.run_with_iobinding(io)
+        return io.get_outputs()[-1].numpy()
+
+    logits = step(input_ids, prefill, np.full(batch, seq - 1, np.int32))
+    nxt = logits[np.arange(batch), lengths - 1].argmax(-1).astype(np.int64)  # each row's last real token
+    tokens = [nxt]
+    for i in range(max_new_tokens - 1):
+        logits = step(nxt[:, None], decode_step_positions(decode, i), lengths + i)
+        nxt = logits[:, -1].argmax(-1).astype(np.int64)
         tokens.append(nxt)
-        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        if step + 1 < max_new_tokens:
-            feed = {"input_ids": nxt[:, None], "position_ids": decode_step_positions(decode, step),
-                    "attention_mask": mask, **dict(zip(cache_names, out[1:]))}
     return np.stack(tokens, axis=1)
 
 
@@ -276,7 +300,7 @@ def test_greedy_text_to_image_matches_generate(tiny_graphs: dict, tiny_model: An
     np.testing.assert_array_equal(got, ref)
 
 
-def test_greedy_left_padded_batch_matches_generate(tiny_graphs: dict, tiny_model: Any, processor: Any) -> None:
+def test_greedy_ragged_batch_matches_generate(tiny_graphs: dict, tiny_model: Any, processor: Any) -> None:
     spec, path, _ = tiny_graphs["ar_planner"]
     inp = _t2i_inputs(processor, ["a cat", "a red bicycle on a hill"], 96, 64)
     assert (inp["attention_mask"] == 0).any()

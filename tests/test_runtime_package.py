@@ -41,6 +41,7 @@ def test_missing_tokenizer_file_is_named(package_copy: Path) -> None:
 
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.update(format_version=99), "format_version 99 is not supported"),
+    (lambda m: m.update(format_version=1), "format_version 1 .* re-export the checkpoint"),
     (lambda m: m.update(format="something-else"), "not a glm-image-onnx manifest"),
     (lambda m: m.pop("graphs"), "field 'graphs' is missing"),
 ])
