@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .provider_args import add_provider_arguments, provider_settings
+
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
@@ -101,7 +103,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
 
     from .runtime import GlmImageOnnxPipeline, PackageError, ProviderError
-    from .runtime.providers import parse_options
 
     sources = []
     for path in args.image or []:
@@ -110,10 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except (OSError, UnidentifiedImageError) as e:
             raise CliError(f"--image {path}: cannot read the image ({e})") from None
     try:
-        pipe = GlmImageOnnxPipeline.from_package(args.package, provider=args.provider,
-                                                 provider_options=parse_options(args.provider_option),
-                                                 strict=args.strict, verify_files=not args.no_verify,
-                                                 threads=args.threads)
+        pipe = GlmImageOnnxPipeline.from_package(args.package, **provider_settings(args))
         out = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, seed=args.seed, image=sources or None,
                    do_sample=False if args.greedy else None, temperature=args.temperature,
@@ -190,12 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int)
     p.add_argument("--greedy", action="store_true", help="greedy AR decoding instead of sampling")
     p.add_argument("--image", action="append", metavar="FILE", help="source image for editing (repeatable)")
-    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "cann"])
-    p.add_argument("--provider-option", action="append", metavar="KEY=VALUE",
-                   help="execution provider option, e.g. device_id=0 (repeatable)")
-    p.add_argument("--strict", action="store_true", help="fail instead of falling back to CPU")
-    p.add_argument("--threads", type=int, help="CPU threads per graph (default: all cores)")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the package files")
+    add_provider_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func=cmd_generate)

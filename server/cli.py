@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from glm_image_onnx.provider_args import add_provider_arguments, provider_settings
+
 
 def _cli_error(message: str, code: int = 2) -> Exception:
     from glm_image_onnx.cli import CliError
@@ -29,7 +31,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from ..runtime import Package, PackageError, ProviderError
-    from ..runtime.providers import parse_options
     from .app import GlmImageServer, LoadError, ServerConfig
     from .glm_image_model import Limits
     from .models import ComponentLimits
@@ -51,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     security = SecurityConfig(tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
                               tls_client_ca=_path(args.tls_client_ca), token_file=_path(args.token_file))
     try:
-        provider_options = parse_options(args.provider_option)
+        providers = provider_settings(args)  # ValueError: a --provider-option that is not KEY=VALUE
         security.check()
         Package.open(args.package, verify_files=False)  # manifest + format version, before the port opens
     except (ValueError, SecurityError) as e:  # PackageError is a ValueError; it names the bad file
@@ -62,9 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_steps=args.max_steps, max_prompt_bytes=args.max_prompt_bytes,
                     max_image_bytes=args.max_image_mb << 20, max_source_pixels=args.max_source_pixels)
     component_limits = ComponentLimits(max_tensor_elements=args.max_tensor_elements, max_axis_size=args.max_axis_size)
-    config = ServerConfig(package=Path(args.package), host=args.host, port=args.port, provider=args.provider,
-                          provider_options=provider_options, strict=args.strict,
-                          threads=args.threads, verify_files=not args.no_verify,
+    config = ServerConfig(package=Path(args.package), host=args.host, port=args.port, **providers,
                           max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                           max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
                           components=not args.no_components, metrics_port=args.metrics_port, limits=limits,
@@ -115,12 +114,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("package", help="exported ONNX package folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001, Triton's)")
-    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "cann"])
-    p.add_argument("--provider-option", action="append", metavar="KEY=VALUE",
-                   help="execution provider option, e.g. device_id=0 (repeatable)")
-    p.add_argument("--strict", action="store_true", help="fail instead of falling back to CPU")
-    p.add_argument("--threads", type=int, help="CPU threads per graph (default: all cores)")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the package files")
+    add_provider_arguments(p)
     p.add_argument("--max-concurrency", type=int, default=1,
                    help="requests executing at once (worker threads; default 1)")
     p.add_argument("--max-queue", type=int, default=64,

@@ -1,10 +1,15 @@
-"""Shared fixtures: tiny random checkpoints of the real classes, built once per test session."""
+"""Shared fixtures: tiny random checkpoints of the real classes, built once per test session, and the
+default real server on loopback, started once per test module that asks for it."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
+
+if TYPE_CHECKING:
+    from glm_image_onnx.server.app import ServerThread
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +28,17 @@ def tiny_package(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
     out = tmp_path_factory.mktemp("pkg") / "tiny-onnx"
     export_package(tiny_checkpoint, out, ExportOptions(verify=True), log=lambda _: None)
     return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_package: Path) -> Iterator[ServerThread]:
+    """The real server on a free loopback port serving the tiny package, default config, one per module.
+
+    Modules that need other settings (limits, concurrency, TLS) define their own `server`, which
+    overrides this one. Imported lazily: _server_helpers skips when the serve extra is missing.
+    """
+    from _server_helpers import start_server
+
+    srv = start_server(tiny_package)
+    yield srv
+    srv.stop()

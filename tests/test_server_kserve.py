@@ -11,19 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _server_helpers import glm_inputs, outputs, start_server, tensor, tritonclient_grpc as grpcclient
+from _server_helpers import glm_inputs, outputs, tensor, tritonclient_grpc as grpcclient
 from glm_image_onnx.runtime import GlmImageOnnxPipeline
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 SMALL = dict(height=64, width=64, steps=2, seed=1234)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_package: Path):
-    srv = start_server(tiny_package)
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _server_helpers import glm_inputs, outputs, start_server, tensor, tritonclient_grpc as grpcclient
+from _server_helpers import glm_inputs, outputs, tensor, tritonclient_grpc as grpcclient
 from glm_image_onnx.runtime import GlmImageOnnxPipeline
 
 SMALL = dict(height=64, width=64, steps=3, seed=99)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_package: Path):
-    srv = start_server(tiny_package)
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")
