@@ -71,11 +71,24 @@ def _registered(schemas: list[Any]) -> Iterator[None]:
             onnx.defs.deregister_schema(schema.name, schema.since_version, schema.domain)
 
 
+@contextlib.contextmanager
+def _rare_gc() -> Iterator[None]:
+    """Tracing allocates millions of objects (FX nodes, fake tensors, sympy expressions) that live
+    until the export ends; at the default thresholds the collector re-scans them over and over
+    (~5% of the export time). Garbage cycles wait a little longer instead."""
+    old = gc.get_threshold()
+    gc.set_threshold(50_000, 20, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+
+
 def export_onnx(spec: GraphSpec, path: Path, opset: int = OPSET) -> Path:
     """Export `spec` to `path`; weights go to `<path>.data` when the model is too big for protobuf."""
     path = Path(path)
     args = tuple(spec.example_inputs.values())
-    with torch.no_grad(), _registered(spec.custom_schemas):
+    with torch.no_grad(), _registered(spec.custom_schemas), _rare_gc():
         program = torch.onnx.export(
             spec.module,
             args,
@@ -137,6 +150,7 @@ def verify(spec: GraphSpec, path: Path, seed: int = 0,
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = torch.get_num_threads()  # parallel export workers share the cores
     session = ort.InferenceSession(str(path), options, providers=list(providers))
     feed_names = {i.name for i in session.get_inputs()}
     worst: dict[str, dict[str, float]] = {}

@@ -178,8 +178,8 @@ def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptio
 
 def _run_jobs(jobs: list[tuple[str, list[str]]], root: Path, tmp: Path, options: ExportOptions,
               steps: dict[str, str], workers: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Run the component jobs here (one worker) or in spawned processes whose log lines come back
-    through a queue, so progress shows as it happens either way."""
+    """Run the component jobs here (one worker) or one graph per task in spawned processes whose
+    log lines come back through a queue, so progress shows as it happens either way."""
     if workers == 1:
         results: dict[str, Any] = {}
         for folder, wanted in jobs:
@@ -189,20 +189,31 @@ def _run_jobs(jobs: list[tuple[str, list[str]]], root: Path, tmp: Path, options:
     import queue
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
+    # One task per graph rather than per component: the DiT alone is ~45% of the work, so whole
+    # components cannot be split evenly between two workers. Longest first (LPT); a worker keeps
+    # the component it loaded last, so a component's graphs that land on one worker share a load.
+    tasks = sorted(((folder, name) for folder, wanted in jobs for name in wanted),
+                   key=lambda t: -_GRAPH_COST.get(t[1], 1))
     ctx = mp.get_context("spawn")  # torch and fork do not mix
-    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        lines = manager.Queue()
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        futures = [pool.submit(_worker, folder, wanted, root, tmp, options, steps, lines, threads)
-                   for folder, wanted in sorted(jobs, key=lambda j: -_JOB_COST.get(j[0], 1))]
+    # A plain queue handed over at worker start (no Manager process to spawn and shut down).
+    lines = ctx.Queue()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+
+    def drain() -> None:
+        while True:
+            try:
+                log(lines.get_nowait())
+            except queue.Empty:
+                return
+
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(lines, threads)) as pool:
+        futures = [pool.submit(_export_graph, folder, name, root, tmp, options, steps[name])
+                   for folder, name in tasks]
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-            while True:
-                try:
-                    log(lines.get_nowait())
-                except queue.Empty:
-                    break
+            drain()
             if any(f.exception() for f in done):
                 for f in pending:
                     f.cancel()
@@ -211,19 +222,66 @@ def _run_jobs(jobs: list[tuple[str, list[str]]], root: Path, tmp: Path, options:
         for f in futures:
             if f.done() and not f.cancelled():
                 results.update(f.result())  # re-raises a worker's error here
-        return results
+    drain()
+    for folder, wanted in jobs:  # once all of a component's graphs exist, whichever worker wrote them
+        entries = {g: results[g] for g in wanted}
+        if len(entries) > 1 and any(e["external_data"] for e in entries.values()):
+            from . import graph as graph_mod
+
+            _share_component_weights(folder, entries, tmp, graph_mod, log)
+    return results
 
 
-# Relative export time per component: the longest jobs start first.
-_JOB_COST = {"transformer": 4, "vision_language_encoder": 3, "vae": 2, "text_encoder": 1}
+# Export + verify seconds per graph (bench preset, one thread per worker): the pool hands out the
+# longest first.
+_GRAPH_COST = {"dit_decoder": 24, "ar_planner": 15, "dit_condition_write": 10, "vae_decoder": 7,
+               "vae_encoder": 6, "glyph_encoder": 6, "vision_tokenizer": 5}
+
+# Worker-process state: the log queue, torch threads, and the last loaded component (folder, model).
+_lines: Any = None
+_threads = 1
+_loaded: tuple[str, Any] | None = None
 
 
-def _worker(folder: str, wanted: list[str], root: Path, tmp: Path, options: ExportOptions,
-            steps: dict[str, str], lines: Any, threads: int) -> dict[str, Any]:
+def _init_worker(lines: Any, threads: int) -> None:
+    import atexit
+
+    global _lines, _threads
+    _lines, _threads = lines, threads
+    # A worker that has traced models spends 1-3 s tearing down the interpreter (collecting
+    # millions of FX / sympy objects) after its last task, and the export waits for it. Its
+    # results are already sent and its files closed, so it may leave without the teardown.
+    # Registered before the tasks import torch, it runs after their exit handlers.
+    atexit.register(_fast_exit)
+
+
+def _fast_exit() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _export_graph(folder: str, name: str, root: Path, tmp: Path, options: ExportOptions,
+                  step: str) -> dict[str, Any]:
+    """Export (and verify) one graph in a worker, reusing the component it loaded last."""
     import torch
 
-    torch.set_num_threads(threads)  # the workers share the cores
-    return _export_component(folder, wanted, root, tmp, options, steps, lines.put)
+    global _loaded
+    torch.set_num_threads(_threads)  # the workers share the cores
+    log = _lines.put
+    if _loaded is None or _loaded[0] != folder:
+        _loaded = None
+        gc.collect()
+        log(f"loading {folder} from {root / folder}")
+        _loaded = (folder, _load_component(folder, root / folder))
+    from . import graph as graph_mod
+
+    for module_name in EXPORT_MODULES[folder]:
+        module = importlib.import_module(f"{__package__}.{module_name}")
+        for spec in module.graph_specs(_loaded[1], root):
+            if spec.name == name:
+                return {name: _export_one(spec, tmp, options, step, log, graph_mod)}
+    raise KeyError(name)
 
 
 def _export_component(folder: str, wanted: list[str], root: Path, tmp: Path, options: ExportOptions,

@@ -26,15 +26,20 @@ class CliError(Exception):
 
 
 def need_extra(extra: str, *modules: str) -> None:
-    """Fail with the pip command when an optional extra's modules are missing (imports are lazy)."""
-    import importlib
+    """Fail with the pip command when an optional extra's modules are missing (imports are lazy).
+
+    Only looks the modules up: importing torch, transformers and diffusers here would cost
+    `export` seconds in a process that hands all the work to spawned workers."""
+    import importlib.util
 
     for module in modules:
         try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise CliError(f"this command needs the {extra} extra ({e.name} is missing): "
-                           f"pip install 'glm-image-onnx[{extra}]'") from None
+            missing = module if importlib.util.find_spec(module) is None else None
+        except ImportError as e:  # a parent package of a dotted name is missing
+            missing = e.name or module
+        if missing:
+            raise CliError(f"this command needs the {extra} extra ({missing} is missing): "
+                           f"pip install 'glm-image-onnx[{extra}]'")
 
 
 def _need_export_extra() -> None:
@@ -171,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
-    p.add_argument("--jobs", type=int, help="components exported in parallel processes (default: 2 for "
+    p.add_argument("--jobs", type=int, help="parallel export processes, one graph per task (default: 2 for "
                                              "checkpoints under 2 GB on a multi-core machine, else 1)")
     p.set_defaults(func=cmd_export)
 
