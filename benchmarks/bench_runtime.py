@@ -67,6 +67,17 @@ def _busy_cpu_s() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
 
 
+def _others_cores(since: tuple[float, float, float]) -> float:
+    """Cores other processes kept busy on average since `since` = (_busy_cpu_s(), process_time(),
+    perf_counter()) was taken: the machine's busy CPU time minus this process's, per wall second."""
+    b0, c0, w0 = since
+    return max(0.0, (_busy_cpu_s() - b0) - (time.process_time() - c0)) / (time.perf_counter() - w0)
+
+
+def _now() -> tuple[float, float, float]:
+    return _busy_cpu_s(), time.process_time(), time.perf_counter()
+
+
 def wait_idle(limit_s: float, idle: float = 0.9) -> float:
     """Wait (at most limit_s) until the machine is >= `idle` idle over 2 s; returns the seconds waited."""
     t0 = time.perf_counter()
@@ -101,10 +112,9 @@ def _measure(call: Callable[[], dict[str, float]], runs: int) -> list[dict[str, 
     call()
     calls = []
     for _ in range(runs):
-        b0, c0, w0 = _busy_cpu_s(), time.process_time(), time.perf_counter()
+        since = _now()
         result = call()
-        wall = time.perf_counter() - w0
-        result["others_cores"] = max(0.0, (_busy_cpu_s() - b0) - (time.process_time() - c0)) / wall
+        result["others_cores"] = _others_cores(since)
         calls.append(result)
     return calls
 
@@ -235,7 +245,7 @@ def child_floor(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import numpy as np
 
     reps = 7
-    b0, c0, w0 = _busy_cpu_s(), time.process_time(), time.perf_counter()
+    since = _now()
     # Read bandwidth: sum a 512 MB array (16x the L3 cache) split over `threads` threads (numpy
     # releases the GIL inside reductions); the AR weights are read, never written, per token.
     data = np.ones(128 * 1024 * 1024, np.float32)
@@ -262,8 +272,7 @@ def child_floor(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 t = time.perf_counter()
                 fn()
                 rates[name] = max(rates.get(name, 0.0), 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
-    others = max(0.0, (_busy_cpu_s() - b0) - (time.process_time() - c0)) / (time.perf_counter() - w0)
-    return {"bandwidth_gbs": bandwidth, "gemm_gflops": max(rates.values()), "others_cores": others,
+    return {"bandwidth_gbs": bandwidth, "gemm_gflops": max(rates.values()), "others_cores": _others_cores(since),
             **{f"gemm_{k}_gflops": v for k, v in rates.items()}, "peak_rss_mb": _peak_rss_mb()}
 
 

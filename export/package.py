@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..manifest import (FORMAT, FORMAT_VERSION, MANIFEST, file_table, sha256_file,  # noqa: F401 (re-exported)
                         staged_package, write_manifest)
@@ -224,11 +224,7 @@ def _run_jobs(jobs: list[tuple[str, list[str]]], root: Path, tmp: Path, options:
                 results.update(f.result())  # re-raises a worker's error here
     drain()
     for folder, wanted in jobs:  # once all of a component's graphs exist, whichever worker wrote them
-        entries = {g: results[g] for g in wanted}
-        if len(entries) > 1 and any(e["external_data"] for e in entries.values()):
-            from . import graph as graph_mod
-
-            _share_component_weights(folder, entries, tmp, graph_mod, log)
+        _share_component_weights(folder, {g: results[g] for g in wanted}, tmp, log)
     return results
 
 
@@ -276,12 +272,17 @@ def _export_graph(folder: str, name: str, root: Path, tmp: Path, options: Export
         _loaded = (folder, _load_component(folder, root / folder))
     from . import graph as graph_mod
 
+    for spec in _graph_specs(folder, _loaded[1], root):
+        if spec.name == name:
+            return {name: _export_one(spec, tmp, options, step, log, graph_mod)}
+    raise KeyError(name)
+
+
+def _graph_specs(folder: str, model: Any, root: Path) -> Iterator[Any]:
+    """Every GraphSpec the export modules of one checkpoint component make from its model."""
     for module_name in EXPORT_MODULES[folder]:
         module = importlib.import_module(f"{__package__}.{module_name}")
-        for spec in module.graph_specs(_loaded[1], root):
-            if spec.name == name:
-                return {name: _export_one(spec, tmp, options, step, log, graph_mod)}
-    raise KeyError(name)
+        yield from module.graph_specs(model, root)
 
 
 def _export_component(folder: str, wanted: list[str], root: Path, tmp: Path, options: ExportOptions,
@@ -292,23 +293,24 @@ def _export_component(folder: str, wanted: list[str], root: Path, tmp: Path, opt
     log(f"loading {folder} from {root / folder}")
     model = _load_component(folder, root / folder)
     entries: dict[str, Any] = {}
-    for module_name in EXPORT_MODULES[folder]:
-        module = importlib.import_module(f"{__package__}.{module_name}")
-        for spec in module.graph_specs(model, root):
-            if spec.name in wanted:
-                entries[spec.name] = _export_one(spec, tmp, options, steps[spec.name], log, graph_mod)
-            del spec
-            gc.collect()
+    for spec in _graph_specs(folder, model, root):
+        if spec.name in wanted:
+            entries[spec.name] = _export_one(spec, tmp, options, steps[spec.name], log, graph_mod)
+        del spec
+        gc.collect()
     del model
     gc.collect()
-    if len(entries) > 1 and any(e["external_data"] for e in entries.values()):
-        _share_component_weights(folder, entries, tmp, graph_mod, log)
+    _share_component_weights(folder, entries, tmp, log)
     return entries
 
 
-def _share_component_weights(folder: str, entries: dict[str, Any], tmp: Path, graph_mod: Any,
-                             log: Callable[[str], None]) -> None:
-    """Big graphs of one component (the DiT's decoder and condition write) share one weights file."""
+def _share_component_weights(folder: str, entries: dict[str, Any], tmp: Path, log: Callable[[str], None]) -> None:
+    """Big graphs of one component (the DiT's decoder and condition write) share one weights file;
+    nothing to do for a single graph or graphs small enough to hold their weights inline."""
+    if len(entries) < 2 or not any(e["external_data"] for e in entries.values()):
+        return
+    from . import graph as graph_mod
+
     paths = [tmp / e["file"] for e in entries.values()]
     before = sum(e["bytes"] for e in entries.values())
     data = graph_mod.share_external_data(paths, f"{folder}.weights")
