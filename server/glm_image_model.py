@@ -35,12 +35,15 @@ class GlmImageModel(Model):
         self.inputs = list(glm.INPUTS)
         self.outputs = list(glm.OUTPUTS)
         self.instance_kind = "KIND_CPU" if pipeline.providers[0] == "CPUExecutionProvider" else "KIND_GPU"
+        # The recipe that made the package (`glm-image-onnx quantize`); "none" for an exported fp32 one.
+        self.quantization = pipeline.package.manifest.get("quantization", {}).get("recipe", "none")
 
     def config(self):
         cfg = super().config()
         cfg.parameters["streaming_progress"].string_value = (
             "ModelStreamInfer sends progress responses (parameter progress_stage) before the image")
         cfg.parameters["providers"].string_value = ",".join(self.pipeline.providers)
+        cfg.parameters["quantization"].string_value = self.quantization
         for name, value in dataclasses.asdict(self.limits).items():  # every bound of a request
             cfg.parameters[name].string_value = str(value)
         return cfg

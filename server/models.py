@@ -149,6 +149,7 @@ class ComponentModel(Model):
         self.limits = limits
         self.session = session
         self.description = graph.get("description", "")
+        self.quantization = graph.get("quantization", {}).get("recipe", "none")
         self.inputs, self.outputs, self.batchable = graph_specs(graph)
         self.instance_kind = "KIND_CPU" if session.get_providers()[0] == "CPUExecutionProvider" else "KIND_GPU"
         self.batcher: DynamicBatcher | None = None
@@ -216,6 +217,7 @@ class ComponentModel(Model):
         cfg = super().config()
         cfg.parameters["max_tensor_elements"].string_value = str(self.limits.max_tensor_elements)
         cfg.parameters["max_axis_size"].string_value = str(self.limits.max_axis_size)
+        cfg.parameters["quantization"].string_value = self.quantization
         return cfg
 
     def finish(self, prepared: Prepared, value: dict[str, np.ndarray]) -> Result:

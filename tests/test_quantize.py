@@ -172,6 +172,31 @@ def test_cli_quantize(tiny_package: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "already exists" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_server_serves_a_quantised_package(quantized: dict[str, Path]) -> None:
+    """The real gRPC server loads the int8 package unchanged; the stock tritonclient gets the same
+    image as the in-process runtime on that package, and the model configs name the recipe."""
+    from _server_helpers import glm_inputs, start_server, tritonclient_grpc as grpcclient
+
+    path = quantized["int8-dynamic"]
+    server = start_server(path)
+    try:
+        with grpcclient.InferenceServerClient(server.url) as client:
+            result = client.infer("glm_image", glm_inputs(prompt='a sign that says "hi"', height=64, width=64,
+                                                          steps=2, seed=11))
+            glm = client.get_model_config("glm_image").config
+            dit = client.get_model_config("dit_decoder").config
+            vae = client.get_model_config("vae_decoder").config
+    finally:
+        server.stop()
+    expected = GlmImageOnnxPipeline.from_package(path)('a sign that says "hi"', height=64, width=64,
+                                                       num_inference_steps=2, seed=11)
+    np.testing.assert_array_equal(result.as_numpy("image"), np.asarray(expected.images[0]))
+    np.testing.assert_array_equal(result.as_numpy("tokens"), expected.tokens)
+    assert glm.parameters["quantization"].string_value == "int8-dynamic"
+    assert dit.parameters["quantization"].string_value == "int8-dynamic"
+    assert vae.parameters["quantization"].string_value == "none"  # not in the recipe's graphs
+
+
 def test_quantize_needs_no_torch() -> None:
     code = ("import sys; import glm_image_onnx.quantize.package, glm_image_onnx.quantize.capture; "
             "import onnxruntime.quantization.matmul_nbits_quantizer, onnxruntime.transformers.float16; "

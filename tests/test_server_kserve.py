@@ -74,6 +74,7 @@ def test_model_config_is_a_triton_config(client):
     glm = client.get_model_config("glm_image").config
     assert {i.name: i.optional for i in glm.input}["prompt"] is False
     assert {i.name: i.data_type for i in glm.input}["prompt"] == model_config_pb2.TYPE_STRING
+    assert glm.parameters["quantization"].string_value == "none"  # an exported fp32 package
     for name in ("nope", ""):
         with pytest.raises(InferenceServerException, match="unknown model"):
             client.get_model_config(name)
