@@ -5,8 +5,8 @@
 
 1. The fp32 package (`--package`, or the bench checkpoint exported into `--work`; needs the export extra).
 2. Each recipe quantised with `glm-image-onnx quantize` (its quality report: image PSNR/SSIM vs fp32 at
-   fixed AR tokens and latents, AR agreement); an existing quantised package in `--work` is reused
-   unless `--fresh`.
+   fixed AR tokens and latents, AR agreement); an existing quantised package in `--work` made from
+   this same fp32 package (manifest checksum) is reused unless `--fresh`.
 3. End-to-end timing: one subprocess per (run, package), interleaved (fp32, int8, ..., fp32, int8, ...)
    so that drifting machine load hits every package alike; each subprocess loads the package, warms
    up once and times one generation. Medians are reported.
@@ -52,8 +52,11 @@ def ensure_recipe(args: argparse.Namespace, fp32: Path, recipe: str) -> Path:
     out = args.work / f"bench-{recipe}"
     manifest = out / "manifest.json"
     if manifest.exists() and not args.fresh:
-        src = json.loads(manifest.read_text())["quantization"]["source"]["package"]
-        if Path(src).resolve() == fp32.resolve():
+        # Reuse it only if it was made from this very fp32 package (a re-export changes the manifest).
+        from glm_image_onnx.manifest import MANIFEST, sha256_file
+
+        src = json.loads(manifest.read_text())["quantization"]["source"]
+        if src["manifest_sha256"] == sha256_file(fp32 / MANIFEST):
             return out
     cmd = CLI + ["quantize", str(fp32), str(out), "--recipe", recipe, "--overwrite",
                  "--height", str(args.height), "--width", str(args.width), "--steps", str(args.steps),

@@ -22,7 +22,8 @@ into it (no copy of the whole cache per token, which a Concat-based graph makes)
 new tokens go to positions seqlens_k[b]+1-seq .. seqlens_k[b]; rows may have different lengths
 (ragged decode; right-padded prompts, whose pad outputs are meaningless). onnxruntime accepts
 seq > 1 after a non-empty past only at batch 1 (chunked prefill of one prompt). mRoPE is applied in the
-graph before the op (its own rotary has no mRoPE sections).
+graph before the op (its own rotary has no mRoPE sections): the graph computes one cos/sin row per
+token from position_ids and rotates q and k with onnxruntime's `com.microsoft.RotaryEmbedding`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,29 @@ def _gqa_schema() -> Any:
         attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
                     OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
                     OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")])
+
+
+def _rotary_schema() -> Any:
+    """onnxruntime's `com.microsoft.RotaryEmbedding`, as far as this graph uses it (see `_gqa_schema`)."""
+    from onnx.defs import OpSchema
+
+    param = OpSchema.FormalParameter
+    return OpSchema(
+        "RotaryEmbedding", "com.microsoft", 1,
+        inputs=[param("input", "T"), param("position_ids", "M"), param("cos_cache", "T"), param("sin_cache", "T")],
+        outputs=[param("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int64)"], "")],
+        attributes=[OpSchema.Attribute("interleaved", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("rotary_embedding_dim", OpSchema.AttrType.INT, "")])
+
+
+def _rotary_onnx(x: Any, position_ids: Any, cos_cache: Any, sin_cache: Any, num_heads: int, rotary_dim: int) -> Any:
+    import onnxscript
+
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+    return msft.RotaryEmbedding(x, position_ids, cos_cache, sin_cache, interleaved=0, num_heads=num_heads,
+                                rotary_embedding_dim=rotary_dim)
 
 
 def _gqa_onnx(query: Any, key: Any, value: Any, past_key: Any, past_value: Any, seqlens_k: Any,
@@ -185,11 +209,13 @@ def graph_specs(model: Any, checkpoint_dir: Path) -> list[GraphSpec]:
         output_names=["logits", *_present_names(n)],
         verify_inputs=verify_inputs,
         description=("GLM-Image AR planner: language model + lm_head (image vocabulary), fixed-capacity KV "
-                     "cache updated in place (GroupQueryAttention); one graph for prefill and decode. "
+                     "cache updated in place (GroupQueryAttention), mRoPE by RotaryEmbedding; one graph "
+                     "for prefill and decode. "
                      "position_ids [3,B,S] are host-computed mRoPE positions (runtime/mrope.py mirrors "
                      "get_rope_index)."),
         config=config,
-        custom_translation_table={torch.ops.glm_image_onnx.group_query_attention.default: _gqa_onnx},
-        custom_schemas=[_gqa_schema()],
+        custom_translation_table={torch.ops.glm_image_onnx.group_query_attention.default: _gqa_onnx,
+                                  torch.ops.glm_image_onnx.rotary_embedding.default: _rotary_onnx},
+        custom_schemas=[_gqa_schema(), _rotary_schema()],
         shared_buffers=dict(zip(_present_names(n), _past_names(n))),
     )]

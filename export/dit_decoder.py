@@ -112,6 +112,7 @@ def graph_specs(model: Any, checkpoint_dir: Path) -> list[GraphSpec]:
                         "target_size": None},
         output_names=["condition_keys", "condition_values"],
         verify_inputs=write_cases,
+        ort_fusions=True,
         description="i2i condition write pass (empty text, t=0, crop 0, no prior dropped) for one "
                     "normalised condition latent -> per-layer K/V of its image tokens. Several "
                     "condition images: concatenate the outputs along axis 2 (cond_len).",
@@ -142,6 +143,7 @@ def graph_specs(model: Any, checkpoint_dir: Path) -> list[GraphSpec]:
         dynamic_shapes=cond_shapes,
         output_names=["noise_pred"],
         verify_inputs=decoder_cases,
+        ort_fusions=True,
         description="One DiT denoising step: latent + glyph embeddings + prior ids -> noise prediction. "
                     "condition_keys/values from dit_condition_write are prepended to every layer's "
                     "keys/values (i2i cond branch); pass cond_len 0 without condition images. Their "

@@ -327,7 +327,7 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
     path = tmp / f"{spec.name}.onnx"
     t0 = time.perf_counter()
     log(f"{step} {spec.name}: exporting")
-    graph_mod.export_onnx(spec, path, opset=options.opset)
+    fusions = graph_mod.export_onnx(spec, path, opset=options.opset)
     export_s = time.perf_counter() - t0
     files = graph_mod.onnx_files(path)
     entry: dict[str, Any] = {
@@ -337,6 +337,7 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
         **graph_mod.signature(path),
         "config": spec.config,
         "export_seconds": round(export_s, 3),
+        **({"ort_fusions": fusions} if fusions else {}),
         "bytes": sum(f.stat().st_size for f in files),
     }
     msg = f"{step} {spec.name}: exported in {export_s:.1f}s ({entry['bytes'] / 1e6:.1f} MB)"

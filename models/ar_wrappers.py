@@ -7,7 +7,8 @@ the original forward that do not export:
   The original forward computes mRoPE positions with data-dependent Python (`get_rope_index`) and
   keeps them in model state; here the host passes `position_ids` [3, B, S], so one graph serves
   prefill and decode. Attention + cache update is one custom op (`group_query_attention`) that the
-  exporter maps to onnxruntime's GroupQueryAttention, which updates the cache in place.
+  exporter maps to onnxruntime's GroupQueryAttention, which updates the cache in place; the mRoPE
+  rotation of q and k is another (`rotary_embedding` -> onnxruntime's RotaryEmbedding).
 - `VisionTokenizer`: vision encoder + VQ for ONE image per call. The original splits the packed
   patches with `lengths.tolist()` (a data-dependent split) and reshapes with Python ints from the
   grid; for one image attention is plain full attention and no Python ints are needed.
@@ -76,6 +77,31 @@ def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
     return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
 
 
+@torch.library.custom_op("glm_image_onnx::rotary_embedding", mutates_args=())
+def rotary_embedding(x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor,
+                     sin_cache: torch.Tensor, num_heads: int, rotary_dim: int) -> torch.Tensor:
+    """PyTorch reference of onnxruntime's `com.microsoft.RotaryEmbedding` as the AR graph uses it:
+    half-rotation (`rotate_half`, not interleaved) of the first `rotary_dim` dims of every head.
+
+    x [B, S, num_heads*D]; position_ids int64 [B, S] index rows of cos/sin_cache [P, rotary_dim/2].
+    The graph passes one cache row per token (its mRoPE cos/sin) and position_ids = its row, so one
+    op per tensor replaces the ~6 elementwise ops per tensor of `apply_rotary_pos_emb`.
+    """
+    batch, seq, _ = x.shape
+    heads = x.view(batch, seq, num_heads, -1)
+    cos = cos_cache[position_ids].unsqueeze(2)  # [B, S, 1, rotary_dim/2]
+    sin = sin_cache[position_ids].unsqueeze(2)
+    rot, rest = heads[..., :rotary_dim], heads[..., rotary_dim:]
+    x1, x2 = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2:]
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+    return rotated.reshape(batch, seq, -1)
+
+
+@rotary_embedding.register_fake
+def _(x, position_ids, cos_cache, sin_cache, num_heads, rotary_dim):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
+
+
 def rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """`GlmImageRMSNorm` written as x / sqrt(mean(x^2) + eps) * w: the form onnxruntime fuses into
     one SimplifiedLayerNormalization (the model's x * rsqrt(...) stays five separate ops)."""
@@ -100,24 +126,31 @@ class ArPlannerDecoder(nn.Module):
         self.language_model = model.model.language_model
         self.lm_head = model.lm_head
         self.num_layers = len(self.language_model.layers)
+        self.rotary_dim = int(self.language_model.rotary_emb.inv_freq.numel() * 2)
 
-    def _attention(self, attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _attention(self, attn: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, ...],
                    seqlens_k: torch.Tensor, total: torch.Tensor, past_key: torch.Tensor,
                    past_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Same steps as GlmImageTextAttention.forward; mRoPE is applied here (the contrib op's own
-        # rotary knows no mRoPE sections), the cache update and attention are one op.
-        m = _modeling()
-        batch, seq = hidden.shape[:2]
-        hidden_shape = (batch, seq, -1, attn.head_dim)
-        q = attn.q_proj(hidden).view(hidden_shape).transpose(1, 2)
-        k = attn.k_proj(hidden).view(hidden_shape).transpose(1, 2)
-        v = attn.v_proj(hidden)
-        q, k = m.apply_rotary_pos_emb(q, k, cos, sin)
+        # Same steps as GlmImageTextAttention.forward (apply_rotary_pos_emb on q and k, then
+        # attention); mRoPE is applied by its own op because GroupQueryAttention's rotary knows no
+        # mRoPE sections, and the cache update and attention are one op.
+        positions, cos, sin = rope
+        cfg = attn.config
+        q = rotary_embedding(attn.q_proj(hidden), positions, cos, sin, cfg.num_attention_heads, self.rotary_dim)
+        k = rotary_embedding(attn.k_proj(hidden), positions, cos, sin, cfg.num_key_value_heads, self.rotary_dim)
         out, present_key, present_value = group_query_attention(
-            q.transpose(1, 2).reshape(batch, seq, -1), k.transpose(1, 2).reshape(batch, seq, -1), v,
-            past_key, past_value, seqlens_k, total, attn.config.num_attention_heads,
-            attn.config.num_key_value_heads, float(attn.scaling))
+            q, k, attn.v_proj(hidden), past_key, past_value, seqlens_k, total, cfg.num_attention_heads,
+            cfg.num_key_value_heads, float(attn.scaling))
         return attn.o_proj(out), present_key, present_value
+
+    def _rope_tables(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One cos/sin row per token: the model's mRoPE tables (`rotary_emb` returns cat(f, f) of the
+        section-recomposed angles f), flattened to [B*S, rotary_dim/2], and each token's row index."""
+        batch, seq = hidden.shape[:2]
+        cos, sin = self.language_model.rotary_emb(hidden, position_ids=position_ids)
+        half = self.rotary_dim // 2
+        rows = torch.arange(batch * seq, device=hidden.device).view(batch, seq)
+        return rows, cos[..., :half].reshape(batch * seq, half), sin[..., :half].reshape(batch * seq, half)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, seqlens_k: torch.Tensor,
                 total_sequence_length: torch.Tensor, *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -125,13 +158,13 @@ class ArPlannerDecoder(nn.Module):
             raise ValueError(f"expected {2 * self.num_layers} past tensors, got {len(past_key_values)}")
         lm = self.language_model
         hidden = lm.embed_tokens(input_ids)
-        cos, sin = lm.rotary_emb(hidden, position_ids=position_ids)
+        rope = self._rope_tables(hidden, position_ids)
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(lm.layers):
             # Same order as GlmImageTextDecoderLayer.forward (sandwich norms around attn and MLP).
             residual = hidden
             h = rms_norm(layer.input_layernorm, hidden)
-            h, k, v = self._attention(layer.self_attn, h, cos, sin, seqlens_k, total_sequence_length,
+            h, k, v = self._attention(layer.self_attn, h, rope, seqlens_k, total_sequence_length,
                                       past_key_values[2 * i], past_key_values[2 * i + 1])
             h = rms_norm(layer.post_self_attn_layernorm, h)
             hidden = residual + h

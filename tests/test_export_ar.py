@@ -29,7 +29,8 @@ def _export_all(model: Any, ckpt: Path, out: Path) -> dict[str, tuple[Any, Path,
     result = {}
     for mod in (ar_planner, vision_tokenizer):
         (spec,) = mod.graph_specs(model, ckpt)
-        path = graph.export_onnx(spec, out / f"{spec.name}.onnx")
+        path = out / f"{spec.name}.onnx"
+        graph.export_onnx(spec, path)
         result[spec.name] = (spec, path, graph.verify(spec, path))
     return result
 
@@ -89,6 +90,9 @@ def _check_verified(graphs: dict, model: Any) -> None:
     # attention + cache update is onnxruntime's in-place GroupQueryAttention, one per layer
     ops = [(n.op_type, n.domain) for n in onnx.load(str(path)).graph.node]
     assert ops.count(("GroupQueryAttention", "com.microsoft")) == tc.num_hidden_layers
+    # mRoPE on q and k is onnxruntime's RotaryEmbedding (two per layer), not rotate_half's ops
+    assert ops.count(("RotaryEmbedding", "com.microsoft")) == 2 * tc.num_hidden_layers
+    assert ("Neg", "") not in ops
     outs = {o["name"]: o for o in sig["outputs"]}
     ins = {i["name"]: i for i in sig["inputs"]}
     assert outs["present.0.key"]["shape"] == ins["past_key_values.0.key"]["shape"]  # same buffer

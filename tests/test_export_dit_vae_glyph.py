@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -37,7 +38,10 @@ def _export_all(models: dict[str, Any], out: Path) -> dict[str, tuple[graph.Grap
     result = {}
     for folder, module in EXPORTERS.items():
         for spec in module.graph_specs(models[folder], out):
-            result[spec.name] = (spec, graph.export_onnx(spec, out / f"{spec.name}.onnx"))
+            path = out / f"{spec.name}.onnx"
+            fusions = graph.export_onnx(spec, path)
+            assert bool(fusions) == spec.ort_fusions, (spec.name, fusions)
+            result[spec.name] = (spec, path)
     return result
 
 
@@ -104,6 +108,15 @@ def test_tiny_graph_exports_and_verifies(tiny_graphs, name: str) -> None:
 @pytest.mark.parametrize("name", GRAPHS)
 def test_alt_config_graph_exports_and_verifies(alt_graphs, name: str) -> None:
     _check_verified(*alt_graphs[name])
+
+
+def test_dit_graphs_get_onnxruntime_fusions(tiny_graphs, alt_graphs) -> None:
+    """The DiT's tanh-GELUs and attentions are single onnxruntime nodes (verified above like any graph)."""
+    for graphs in (tiny_graphs, alt_graphs):
+        for name in ("dit_decoder", "dit_condition_write"):
+            ops = [n.op_type for n in onnx.load(str(graphs[name][1]), load_external_data=False).graph.node]
+            assert "FastGelu" in ops and "MultiHeadAttention" in ops, (name, sorted(set(ops)))
+            assert "Tanh" not in ops and "Softmax" not in ops
 
 
 def test_signatures_and_config(tiny_graphs, tiny_models) -> None:
