@@ -160,8 +160,9 @@ class GlmImageServer:
         if self.state.phase == LOADING:
             self.state.phase = READY
             await self._set_health(True)
-        log.info("ready (quantization: %s): %s", models["glm_image"].quantization,
-                 ", ".join(f"{n} (max_batch_size {m.max_batch_size})" for n, m in models.items()))
+        log.info("ready: %s; quantization: %s",
+                 ", ".join(f"{n} (max_batch_size {m.max_batch_size})" for n, m in models.items()),
+                 models["glm_image"].quantization)
 
     async def shutdown(self, drain_timeout_s: float | None = None) -> None:
         """Drain (finish admitted requests, refuse new ones), then close the port."""

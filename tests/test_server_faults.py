@@ -167,7 +167,8 @@ def test_shutdown_drains_requests_in_flight(tiny_package: Path, tmp_path: Path):
         def call(i: int) -> None:
             try:
                 with grpcclient.InferenceServerClient(url) as c:
-                    r = c.infer("glm_image", glm_inputs(prompt=f"p{i}", height=256, width=256, steps=60, seed=i),
+                    # ~1 s each on the tiny package: still running or queued when SIGTERM comes
+                    r = c.infer("glm_image", glm_inputs(prompt=f"p{i}", height=512, width=512, steps=100, seed=i),
                                 outputs=outputs("image"), client_timeout=60)
                     results[i] = r.as_numpy("image").shape
             except InferenceServerException as e:
@@ -193,7 +194,7 @@ def test_shutdown_drains_requests_in_flight(tiny_package: Path, tmp_path: Path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-    assert all(v == (256, 256, 3) for v in results.values()) and len(results) == 3, results
+    assert all(v == (512, 512, 3) for v in results.values()) and len(results) == 3, results
     assert late in ("StatusCode.UNAVAILABLE",), late
     log = log_path.read_text()
     assert re.search(r"draining: [1-9]\d* request\(s\) in flight", log), log
