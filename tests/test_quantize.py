@@ -92,6 +92,17 @@ def test_int8_dynamic_quantises_every_large_weight(quantized: dict[str, Path]) -
     assert "Gemm" not in _ops(quantized["int8-dynamic"] / "dit_decoder.onnx")
 
 
+def test_per_channel_is_chosen_only_where_it_clearly_helps(quantized: dict[str, Path]) -> None:
+    from glm_image_onnx.quantize.package import choose_per_channel
+
+    assert choose_per_channel(0.10, 0.05) and not choose_per_channel(0.10, 0.09)
+    assert not choose_per_channel(0.10, 0.10) and not choose_per_channel(0.05, 0.10)
+    q = json.loads((quantized["int8-dynamic"] / "manifest.json").read_text())["quantization"]
+    for name, info in q["graphs"].items():  # the recorded choice follows the recorded errors
+        errors = info["settings"]["calibration_rel_l2"]
+        assert info["settings"]["per_channel"] == choose_per_channel(errors["per_tensor"], errors["per_channel"])
+
+
 def test_int8_static_is_qdq_with_captured_calibration(quantized: dict[str, Path]) -> None:
     q = json.loads((quantized["int8-static"] / "manifest.json").read_text())["quantization"]
     for name in ("ar_planner", "dit_decoder", "glyph_encoder"):
