@@ -102,16 +102,25 @@ def _(x, position_ids, cos_cache, sin_cache, num_heads, rotary_dim):  # noqa: AN
     return torch.empty_like(x)
 
 
-def _fused_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
-    """Several linears of one input as one matmul (the exporter folds the weight concatenation into
-    one initializer): one kernel and, in an int8 graph, one activation quantisation instead of three."""
-    weight = torch.cat([lin.weight for lin in linears])
-    bias = None
-    if any(lin.bias is not None for lin in linears):
-        bias = torch.cat([lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias
-                          for lin in linears])
-    out = nn.functional.linear(x, weight, bias)
-    return out.split([lin.out_features for lin in linears], dim=-1)
+class FusedLinear(nn.Module):
+    """Several linears of one input as one: one MatMul in the graph instead of three (and in an int8
+    graph one activation quantisation). The weights are concatenated once, here, as a copy: in
+    forward() the exporter would leave a Concat of three weights for every session to fold at load."""
+
+    def __init__(self, linears: tuple[nn.Linear, ...]) -> None:
+        super().__init__()
+        with torch.no_grad():
+            weight = torch.cat([lin.weight for lin in linears])
+            bias = None
+            if any(lin.bias is not None for lin in linears):
+                bias = torch.cat([lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias
+                                  for lin in linears])
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.sizes = [lin.out_features for lin in linears]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return nn.functional.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 def rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -139,8 +148,10 @@ class ArPlannerDecoder(nn.Module):
         self.lm_head = model.lm_head
         self.num_layers = len(self.language_model.layers)
         self.rotary_dim = int(self.language_model.rotary_emb.inv_freq.numel() * 2)
+        attns = [layer.self_attn for layer in self.language_model.layers]
+        self.qkv = nn.ModuleList(FusedLinear((a.q_proj, a.k_proj, a.v_proj)) for a in attns)
 
-    def _attention(self, attn: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, ...],
+    def _attention(self, attn: nn.Module, qkv: FusedLinear, hidden: torch.Tensor, rope: tuple[torch.Tensor, ...],
                    seqlens_k: torch.Tensor, total: torch.Tensor, past_key: torch.Tensor,
                    past_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Same steps as GlmImageTextAttention.forward (apply_rotary_pos_emb on q and k, then
@@ -148,7 +159,7 @@ class ArPlannerDecoder(nn.Module):
         # mRoPE sections, and the cache update and attention are one op.
         positions, cos, sin = rope
         cfg = attn.config
-        q, k, v = _fused_linear(hidden, (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k, v = qkv(hidden)
         q = rotary_embedding(q, positions, cos, sin, cfg.num_attention_heads, self.rotary_dim)
         k = rotary_embedding(k, positions, cos, sin, cfg.num_key_value_heads, self.rotary_dim)
         out, present_key, present_value = group_query_attention(
@@ -177,7 +188,7 @@ class ArPlannerDecoder(nn.Module):
             # Same order as GlmImageTextDecoderLayer.forward (sandwich norms around attn and MLP).
             residual = hidden
             h = rms_norm(layer.input_layernorm, hidden)
-            h, k, v = self._attention(layer.self_attn, h, rope, seqlens_k, total_sequence_length,
+            h, k, v = self._attention(layer.self_attn, self.qkv[i], h, rope, seqlens_k, total_sequence_length,
                                       past_key_values[2 * i], past_key_values[2 * i + 1])
             h = rms_norm(layer.post_self_attn_layernorm, h)
             hidden = residual + h
