@@ -22,8 +22,8 @@ into it (no copy of the whole cache per token, which a Concat-based graph makes)
 new tokens go to positions seqlens_k[b]+1-seq .. seqlens_k[b]; rows may have different lengths
 (ragged decode; right-padded prompts, whose pad outputs are meaningless). onnxruntime accepts
 seq > 1 after a non-empty past only at batch 1 (chunked prefill of one prompt). mRoPE is applied in the
-graph before the op (its own rotary has no mRoPE sections): the graph computes one cos/sin row per
-token from position_ids and rotates q and k with onnxruntime's `com.microsoft.RotaryEmbedding`.
+graph before the op (its own rotary ignores position_ids in a first prompt): the graph computes one
+cos/sin row per token from position_ids and rotates q and k with `com.microsoft.RotaryEmbedding`.
 """
 
 from __future__ import annotations

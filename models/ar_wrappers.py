@@ -155,8 +155,9 @@ class ArPlannerDecoder(nn.Module):
                    seqlens_k: torch.Tensor, total: torch.Tensor, past_key: torch.Tensor,
                    past_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Same steps as GlmImageTextAttention.forward (apply_rotary_pos_emb on q and k, then
-        # attention); mRoPE is applied by its own op because GroupQueryAttention's rotary knows no
-        # mRoPE sections, and the cache update and attention are one op.
+        # attention); mRoPE is applied by its own op: GroupQueryAttention's rotary would take the
+        # per-token tables too, but it ignores position_ids in a first prompt (onnxruntime 1.32), so
+        # rows with their own mRoPE positions would be rotated wrong. Cache update + attention: one op.
         positions, cos, sin = rope
         cfg = attn.config
         q, k, v = qkv(hidden)
