@@ -9,12 +9,13 @@ Inputs
   position_ids                 int64   [3, batch, seq]     (t, h, w) mRoPE positions
   seqlens_k                    int32   [batch]             valid cache length after this call - 1, per row
   total_sequence_length        int32   []                  the longest row's valid cache length
-  past_key_values.{i}.key      float32 [batch, kv_heads, capacity, head_dim]   for i in 0..layers-1
-  past_key_values.{i}.value    float32 [batch, kv_heads, capacity, head_dim]
+  past_key_values.{i}.key      dtype   [batch, kv_heads, capacity, head_dim]   for i in 0..layers-1
+  past_key_values.{i}.value    dtype   [batch, kv_heads, capacity, head_dim]
 Outputs
   logits                       float32 [batch, seq, vision_vocab_size]   (ids = codebook indices)
-  present.{i}.key / .value     float32 [batch, kv_heads, capacity, head_dim]
+  present.{i}.key / .value     dtype   [batch, kv_heads, capacity, head_dim]
 
+`dtype` is the package's (float32 on cpu; bfloat16 or float16 on cuda, see export.precision).
 The cache is a fixed-capacity buffer (capacity >= prompt + generated tokens) that each call
 updates in place: attention is onnxruntime's `com.microsoft.GroupQueryAttention`, and a caller
 that binds `present.*` to the same memory as `past_key_values.*` gets the new entries written
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
+from ..manifest import KV_CAPACITY_RULE, KV_LAYOUT
 from ..models.ar_wrappers import ArPlannerDecoder  # also registers torch.ops.glm_image_onnx
 from .graph import GraphSpec
 
@@ -187,12 +189,12 @@ def graph_specs(model: Any, checkpoint_dir: Path) -> list[GraphSpec]:
     config = {
         **sizes,
         "input_names": ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"],
-        "kv_cache": "fixed-capacity, updated in place: bind each present.* to its past_key_values.* buffer",
+        # The cache contract the runtime allocates by; export.package sets the dtype of the target.
+        "kv_cache": {"dtype": "float32", "layout": KV_LAYOUT, "capacity": KV_CAPACITY_RULE, "update": "in place: bind each present.* to its past_key_values.* buffer"},
         "past_key_template": PAST_KEY,
         "past_value_template": PAST_VALUE,
         "present_key_template": PRESENT_KEY,
         "present_value_template": PRESENT_VALUE,
-        "kv_dtype": "float32",
         "position_ids_layout": "[3, batch, seq] = (temporal, height, width)",
         "image_start_token_id": int(cfg.image_start_token_id),
         "image_end_token_id": int(cfg.image_end_token_id),

@@ -6,7 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import onnx
+
+# Protobuf cannot hold a model over 2 GB; leave margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 DTYPES = {
     onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
@@ -53,3 +57,25 @@ def signature(path: Path | str) -> dict[str, Any]:
 
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output),
             "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))}
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of an initializer's data (computed from dims and dtype: works for external data too)."""
+    n = int(np.prod(t.dims)) if len(t.dims) else 1
+    bits = {onnx.TensorProto.FLOAT: 32, onnx.TensorProto.FLOAT16: 16, onnx.TensorProto.BFLOAT16: 16,
+            onnx.TensorProto.DOUBLE: 64, onnx.TensorProto.INT64: 64, onnx.TensorProto.INT32: 32,
+            onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.BOOL: 8,
+            onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT16: 16,
+            onnx.TensorProto.UINT16: 16}.get(t.data_type, 32)
+    return (n * bits + 7) // 8
+
+
+def save_model(model: onnx.ModelProto, dst: Path | str) -> list[Path]:
+    """Save `model` at `dst`; external data in `<dst>.data` past the 2 GB limit. Returns its files."""
+    dst = Path(dst)
+    if sum(tensor_nbytes(t) for t in all_initializers(model.graph)) > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dst))
+    return onnx_files(dst)

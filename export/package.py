@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 from ..manifest import (FORMAT, FORMAT_VERSION, MANIFEST, file_table, sha256_file,  # noqa: F401 (re-exported)
                         staged_package, write_manifest)
 from ..models.inspect import CheckpointInfo, inspect_checkpoint
+from ..targets import ELEMENT_TYPE, check_dtype, get_target
 
 
 # graph name -> checkpoint folder it comes from (also the order of export).
@@ -57,6 +58,14 @@ class ExportOptions:
     overwrite: bool = False
     seed: int = 0
     jobs: int | None = None  # parallel component exports; None = default_jobs()
+    target: str = "cpu"  # glm_image_onnx.targets: the provider the package is built for
+    dtype: str | None = None  # None: the target's default (cpu fp32, cuda bf16)
+
+    def __post_init__(self) -> None:
+        try:
+            self.dtype = check_dtype(get_target(self.target), self.dtype)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
 
 
 def _load_component(folder: str, path: Path) -> Any:
@@ -164,6 +173,7 @@ def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptio
             "format_version": FORMAT_VERSION,
             "created_by": _created_by(),
             "source": {"checkpoint": str(info.root.resolve()), "preset": info.preset},
+            "target": {"name": options.target, "dtype": options.dtype},
             "opset": options.opset,
             "graphs": graphs,
             "pipeline": pipeline_config(info),
@@ -171,7 +181,7 @@ def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptio
             "export_seconds": round(time.perf_counter() - t_start, 3),
         }
         write_manifest(tmp, manifest)  # last: a folder without a manifest is never a package
-    log(f"wrote {out} ({len(graphs)} graphs, {sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB) "
+    log(f"wrote {out} ({options.target} {options.dtype}, {len(graphs)} graphs, {sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB) "
         f"in {manifest['export_seconds']:.1f}s with {workers} worker{'s' if workers > 1 else ''}")
     return manifest
 
@@ -328,31 +338,88 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
     t0 = time.perf_counter()
     log(f"{step} {spec.name}: exporting")
     fusions = graph_mod.export_onnx(spec, path, opset=options.opset)
+    msg = ""
+    verify: dict[str, Any] = {}
+    if options.verify:  # the fp32 graph against PyTorch, always: a conversion below starts from it
+        verify = _verified(spec, path, graph_mod, options.seed, graph_mod.MAX_RELATIVE_ERROR)
+        msg += f", verified on {verify['cases']} shapes: max rel error {verify['max_rel']:.2e}"
+    config = dict(spec.config)
+    precision_info = None
+    if options.dtype != "fp32":
+        from . import precision
+
+        fp32 = path.with_name(path.stem + ".fp32.onnx")
+        _move_graph(path, fp32, graph_mod)
+        try:
+            precision_info = precision.convert(fp32, path, options.dtype, native_io=_cache_io(spec),
+                                               provider=get_target(options.target).provider)
+        except precision.PrecisionError as e:
+            raise ExportError(str(e)) from None
+        for f in graph_mod.onnx_files(fp32):
+            f.unlink()
+        if "kv_cache" in config:
+            config["kv_cache"] = {**config["kv_cache"], "dtype": ELEMENT_TYPE[options.dtype]}
+        extra = precision_info.get("kept_fp32_for_kernels", {}).get("ops")
+        msg += (f", {options.dtype} ({precision_info['kept_fp32_nodes']} nodes kept fp32"
+                + (f"; for lack of {options.dtype} kernels: {', '.join(f'{o} x{n}' for o, n in extra.items())}"
+                   if extra else "") + ")")
+        if options.verify and options.dtype in graph_mod.MAX_RELATIVE_ERROR_BY_DTYPE:
+            converted = _verified(spec, path, graph_mod, options.seed,
+                                  graph_mod.MAX_RELATIVE_ERROR_BY_DTYPE[options.dtype])
+            verify = {**converted, "fp32": verify}
+            msg += f" verified: max rel error {converted['max_rel']:.2e}"
+        elif options.verify:
+            verify = {**verify, options.dtype: graph_mod.UNVERIFIED_DTYPES[options.dtype]}
+            msg += f" (not run on CPU: {graph_mod.UNVERIFIED_DTYPES[options.dtype]})"
     export_s = time.perf_counter() - t0
     files = graph_mod.onnx_files(path)
     entry: dict[str, Any] = {
         "file": path.name,
         "external_data": [f.name for f in files[1:]],
         "description": spec.description,
+        "dtype": options.dtype,
         **graph_mod.signature(path),
-        "config": spec.config,
+        "config": config,
         "export_seconds": round(export_s, 3),
         **({"ort_fusions": fusions} if fusions else {}),
+        **({"precision": precision_info} if precision_info else {}),
+        **({"verify": verify} if verify else {}),
         "bytes": sum(f.stat().st_size for f in files),
     }
-    msg = f"{step} {spec.name}: exported in {export_s:.1f}s ({entry['bytes'] / 1e6:.1f} MB)"
-    if options.verify:
-        t1 = time.perf_counter()
-        result = graph_mod.verify(spec, path, seed=options.seed)
-        result["seconds"] = round(time.perf_counter() - t1, 3)
-        entry["verify"] = result
-        msg += f", verified on {result['cases']} shapes: max rel error {result['max_rel']:.2e}"
-        if not result["passed"]:
-            worst = max(result["outputs"].items(), key=lambda kv: kv[1]["max_rel"])
-            raise ExportError(f"{spec.name}: output {worst[0]!r} differs from PyTorch by "
-                              f"{worst[1]['max_rel']:.2e} relative (limit {graph_mod.MAX_RELATIVE_ERROR:.0e})")
-    log(msg)
+    log(f"{step} {spec.name}: exported in {export_s:.1f}s ({entry['bytes'] / 1e6:.1f} MB){msg}")
     return entry
+
+
+def _cache_io(spec: Any) -> list[str]:
+    """The graph inputs/outputs that take the package dtype: the cache updated in place."""
+    return [name for pair in spec.shared_buffers.items() for name in pair]
+
+
+def _verified(spec: Any, path: Path, graph_mod: Any, seed: int, limit: float) -> dict[str, Any]:
+    t1 = time.perf_counter()
+    result = graph_mod.verify(spec, path, seed=seed, limit=limit)
+    result["seconds"] = round(time.perf_counter() - t1, 3)
+    if not result["passed"]:
+        worst = max(result["outputs"].items(), key=lambda kv: kv[1]["max_rel"])
+        raise ExportError(f"{spec.name}: output {worst[0]!r} differs from PyTorch by "
+                          f"{worst[1]['max_rel']:.2e} relative (limit {limit:.0e})")
+    return result
+
+
+def _move_graph(src: Path, dst: Path, graph_mod: Any) -> None:
+    """Rename a graph file; one with external data is re-saved so that it points at its new data file."""
+    files = graph_mod.onnx_files(src)
+    if len(files) == 1:
+        src.rename(dst)
+        return
+    import onnx
+
+    from .onnx_info import save_model
+
+    model = onnx.load(str(src))
+    for f in files:
+        f.unlink()
+    save_model(model, dst)
 
 
 def _created_by() -> dict[str, str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .provider_args import add_provider_arguments, provider_settings
+from .targets import TARGETS
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -71,8 +72,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     graphs = tuple(args.components) if args.components else tuple(GRAPHS)
     if args.jobs is not None and args.jobs < 1:
         raise CliError(f"--jobs must be >= 1, got {args.jobs}")
-    options = ExportOptions(graphs=graphs, verify=args.verify, opset=args.opset,
-                            overwrite=args.overwrite, seed=args.seed, jobs=args.jobs)
+    try:
+        options = ExportOptions(graphs=graphs, verify=args.verify, opset=args.opset, overwrite=args.overwrite,
+                                seed=args.seed, jobs=args.jobs, target=args.target, dtype=args.dtype)
+    except ExportError as e:
+        raise CliError(str(e)) from None
     try:
         export_package(args.checkpoint, args.out, options)
     except (CheckpointError, ExportError) as e:
@@ -155,6 +159,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    need_extra("quantize", "onnx")
+    from .runtime.package import PackageError
+    from .runtime.placement import PlacementError, check_package
+
+    try:
+        reports = check_package(args.package, args.provider)
+    except (PackageError, PlacementError) as e:
+        raise CliError(str(e)) from None
+    for report in reports:
+        print(report.summary())
+        if args.verbose:
+            for v in report.problems:
+                print(f"  {v.node} {v.domain}.{v.op} opset {v.opset} {'/'.join(v.dtypes) or '?'}: "
+                      f"{v.reason} -> {v.runs_on}")
+    falling = sum(len(r.problems) for r in reports)
+    print(f"{args.package}: {falling} node{'s' if falling != 1 else ''} fall back from {args.provider} "
+          f"in {sum(1 for r in reports if r.problems)} of {len(reports)} graphs", file=sys.stderr)
+    return EXIT_FAILED if falling else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-image-onnx", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--components", nargs="+", metavar="GRAPH",
                    help="graphs to export (default: all): ar_planner vision_tokenizer glyph_encoder "
                         "dit_decoder dit_condition_write vae_decoder vae_encoder")
+    p.add_argument("--target", default="cpu", choices=list(TARGETS),
+                   help="execution provider the package is built for (default cpu)")
+    p.add_argument("--dtype", choices=sorted({d for t in TARGETS.values() for d in t.dtypes}),
+                   help="graph dtype: " + "; ".join(f"{t.name}: {' | '.join(t.dtypes)} (default {t.default_dtype})"
+                                                   for t in TARGETS.values()))
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
@@ -235,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail above this relative L2 error of any quantised graph's main output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("check", help="which nodes of a package the provider has no kernel for (offline, from "
+                                     "onnxruntime's kernel registrations); exit 1 if any falls back")
+    p.add_argument("package", help="ONNX package folder")
+    p.add_argument("--provider", required=True, choices=["cpu", "cuda", "cann", "tensorrt"])
+    p.add_argument("--verbose", action="store_true", help="one line per node that falls back")
+    p.set_defaults(func=cmd_check)
 
     from .server.cli import add_commands as add_server_commands  # serve, client, triton-repo (argparse only)
 

@@ -14,9 +14,15 @@ from typing import Any, Iterator
 FORMAT = "glm-image-onnx-package"
 # 2: the AR planner's cache is a fixed-capacity buffer updated in place (seqlens_k and
 # total_sequence_length replace attention_mask); a version 1 package needs re-exporting.
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (2,)
+# 3: the package records its build target (`target`: provider and dtype) and the AR planner's cache
+# contract (`kv_cache`: dtype, layout, capacity rule); a version 2 package reads as cpu / fp32.
+FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
+# The AR planner's cache capacity: one slot per prompt token and per generated token (the only rule
+# the runtime implements; a package that asks for another one is refused).
+KV_CAPACITY_RULE = "prompt_tokens + new_tokens"
+KV_LAYOUT = "[batch, num_kv_heads, capacity, head_dim]"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

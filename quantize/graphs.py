@@ -21,28 +21,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..export.onnx_info import DTYPES as _DTYPES, all_initializers, signature  # noqa: F401 (signature re-exported)
+from ..export.onnx_info import DTYPES as _DTYPES, EXTERNAL_DATA_THRESHOLD, all_initializers, save_model, signature  # noqa: F401 (re-exported)
 from ..export.onnx_info import onnx_files as graph_files  # noqa: F401 (re-exported)
-
-# Protobuf cannot hold a model over 2 GB; same margin as the exporter.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+from ..export import precision
+from ..export.onnx_info import tensor_nbytes as _tensor_nbytes
 # Weights smaller than this are biases, norm scales, constants: not counted as "large" weights.
 LARGE_WEIGHT_ELEMENTS = 4096
-
-FP16_MAX = 65504.0
-FP16_MIN_POSITIVE = 5.96e-08  # the smallest fp16 subnormal
-
-# Kept in fp32 by the fp16 recipe: normalisations, softmax, and the reductions/powers of the
-# decomposed RMSNorm (opset 18 has no RMSNormalization). Rotary and timestep tables (Sin/Cos and
-# everything that computes their angles) are found by walking the graph, see `_angle_nodes`.
-FP16_KEEP_FP32_OPS = (
-    "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
-    "SkipSimplifiedLayerNormalization", "RMSNormalization", "GroupNormalization",
-    "InstanceNormalization", "BatchNormalization", "Softmax", "LogSoftmax",
-    "ReduceMean", "ReduceSum", "ReduceSumSquare", "Pow", "Sqrt", "Reciprocal",
-    "Sin", "Cos", "RotaryEmbedding",
-)
-
 
 class GraphQuantizeError(RuntimeError):
     """A graph that the recipe cannot transform; the message is one readable line."""
@@ -51,16 +35,6 @@ class GraphQuantizeError(RuntimeError):
 # ----------------------------------------------------------------------------------- inspection
 def graph_bytes(path: Path | str) -> int:
     return sum(p.stat().st_size for p in graph_files(path))
-
-
-def _tensor_nbytes(t: onnx.TensorProto) -> int:
-    n = int(np.prod(t.dims)) if len(t.dims) else 1
-    bits = {onnx.TensorProto.FLOAT: 32, onnx.TensorProto.FLOAT16: 16, onnx.TensorProto.BFLOAT16: 16,
-            onnx.TensorProto.DOUBLE: 64, onnx.TensorProto.INT64: 64, onnx.TensorProto.INT32: 32,
-            onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.BOOL: 8,
-            onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT16: 16,
-            onnx.TensorProto.UINT16: 16}.get(t.data_type, 32)
-    return (n * bits + 7) // 8
 
 
 def weight_stats(path: Path | str) -> dict[str, Any]:
@@ -87,21 +61,6 @@ def count_constant_transposes(path: Path | str) -> int:
 
 
 # --------------------------------------------------------------------------------------- saving
-def _is_large(model: onnx.ModelProto) -> bool:
-    return sum(_tensor_nbytes(t) for t in all_initializers(model.graph)) > EXTERNAL_DATA_THRESHOLD
-
-
-def save_model(model: onnx.ModelProto, dst: Path) -> list[Path]:
-    """Save `model` at `dst`; external data in `<dst>.data` past the 2 GB limit. Returns its files."""
-    dst = Path(dst)
-    if _is_large(model):
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=dst.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(dst))
-    return graph_files(dst)
-
-
 def normalize_external_data(path: Path) -> None:
     """A graph written by a tool with external data under another name -> `<graph>.onnx.data`."""
     path = Path(path)
@@ -254,67 +213,12 @@ def int4_weight(prepared: Path, dst: Path, block_size: int, accuracy_level: int 
             "op_types": list(op_types)}
 
 
-def fp16(src: Path, dst: Path, keep_fp32_ops: Sequence[str] = FP16_KEEP_FP32_OPS) -> dict[str, Any]:
-    """float16 weights and compute, fp32 graph inputs/outputs; sensitive ops and every node that
-    computes a rotary/timestep angle (upstream of Sin/Cos) stay fp32. Reports weights beyond fp16."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    model = onnx.load(str(src))
-    overflow = fp16_range_report(model)
-    angle_nodes = _angle_nodes(model)
-    with _quiet():
-        converted = convert_float_to_float16(
-            model, min_positive_val=FP16_MIN_POSITIVE, max_finite_val=FP16_MAX, keep_io_types=True,
-            disable_shape_infer=_is_large(model),
-            op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops)),
-            node_block_list=sorted(angle_nodes))
-    # The converter inserts Casts after the graph inputs without re-sorting; ONNX needs topological order.
-    wrapped = OnnxModel(converted)
-    wrapped.topological_sort()
-    save_model(wrapped.model, dst)
-    check_model(dst)
-    kept = sum(1 for n in model.graph.node if n.op_type in set(keep_fp32_ops)) + len(angle_nodes)
-    return {"weights": "float16", "io": "float32", "kept_fp32_op_types": list(keep_fp32_ops),
-            "kept_fp32_nodes": kept, "fp16_range": overflow}
-
-
-def fp16_range_report(model: onnx.ModelProto) -> dict[str, Any]:
-    """Float weights that float16 cannot hold: beyond +-65504 (clamped) or so small they flush to 0."""
-    over, under, max_abs, worst = 0, 0, 0.0, []
-    for t in all_initializers(model.graph):
-        if t.data_type != onnx.TensorProto.FLOAT:
-            continue
-        a = np.abs(numpy_helper.to_array(t))
-        if not a.size:
-            continue
-        n_over = int(np.count_nonzero(a > FP16_MAX))
-        n_under = int(np.count_nonzero((a > 0) & (a < FP16_MIN_POSITIVE)))
-        over += n_over
-        under += n_under
-        max_abs = max(max_abs, float(a.max()))
-        if n_over:
-            worst.append(t.name)
-    return {"overflow_values": over, "underflow_values": under, "max_abs_weight": max_abs,
-            "overflow_tensors": worst[:10]}
-
-
-def _angle_nodes(model: onnx.ModelProto) -> set[str]:
-    """Sin/Cos and every float node upstream of them (positions x inverse frequencies, exp of the
-    frequency ramp): in float16 a position of a few thousand loses the angle entirely."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    out: set[str] = set()
-    stack = [n for n in model.graph.node if n.op_type in ("Sin", "Cos")]
-    while stack:
-        node = stack.pop()
-        if not node.name or node.name in out:
-            continue
-        out.add(node.name)
-        for name in node.input:
-            p = producers.get(name)
-            if p is not None and p.op_type not in ("Shape", "Size"):
-                stack.append(p)
-    return out
+def fp16(src: Path, dst: Path, native_io: Sequence[str] = ()) -> dict[str, Any]:
+    """float16 weights and compute (export.precision); fp32 graph inputs/outputs except `native_io`."""
+    try:
+        return precision.convert(src, dst, "fp16", native_io, provider="cuda")  # the result is a cuda package
+    except precision.PrecisionError as e:
+        raise GraphQuantizeError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------- helpers

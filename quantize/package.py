@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from ..manifest import FORMAT, MANIFEST, file_table, sha256_file, staged_package, write_manifest
+from ..targets import manifest_target, recipe_refusal
 from . import capture as capture_mod
 from . import graphs as G
 from . import quality as Q
@@ -43,7 +44,6 @@ class Recipe:
     description: str
     default_graphs: tuple[str, ...]
     needs_calibration: bool = False
-    target_providers: tuple[str, ...] = ("cpu", "cuda", "cann")
 
 
 ALL_GRAPHS = ("ar_planner", "vision_tokenizer", "glyph_encoder", "dit_decoder", "dit_condition_write",
@@ -53,10 +53,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            ("ar_planner", "vision_tokenizer", "glyph_encoder", "dit_decoder", "dit_condition_write")),
     Recipe("int8-static", "int8 QDQ weights and activations, ranges calibrated on captured inputs (quantize_static)",
            ("ar_planner", "glyph_encoder", "dit_decoder", "dit_condition_write"), needs_calibration=True),
-    Recipe("int4-weight", "4-bit block-wise MatMul weights (MatMulNBits), fp32 activations",
+    Recipe("int4-weight", "4-bit block-wise MatMul weights (MatMulNBits), activations in the package dtype",
            ("ar_planner", "dit_decoder", "dit_condition_write")),
-    Recipe("fp16", "float16 weights and compute for GPU/NPU providers; fp32 I/O, norms, softmax and rotary",
-           ALL_GRAPHS, target_providers=("cuda", "cann")),
+    Recipe("fp16", "float16 weights and compute for GPUs (a cuda/fp16 package, as export --target cuda --dtype fp16 "
+           "makes); fp32 I/O except the AR cache, fp32 norms, softmax and rotary", ALL_GRAPHS),
 )}
 # Graphs that only image-to-image runs feed (captured from an edit of a synthetic source image).
 I2I_ONLY = ("vision_tokenizer", "vae_encoder", "dit_condition_write")
@@ -143,7 +143,14 @@ def quantize_package(package: Path | str, out: Path | str, options: QuantizeOpti
         raise QuantizeError(str(e)) from None
     if "quantization" in source.manifest:
         raise QuantizeError(f"{src} is already quantised ({source.manifest['quantization'].get('recipe')}); "
-                            "start from an fp32 package")
+                            "start from an exported package")
+    target = manifest_target(source.manifest)
+    refusal = recipe_refusal(target["name"], recipe.name)
+    if refusal:
+        raise QuantizeError(f"{src}: {refusal}")
+    if target["dtype"] == "bf16":
+        raise QuantizeError(f"{src} is a bf16 package: the quality report runs it on the CPU, which has no "
+                            "bfloat16 kernels; quantise the fp16 package of the same target instead")
     out = Path(out).resolve()
     if out == src:
         raise QuantizeError("the output folder must differ from the input package")
@@ -169,10 +176,12 @@ def quantize_package(package: Path | str, out: Path | str, options: QuantizeOpti
                 log(f"[{i + 1}/{len(selected)}] {name}: {info['bytes_before'] / 1e6:.1f} MB -> "
                     f"{info['bytes_after'] / 1e6:.1f} MB ({info['summary']}) in {info['seconds']:.1f}s")
             manifest = _assemble(source, src, tmp, entries, selected)
+            # fp16 makes graphs for a GPU, as `export --target cuda --dtype fp16` does; others keep the target.
+            manifest["target"] = {"name": "cuda", "dtype": "fp16"} if recipe.name == "fp16" else target
+            _check_placement(tmp, manifest, selected)
             manifest["quantization"] = {
                 "recipe": recipe.name,
                 "description": recipe.description,
-                "target_providers": list(recipe.target_providers),
                 "source": {"package": str(src), "manifest_sha256": sha256_file(src / MANIFEST)},
                 "created_by": _versions(),
                 "options": _options_record(options),
@@ -272,10 +281,17 @@ def _quantize_graph(recipe: Recipe, o: QuantizeOptions, source: Any, name: str, 
     info: dict[str, Any] = {"bytes_before": G.graph_bytes(src_path)}
     try:
         if recipe.name == "fp16":
-            settings = G.fp16(src_path, dst)
+            settings = G.fp16(src_path, dst, native_io=cache_names(source.graph_config(name)))
             fr = settings["fp16_range"]
             summary = (f"fp16, {settings['kept_fp32_nodes']} nodes fp32, "
                        f"{fr['overflow_values']} weights beyond fp16")
+        elif recipe.name == "int4-weight" and source.graphs[name].get("dtype", "fp32") != "fp32":
+            # A half-precision graph goes to the quantiser as it is: quant_pre_process would run
+            # onnxruntime's CPU optimiser, which wraps every fp16 weight in a Cast the quantiser skips.
+            settings = G.int4_weight(src_path, dst, o.block_size, o.accuracy_level)
+            summary = f"int4 block {o.block_size}, {source.graphs[name]['dtype']} activations"
+            G.normalize_external_data(dst)
+            G.check_model(dst)
         else:
             prepared = work / f"{name}.prepared.onnx"
             info["prepare"] = G.prepare(src_path, prepared)
@@ -299,7 +315,8 @@ def _quantize_graph(recipe: Recipe, o: QuantizeOptions, source: Any, name: str, 
         raise QuantizeError(str(e)) from None
     except Exception as e:  # onnxruntime's tools raise anything
         raise QuantizeError(f"{name}: {recipe.name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    _check_signature(name, source.graphs[name], dst)
+    native = cache_names(source.graph_config(name)) if recipe.name == "fp16" else []
+    _check_signature(name, source.graphs[name], dst, native)
     after = G.weight_stats(dst)
     files = G.graph_files(dst)
     info.update({
@@ -315,6 +332,10 @@ def _quantize_graph(recipe: Recipe, o: QuantizeOptions, source: Any, name: str, 
     })
     entry = dict(source.graphs[name])
     entry.pop("verify", None)  # the fp32 graph's check against PyTorch; this graph's is in the report
+    if recipe.name == "fp16":
+        entry["dtype"] = "fp16"
+        if native:
+            entry["config"] = {**entry["config"], "kv_cache": {**entry["config"]["kv_cache"], "dtype": "float16"}}
     entry.update({"file": dst.name, "external_data": [f.name for f in files[1:]], "bytes": info["bytes_after"],
                   "opset": G.signature(dst)["opset"],
                   "quantization": {"recipe": recipe.name, **{k: v for k, v in settings.items() if k != "fp16_range"}}})
@@ -360,15 +381,37 @@ def choose_per_channel(per_tensor_error: float, per_channel_error: float) -> boo
     return per_channel_error <= (1 - PER_CHANNEL_MIN_GAIN) * per_tensor_error
 
 
-def _check_signature(name: str, entry: dict[str, Any], path: Path) -> None:
-    """Same input/output names and dtypes as the fp32 graph: the runtime loads it unchanged."""
+def cache_names(config: dict[str, Any]) -> list[str]:
+    """The AR planner's cache inputs and outputs (from its manifest config); [] for other graphs."""
+    if "past_key_template" not in config:
+        return []
+    return [config[t] % i for i in range(int(config["num_layers"]))
+            for t in ("past_key_template", "past_value_template", "present_key_template", "present_value_template")]
+
+
+def _check_signature(name: str, entry: dict[str, Any], path: Path, retyped: list[str] = ()) -> None:
+    """Same input/output names and dtypes as the source graph (except `retyped`, the cache whose
+    dtype the manifest's kv_cache states): the runtime loads it unchanged."""
     sig = G.signature(path)
     for kind in ("inputs", "outputs"):
-        want = [(v["name"], v["dtype"]) for v in entry[kind]]
-        got = [(v["name"], v["dtype"]) for v in sig[kind]]
+        want = [(v["name"], "*" if v["name"] in retyped else v["dtype"]) for v in entry[kind]]
+        got = [(v["name"], "*" if v["name"] in retyped else v["dtype"]) for v in sig[kind]]
         if want != got:
             diff = next(((w, g) for w, g in zip(want, got) if w != g), (want[len(got):], got[len(want):]))
             raise QuantizeError(f"{name}: the quantised graph's {kind} differ from the fp32 graph's ({diff[0]} -> {diff[1]})")
+
+
+def _check_placement(folder: Path, manifest: dict[str, Any], selected: list[str]) -> None:
+    """Every quantised graph runs on its target's provider, or the recipe is refused (one line)."""
+    from ..runtime.placement import check_model
+    from ..targets import get_target
+
+    provider = get_target(manifest_target(manifest)["name"]).provider
+    for name in selected:
+        report = check_model(onnx.load(str(folder / manifest["graphs"][name]["file"]), load_external_data=False),
+                             name, provider)
+        if report.problems:
+            raise QuantizeError(f"the result would not run on its target: {report.summary()}; nothing written")
 
 
 def _assemble(source: Any, src: Path, tmp: Path, entries: dict[str, Any], selected: list[str]) -> dict[str, Any]:

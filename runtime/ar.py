@@ -23,6 +23,8 @@ from typing import Any, Callable
 import numpy as np
 import onnxruntime as ort
 
+from glm_image_onnx.manifest import KV_CAPACITY_RULE, KV_LAYOUT
+from .package import PackageError
 from .sampling import TokenSampler
 
 Progress = Callable[[str, int, int], None]
@@ -34,6 +36,11 @@ class ArResult:
     prefill_s: float
     decode_s: float
     per_token_s: list[float] = field(default_factory=list)
+
+
+# Cache element types: numpy's where numpy has one, else ONNX's TensorProto number (bfloat16 = 16),
+# which OrtValue takes too. Nothing on the host ever reads a bfloat16 cache.
+CACHE_ELEMENT_TYPES: dict[str, Any] = {"float32": np.float32, "float16": np.float16, "bfloat16": 16}
 
 
 class ArPlanner:
@@ -48,11 +55,14 @@ class ArPlanner:
                            for t in (config["past_key_template"], config["past_value_template"])]
         self.present_names = [t % i for i in range(self.num_layers)
                               for t in (config["present_key_template"], config["present_value_template"])]
+        self.cache_dtype = cache_contract(config)
         self.device, self.device_id = device, device_id
 
     def _cache_buffers(self, shape: list[int]) -> list[ort.OrtValue]:
-        """One float32 cache buffer per past/present pair, on the device that computes the graph."""
-        return [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, self.device_id)
+        """One cache buffer per past/present pair, in the package's cache dtype, on the device
+        that computes the graph."""
+        element = CACHE_ELEMENT_TYPES[self.cache_dtype]
+        return [ort.OrtValue.ortvalue_from_shape_and_type(shape, element, self.device, self.device_id)
                 for _ in self.past_names]
 
     def generate(self, input_ids: np.ndarray, prefill_positions: np.ndarray, decode_positions: np.ndarray,
@@ -63,12 +73,12 @@ class ArPlanner:
         if num_tokens - 1 > decode_positions.shape[-1]:
             raise IndexError(f"{num_tokens} tokens need {num_tokens - 1} decode positions, "
                              f"{decode_positions.shape[-1]} were precomputed")
-        shape = [batch, self.kv_heads, prompt_len + num_tokens, self.head_dim]
+        shape = [batch, self.kv_heads, prompt_len + num_tokens, self.head_dim]  # KV_CAPACITY_RULE
         cache = self._cache_buffers(shape)  # held here: the binding keeps only their pointers
         io = self.session.io_binding()
         for past, present, buf in zip(self.past_names, self.present_names, cache):
-            io.bind_input(past, self.device, self.device_id, f32, shape, buf.data_ptr())
-            io.bind_output(present, self.device, self.device_id, f32, shape, buf.data_ptr())
+            io.bind_ortvalue_input(past, buf)
+            io.bind_ortvalue_output(present, buf)  # the same buffer: written in place
         seqlens = np.zeros(batch, dtype=i32)  # valid cache length after the call, minus 1
         total = np.zeros((), dtype=i32)
         io.bind_input("seqlens_k", "cpu", 0, i32, [batch], seqlens.ctypes.data)
@@ -115,3 +125,20 @@ class ArPlanner:
             per_token.append(time.perf_counter() - t1)
         return ArResult(tokens=tokens[0] if batch == 1 else tokens, prefill_s=prefill_s,
                         decode_s=time.perf_counter() - t_decode, per_token_s=per_token)
+
+
+def cache_contract(config: dict[str, Any]) -> str:
+    """The cache dtype of an AR planner's manifest config, after checking the contract is one this
+    runtime implements (layout, capacity rule, in-place update). Format-2 packages: float32."""
+    kv = config.get("kv_cache")
+    if not isinstance(kv, dict):  # format 2: the contract was prose, the cache float32
+        return "float32"
+    want = {"layout": KV_LAYOUT, "capacity": KV_CAPACITY_RULE}
+    for key, value in want.items():
+        if kv.get(key) != value:
+            raise PackageError(f"ar_planner: kv_cache.{key} {kv.get(key)!r} is not supported by this runtime "
+                               f"(it implements {value!r})")
+    if kv.get("dtype") not in CACHE_ELEMENT_TYPES:
+        raise PackageError(f"ar_planner: kv_cache.dtype {kv.get('dtype')!r} is not supported "
+                           f"(supported: {', '.join(CACHE_ELEMENT_TYPES)})")
+    return kv["dtype"]

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import onnxruntime as ort
 from PIL import Image
 
 from . import glyphs, images, mrope
 from .ar import ArPlanner
 from .package import Package
 from .prompt import PromptBuilder
-from .providers import ProviderRequest, create_session
+from .providers import ProviderRequest, check_target, create_session, device_of, input_types
 from .sampling import SamplingConfig, TokenSampler
 from .scheduler import FlowMatchSchedule, guidance as cfg_mix, image_seq_len
 
@@ -59,11 +60,12 @@ class GlmImageOnnxPipeline:
         self.package = package
         self.provider = provider
         self.config = package.pipeline
+        check_target(package, provider)
         wanted = T2I_GRAPHS + tuple(g for g in I2I_GRAPHS if package.has(g))
         self.sessions = {g: create_session(package.graph_path(g), provider, threads) for g in wanted}
         self.supports_image_to_image = all(package.has(g) for g in I2I_GRAPHS)
         ar_cfg = package.graph_config("ar_planner")
-        self.ar = ArPlanner(self.sessions["ar_planner"], ar_cfg, device=self._io_device())
+        self.ar = ArPlanner(self.sessions["ar_planner"], ar_cfg, *self.io_device("ar_planner"))
         self.prompts = PromptBuilder.from_package(package.root)
         self.glyph_tokenizer = glyphs.ByteTokenizer.from_dir(package.file("tokenizer"))
         self.schedule = FlowMatchSchedule.from_config(self.config["scheduler"])
@@ -93,10 +95,10 @@ class GlmImageOnnxPipeline:
             log.warning("%s: file checksums not verified (--no-verify)", path)
         return cls(Package.open(path, verify_files=verify_files), request, threads)
 
-    def _io_device(self) -> str:
-        # Keep the AR cache on the GPU between tokens when CUDA really runs the graph.
-        session = self.sessions["ar_planner"]
-        return "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
+    def io_device(self, graph: str) -> tuple[str, int]:
+        """Where a graph's buffers live between calls: on the GPU when CUDA really runs the session
+        (the AR cache, the DiT's glyphs, priors and condition K/V stay there), else on the host."""
+        return device_of(self.sessions[graph], self.provider)
 
     @property
     def providers(self) -> list[str]:
@@ -297,13 +299,16 @@ class GlmImageOnnxPipeline:
         session = self.sessions["dit_decoder"]
         if batch_cfg:
             text, mask = _pad_right([cond, uncond])
-            branches = [_DitCall(session, latents.shape, text, mask, prior_ids, [False, True], height, width,
-                                 empty, empty)]
+        device = self.io_device("dit_decoder")
+        if batch_cfg:
+            text, mask = _pad_right([cond, uncond])
+            branches = [_DitCall(session, device, latents.shape, text, mask, prior_ids, [False, True], height,
+                                 width, empty, empty)]
         else:
-            branches = [_DitCall(session, latents.shape, cond, np.ones(cond.shape[:2], np.int64), prior_ids, [False],
-                                 height, width, keys, values)]
+            branches = [_DitCall(session, device, latents.shape, cond, np.ones(cond.shape[:2], np.int64), prior_ids,
+                                 [False], height, width, keys, values)]
             if use_cfg:
-                branches.append(_DitCall(session, latents.shape, uncond, np.ones(uncond.shape[:2], np.int64),
+                branches.append(_DitCall(session, device, latents.shape, uncond, np.ones(uncond.shape[:2], np.int64),
                                          prior_ids, [True], height, width, empty, empty))
         per_step = []
         for i, t in enumerate(timesteps):
@@ -333,32 +338,40 @@ class _DitCall:
     """One DiT call signature, reused for every denoising step.
 
     The inputs that do not change between steps (glyphs, mask, prior ids and drop flags, sizes,
-    condition K/V) are bound once through IO binding; each step only rewrites the latent and
-    timestep buffers in place, and `noise_pred` lands in a preallocated buffer (overwritten by the
-    next call: use it before calling again). Rows are CFG branches sharing one call.
+    condition K/V) are copied once to where the session computes (the GPU under CUDA) and bound
+    there; each step only rewrites the host latent and timestep buffers in place (on CUDA the
+    latents, 1 MB per row at 1024x1024, cross to the device and `noise_pred` back: the Euler step
+    and guidance run on the host), and `noise_pred` lands in a preallocated buffer (overwritten by
+    the next call: use it before calling again). Rows are CFG branches sharing one call. Every
+    buffer takes the dtype the graph declares for it.
     """
 
-    def __init__(self, session: Any, latent_shape: tuple[int, ...], text: np.ndarray, mask: np.ndarray,
-                 prior_ids: np.ndarray, drop_rows: list[bool], height: int, width: int,
+    def __init__(self, session: Any, device: tuple[str, int], latent_shape: tuple[int, ...], text: np.ndarray,
+                 mask: np.ndarray, prior_ids: np.ndarray, drop_rows: list[bool], height: int, width: int,
                  keys: np.ndarray, values: np.ndarray):
         rows, n = len(drop_rows), prior_ids.shape[1]
         self.session = session
-        self.x = np.empty((rows, *latent_shape[1:]), np.float32)
-        self.timestep = np.empty((rows,), np.float32)
+        types = input_types(session)
+        self.x = np.empty((rows, *latent_shape[1:]), types["hidden_states"])
+        self.timestep = np.empty((rows,), types["timestep"])
         self.noise = np.empty_like(self.x)  # noise_pred has the latent's shape
-        inputs = {
-            "hidden_states": self.x, "encoder_hidden_states": text, "encoder_attention_mask": mask,
+        constant = {
+            "encoder_hidden_states": text, "encoder_attention_mask": mask,
             "prior_token_id": np.repeat(prior_ids, rows, axis=0),
             "prior_token_drop": np.repeat(np.array(drop_rows)[:, None], n, axis=1),
-            "timestep": self.timestep, "target_size": np.array([[height, width]] * rows, np.float32),
-            "crop_coords": np.zeros((rows, 2), np.float32), "condition_keys": keys, "condition_values": values,
+            "target_size": np.array([[height, width]] * rows), "crop_coords": np.zeros((rows, 2)),
+            "condition_keys": keys, "condition_values": values,
         }
-        # Bound by pointer: the arrays must outlive the binding, so keep them.
-        self._bound = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+        # OrtValues on the device: bound once, kept here (the binding holds only their pointers).
+        self._bound = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v, types[k]), *device)
+                       for k, v in constant.items()}
         self.io = session.io_binding()
-        for name, arr in self._bound.items():
+        for name, value in self._bound.items():
+            self.io.bind_ortvalue_input(name, value)
+        for name, arr in (("hidden_states", self.x), ("timestep", self.timestep)):
             self.io.bind_input(name, "cpu", 0, arr.dtype.type, list(arr.shape), arr.ctypes.data)
-        self.io.bind_output("noise_pred", "cpu", 0, np.float32, list(self.noise.shape), self.noise.ctypes.data)
+        self.io.bind_output("noise_pred", "cpu", 0, self.noise.dtype.type, list(self.noise.shape),
+                            self.noise.ctypes.data)
 
     def __call__(self, latents: np.ndarray, timestep: float) -> np.ndarray:
         self.x[:] = latents  # [1, C, h, w] broadcast to every CFG row

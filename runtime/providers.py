@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 log = logging.getLogger("glm_image_onnx.runtime")
@@ -271,6 +272,59 @@ def create_session(path: Path | str, request: ProviderRequest, threads: int | No
     if not request.strict:
         session.enable_fallback()  # a provider failure inside run() then retries on CPU (onnxruntime prints it)
     return session
+
+
+def device_of(session: ort.InferenceSession, request: ProviderRequest) -> tuple[str, int]:
+    """(device, id) for a session's IO-bound buffers: "cuda" when CUDA really runs it, else "cpu"."""
+    if "CUDAExecutionProvider" in session.get_providers():
+        return "cuda", int(request.options.get("device_id", 0))
+    return "cpu", 0
+
+
+# onnxruntime's type strings -> numpy dtypes of the graph inputs the host fills.
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+          "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+          "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+
+
+def input_types(session: ort.InferenceSession) -> dict[str, Any]:
+    """Each graph input's numpy dtype, as the graph declares it (the manifest's signature)."""
+    out = {}
+    for i in session.get_inputs():
+        if i.type not in _NUMPY:
+            raise ProviderError(f"input {i.name!r} is {i.type}, which the host cannot fill; "
+                                "re-export the package (only the AR cache may be bfloat16)")
+        out[i.name] = _NUMPY[i.type]
+    return out
+
+
+def check_target(package: Any, request: ProviderRequest) -> None:
+    """One line when a package is opened on a provider it was not built for (an error if strict)."""
+    from glm_image_onnx.targets import TARGETS, build_command, manifest_target
+
+    target = manifest_target(package.manifest)
+    if target["name"] == request.name:
+        return
+    built = TARGETS.get(target["name"])
+    fix = (build_command(request.name) if request.name in TARGETS
+           else f"glm-image-onnx check {package.root} --provider {request.name} lists what falls back")
+    msg = (f"{package.root}: built for target {target['name']} ({target.get('dtype')}) but opened on "
+           f"{request.ort_name}: {TARGET_MISMATCH.get((target['name'], request.name), 'its graphs are not shaped for it')}; "
+           f"build one for {request.name}: {fix}")
+    if request.strict or built is None:
+        raise ProviderError(msg)
+    log.warning(msg)
+
+
+# (built for, opened on) -> what goes wrong, in a few words.
+TARGET_MISMATCH = {
+    ("cpu", "cuda"): "GroupQueryAttention has no fp32 CUDA kernel, so the AR planner's attention runs on the CPU "
+                     "with the cache copied across every layer and token",
+    ("cpu", "cann"): "the CANN EP implements no com.microsoft op (GroupQueryAttention, RotaryEmbedding, "
+                     "MultiHeadAttention, ...), so those run on the CPU",
+    ("cuda", "cpu"): "half-precision graphs run slower on the CPU than fp32 (bfloat16 ones not at all)",
+    ("cuda", "cann"): "the CANN EP implements no com.microsoft op and no bfloat16",
+}
 
 
 def parse_options(pairs: list[str] | None, flag: str = "--provider-option") -> dict[str, str]:

@@ -1,0 +1,207 @@
+"""An fp32 graph -> the same graph in float16 or bfloat16, for GPU targets (and the fp16 recipe).
+
+onnxruntime's `float16` converter decides which nodes compute in half precision: everything but
+the sensitive ops (normalisations, softmax, the reductions and powers of the decomposed RMSNorm)
+and every node that computes a rotary or timestep angle (upstream of Sin/Cos), which stay fp32
+with Casts around them. bfloat16 takes the converter's decisions unchanged and retypes every
+float16 tensor, Cast and constant to bfloat16, with weights rounded from the original fp32 values
+(not from their float16 copies, which the converter clamps to +-65504).
+
+Graph inputs and outputs stay float32 (the runtime feeds numpy arrays) except `native_io`: the AR
+planner's KV cache, which then reaches GroupQueryAttention with no Cast in between, so that the
+runtime can bind one buffer in the package dtype as both `past` and `present`.
+
+No torch here: the quantiser's fp16 recipe uses the same conversion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .onnx_info import EXTERNAL_DATA_THRESHOLD, all_initializers, save_model, tensor_nbytes
+
+FP16_MAX = 65504.0
+FP16_MIN_POSITIVE = 5.96e-08  # the smallest fp16 subnormal
+
+# Kept in fp32: normalisations, softmax, and the reductions/powers of the decomposed RMSNorm
+# (opset 18 has no RMSNormalization). Rotary and timestep tables (Sin/Cos and everything that
+# computes their angles) are found by walking the graph, see `angle_nodes`.
+KEEP_FP32_OPS = (
+    "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization", "RMSNormalization", "GroupNormalization",
+    "InstanceNormalization", "BatchNormalization", "Softmax", "LogSoftmax",
+    "ReduceMean", "ReduceSum", "ReduceSumSquare", "Pow", "Sqrt", "Reciprocal",
+    "Sin", "Cos", "RotaryEmbedding",
+)
+
+# The package dtype names (CLI, manifest) and their ONNX element types.
+ELEMENT_TYPES = {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16,
+                 "bf16": onnx.TensorProto.BFLOAT16}
+
+
+class PrecisionError(RuntimeError):
+    """A graph that cannot be converted; the message is one readable line."""
+
+
+def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[str] = (),
+            keep_fp32_ops: Sequence[str] = KEEP_FP32_OPS, provider: str | None = None) -> dict[str, Any]:
+    """Write `src` converted to `dtype` ("fp16" or "bf16") at `dst`; returns what was done.
+
+    With `provider` (runtime.placement's name, e.g. "cuda"), a node whose op that provider has no
+    kernel for in `dtype` (the CUDA EP has no bfloat16 Conv, Resize or Einsum, no float16 GridSample)
+    stays float32 too, found by the placement check on the converted graph and converted again."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    if dtype not in ("fp16", "bf16"):
+        raise PrecisionError(f"dtype must be fp16 or bf16, got {dtype!r}")
+    model = onnx.load(str(src))
+    io = [v.name for v in (*model.graph.input, *model.graph.output)
+          if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    unknown = sorted(set(native_io) - set(io))
+    if unknown:
+        raise PrecisionError(f"{Path(src).name}: {unknown[0]!r} is not a float32 input or output of the graph")
+    originals = {t.name: t for t in all_initializers(model.graph) if t.data_type == onnx.TensorProto.FLOAT} \
+        if dtype == "bf16" else {}
+    overflow = fp16_range_report(model) if dtype == "fp16" else None
+    blocked = angle_nodes(model)
+    large = sum(tensor_nbytes(t) for t in all_initializers(model.graph)) > EXTERNAL_DATA_THRESHOLD
+    kept = sum(1 for n in model.graph.node if n.op_type in set(keep_fp32_ops)) + len(blocked)
+    for_kernels: dict[str, int] = {}
+    for _ in range(4):  # each round keeps fp32 the nodes the last one left without a kernel
+        with _quiet_converter():
+            converted = convert_float_to_float16(
+                _copy(model), min_positive_val=FP16_MIN_POSITIVE, max_finite_val=FP16_MAX,
+                keep_io_types=[n for n in io if n not in set(native_io)], disable_shape_infer=large,
+                op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops)),
+                node_block_list=sorted(blocked))
+        if dtype == "bf16":
+            _fp16_to_bf16(converted.graph, originals)
+        if provider is None:
+            break
+        from glm_image_onnx.runtime.placement import check_model
+
+        falling = {v.node: v.op for v in check_model(converted, Path(src).stem, provider).problems
+                   if v.status == "fallback" and v.node and v.node not in blocked}
+        if not falling:
+            break
+        blocked |= set(falling)
+        for op in falling.values():
+            for_kernels[op] = for_kernels.get(op, 0) + 1
+    # The converter inserts Casts after the graph inputs without re-sorting; ONNX needs topological order.
+    wrapped = OnnxModel(converted)
+    wrapped.topological_sort()
+    save_model(wrapped.model, dst)
+    try:
+        onnx.checker.check_model(str(dst))  # by path: external data allowed
+    except onnx.checker.ValidationError as e:
+        raise PrecisionError(f"{Path(dst).name}: onnx.checker rejects the {dtype} graph: "
+                             f"{str(e).splitlines()[0]}") from None
+    info: dict[str, Any] = {"dtype": dtype, "io": "float32" + (f" except {', '.join(native_io[:2])}"
+                                                              f"{', ...' if len(native_io) > 2 else ''}"
+                                                              if native_io else ""),
+                            "kept_fp32_op_types": list(keep_fp32_ops),
+                            "kept_fp32_nodes": kept + sum(for_kernels.values())}
+    if for_kernels:
+        info["kept_fp32_for_kernels"] = {"provider": provider, "ops": for_kernels}
+    if overflow is not None:
+        info["fp16_range"] = overflow
+    return info
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _bf16_tensor(array: np.ndarray, name: str) -> onnx.TensorProto:
+    import ml_dtypes  # onnx's own dependency for its bfloat16 arrays
+
+    tensor = numpy_helper.from_array(np.asarray(array, np.float32).astype(ml_dtypes.bfloat16), name)
+    assert tensor.data_type == onnx.TensorProto.BFLOAT16
+    return tensor
+
+
+def _fp16_to_bf16(graph: onnx.GraphProto, originals: dict[str, onnx.TensorProto]) -> None:
+    """Retype every float16 tensor of a converted graph to bfloat16 (weights from their fp32 originals)."""
+    f16, bf16 = onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16
+
+    def retype(tensor: onnx.TensorProto) -> None:
+        if tensor.data_type != f16:
+            return
+        source = originals.get(tensor.name)
+        values = numpy_helper.to_array(source) if source is not None else numpy_helper.to_array(tensor)
+        tensor.CopyFrom(_bf16_tensor(values.reshape(tuple(tensor.dims)), tensor.name))
+
+    for tensor in graph.initializer:
+        retype(tensor)
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.type.tensor_type.elem_type == f16:
+            value.type.tensor_type.elem_type = bf16
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                retype(attr.t)
+            elif attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                raise PrecisionError(f"node {node.name!r} ({node.op_type}) has a subgraph; bf16 conversion "
+                                     "does not handle subgraphs")
+            elif node.op_type == "Cast" and attr.name == "to" and attr.i == f16:
+                attr.i = bf16
+
+
+def fp16_range_report(model: onnx.ModelProto) -> dict[str, Any]:
+    """Float weights that float16 cannot hold: beyond +-65504 (clamped) or so small they flush to 0."""
+    over, under, max_abs, worst = 0, 0, 0.0, []
+    for t in all_initializers(model.graph):
+        if t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        a = np.abs(numpy_helper.to_array(t))
+        if not a.size:
+            continue
+        n_over = int(np.count_nonzero(a > FP16_MAX))
+        n_under = int(np.count_nonzero((a > 0) & (a < FP16_MIN_POSITIVE)))
+        over += n_over
+        under += n_under
+        max_abs = max(max_abs, float(a.max()))
+        if n_over:
+            worst.append(t.name)
+    return {"overflow_values": over, "underflow_values": under, "max_abs_weight": max_abs,
+            "overflow_tensors": worst[:10]}
+
+
+def angle_nodes(model: onnx.ModelProto) -> set[str]:
+    """Sin/Cos and every float node upstream of them (positions x inverse frequencies, exp of the
+    frequency ramp): in float16 a position of a few thousand loses the angle entirely."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    out: set[str] = set()
+    stack = [n for n in model.graph.node if n.op_type in ("Sin", "Cos")]
+    while stack:
+        node = stack.pop()
+        if not node.name or node.name in out:
+            continue
+        out.add(node.name)
+        for name in node.input:
+            p = producers.get(name)
+            if p is not None and p.op_type not in ("Shape", "Size"):
+                stack.append(p)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_converter() -> Iterator[None]:
+    """The converter logs every node it touches at INFO."""
+    logger = logging.getLogger("onnxruntime.transformers.float16")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

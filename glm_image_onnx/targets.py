@@ -1,0 +1,81 @@
+"""Build targets: the execution provider a package is built for, and in which dtype.
+
+One graph set cannot serve every provider (see `runtime/kernels/`): onnxruntime's CUDA
+GroupQueryAttention exists for fp16/bf16 only, the int8-dynamic ops exist on CPU only. So a
+package is built for one target; its manifest says which (`target`), and the runtime, the server,
+the quantiser and `glm-image-onnx check` read it from there. Each fact about a target lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    provider: str  # the runtime's provider name that runs it (runtime.providers.PROVIDERS)
+    dtypes: tuple[str, ...]  # first = default
+    recipes: tuple[str, ...]  # quantisation recipes whose ops this target's provider runs
+    why_not: dict[str, str]  # recipe -> why it is refused on this target
+
+    @property
+    def default_dtype(self) -> str:
+        return self.dtypes[0]
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    Target("cpu", "cpu", ("fp32",), ("int8-dynamic", "int8-static", "int4-weight", "fp16"), {}),
+    # GLM-Image ships in bfloat16: bf16 is CUDA's default; fp16 is the other choice (overflow reported).
+    Target("cuda", "cuda", ("bf16", "fp16"), ("int4-weight",), {
+        "int8-dynamic": "DynamicQuantizeMatMul / MatMulInteger + DynamicQuantizeLinear have no CUDA kernel "
+                        "(they would run on the CPU)",
+        "int8-static": "onnxruntime's static quantiser works on fp32 graphs only, and a cuda package is "
+                       "already half precision",
+        "fp16": "a cuda package is already half precision: export it with --dtype fp16",
+    }),
+)}
+
+# dtype names (CLI, manifest) -> element type names (onnx_info.DTYPES, manifest signatures).
+ELEMENT_TYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+# Packages written before targets existed (format 2) are cpu / fp32.
+LEGACY = {"name": "cpu", "dtype": "fp32"}
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def check_dtype(target: Target, dtype: str | None) -> str:
+    """The dtype to build (the target's default when None); a clear error for a combination it lacks."""
+    dtype = dtype or target.default_dtype
+    if dtype not in target.dtypes:
+        raise ValueError(f"--dtype {dtype} is not built for target {target.name} "
+                         f"(choose from {', '.join(target.dtypes)})")
+    return dtype
+
+
+def build_command(target: str, dtype: str | None = None) -> str:
+    """The command that builds a package for `target`, as a user would type it."""
+    t = get_target(target)
+    flags = f" --target {t.name}" + ("" if t.name == "cpu" else f" --dtype {dtype or t.default_dtype}")
+    return f"glm-image-onnx export CHECKPOINT PACKAGE{flags}"
+
+
+def manifest_target(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's target record ({"name", "dtype", ...}); legacy packages are cpu / fp32."""
+    return manifest.get("target") or dict(LEGACY)
+
+
+def recipe_refusal(target_name: str, recipe: str) -> str | None:
+    """Why `recipe` cannot build on a `target_name` package, or None if it can."""
+    t = get_target(target_name)
+    if recipe in t.recipes:
+        return None
+    return (f"recipe {recipe} does not run on target {t.name}: "
+            f"{t.why_not.get(recipe, 'its ops fall back to the CPU there')}; "
+            f"recipes for {t.name}: {', '.join(t.recipes)}")
