@@ -262,6 +262,8 @@ def _infer_outputs(node: Any, kernel: Kernel | None, in_types: list[str | None])
             param = kernel.outputs[min(j, len(kernel.outputs) - 1)]
             if param.startswith("tensor("):
                 dtype = _element(param[len("tensor("):-1])
+            elif len(kernel.types.get(param, ())) == 1:  # a constraint that allows one type is that type
+                dtype = next(iter(kernel.types[param]))
             else:
                 for i, t in enumerate(in_types):
                     if t is not None and kernel.inputs and kernel.inputs[min(i, len(kernel.inputs) - 1)] == param:
@@ -303,17 +305,19 @@ def check_model(model: Any, graph_name: str, provider: str) -> GraphReport:
             status, reason = "ok", ""
         else:
             status, reason, kernel = _decide(table, key, node, opset, in_types, types)
-        for name, t in zip(node.output, _infer_outputs(node, kernel or _any_kernel(table, key, opset), in_types)):
+        runs_on = provider
+        if status == "fallback":  # (the CPU itself may still take a float16 node as float32)
+            runs_on = _where_instead("cpu" if provider == "cpu" else fallback, key, node, opset, in_types, types)
+        elif status == "unknown":
+            runs_on = "unknown"
+        # Output types for the nodes downstream, from any signature of the op (the CPU's is the fullest).
+        signature = kernel or _any_kernel(table, key, opset) or _any_kernel(load_table("cpu"), key, opset)
+        for name, t in zip(node.output, _infer_outputs(node, signature, in_types)):
             if name and types.get(name) is None:
                 types[name] = t
         out_types = [types.get(n) for n in node.output if n]
         if all(t is None for t in in_types + out_types):
             untyped += 1
-        runs_on = provider
-        if status == "fallback":
-            runs_on = _where_instead(fallback, key, node, opset, in_types, types)
-        elif status == "unknown":
-            runs_on = "unknown"
         dtypes = sorted({t for t in in_types if t})
         verdicts.append(Verdict(node.name, node.op_type, domain, opset, dtypes, status, runs_on, reason))
     return GraphReport(graph_name, provider, len(g.node), verdicts, untyped)
