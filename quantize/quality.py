@@ -68,17 +68,18 @@ def _group(name: str) -> str:
 def graph_errors(ref_path: Path, got_path: Path, feeds: Sequence[Feed], threads: int | None = None
                  ) -> dict[str, Any]:
     """Worst max-abs and relative L2 error (over all feeds) of each output family."""
-    from ..runtime.providers import ProviderRequest, create_session
+    from ..runtime.providers import ProviderRequest, create_session, input_types
 
     cpu = ProviderRequest("cpu")
     ref = create_session(ref_path, cpu, threads)
     got = create_session(got_path, cpu, threads)
+    got_types = input_types(got)  # a half-precision graph takes its cache in float16
     names = [o.name for o in ref.get_outputs()]
     acc: dict[str, list[float]] = {}
     integer: set[str] = set()
     for feed in feeds:
         a = ref.run(names, feed)
-        b = got.run(names, feed)
+        b = got.run(names, {k: np.asarray(v).astype(got_types[k], copy=False) for k, v in feed.items()})
         for name, x, y in zip(names, a, b):
             if np.asarray(x).dtype.kind in "iub":
                 # Ids (the vision tokenizer's codebook indices): the share of mismatches counts.

@@ -389,16 +389,23 @@ def check_package(root: Path | str, provider: str) -> list[GraphReport]:
     return reports
 
 
-def observed_placement(profile_file: Path | str) -> dict[str, int]:
-    """onnxruntime's own node placement from a session profile (`enable_profiling`): nodes run per
-    provider, counted over the profiled calls' first run (ops after onnxruntime's fusions)."""
-    events = json.loads(Path(profile_file).read_text())
-    seen: dict[str, str] = {}
-    for e in events:
-        args = e.get("args") or {}
-        if e.get("cat") == "Node" and "provider" in args and e.get("name", "").endswith("_kernel_time"):
-            seen.setdefault(e["name"][: -len("_kernel_time")], args["provider"])
-    counts: dict[str, int] = {}
-    for provider in seen.values():
-        counts[provider] = counts.get(provider, 0) + 1
+_PLACED = re.compile(r"(?:Node\(s\)|All nodes) placed on \[(\w+)\]\. Number of nodes: (\d+)")
+_NODE = re.compile(r"VerifyEachNodeIsAssignedToAnEp\]\s{3}(\w+) \(")
+
+
+def placement_from_log(text: str) -> dict[str, Any]:
+    """onnxruntime's own node placement, read from a session log at verbose severity
+    (`log_severity_level = 0`): nodes per provider after its graph optimisations, and the op types it
+    put on the CPU (under "CPUExecutionProvider ops"; shape computations land there on purpose)."""
+    counts: dict[str, Any] = {}
+    current = None
+    for line in text.splitlines():
+        m = _PLACED.search(line)
+        if m:
+            current = m.group(1)
+            counts[current] = counts.get(current, 0) + int(m.group(2))
+            continue
+        n = _NODE.search(line)
+        if n and current == "CPUExecutionProvider":
+            counts.setdefault("CPUExecutionProvider ops", []).append(n.group(1))
     return counts

@@ -160,9 +160,9 @@ class GlmImageServer:
         if self.state.phase == LOADING:
             self.state.phase = READY
             await self._set_health(True)
-        log.info("ready: %s; quantization: %s",
+        log.info("ready: %s; quantization: %s; target: %s",
                  ", ".join(f"{n} (max_batch_size {m.max_batch_size})" for n, m in models.items()),
-                 models["glm_image"].quantization)
+                 models["glm_image"].quantization, models["glm_image"].target)
 
     async def shutdown(self, drain_timeout_s: float | None = None) -> None:
         """Drain (finish admitted requests, refuse new ones), then close the port."""

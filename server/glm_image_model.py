@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from glm_image_onnx.targets import manifest_target
+
 from . import glm_image_request as glm
 from .context import RequestContext
 from .glm_image_request import Limits
@@ -37,6 +39,8 @@ class GlmImageModel(Model):
         self.instance_kind = "KIND_CPU" if pipeline.providers[0] == "CPUExecutionProvider" else "KIND_GPU"
         # The recipe that made the package (`glm-image-onnx quantize`); "none" for an exported fp32 one.
         self.quantization = pipeline.package.manifest.get("quantization", {}).get("recipe", "none")
+        target = manifest_target(pipeline.package.manifest)
+        self.target = f"{target['name']} {target['dtype']}"  # what the package was built for (glm_image_onnx.targets)
 
     def config(self):
         cfg = super().config()
@@ -44,6 +48,7 @@ class GlmImageModel(Model):
             "ModelStreamInfer sends progress responses (parameter progress_stage) before the image")
         cfg.parameters["providers"].string_value = ",".join(self.pipeline.providers)
         cfg.parameters["quantization"].string_value = self.quantization
+        cfg.parameters["target"].string_value = self.target
         for name, value in dataclasses.asdict(self.limits).items():  # every bound of a request
             cfg.parameters[name].string_value = str(value)
         return cfg

@@ -217,3 +217,18 @@ def test_int4_on_a_cuda_fp16_package_keeps_every_node_on_cuda(cuda_packages: dic
     assert nbits and all(inits[n.input[2]] == TensorProto.FLOAT16 for n in nbits)  # fp16 scales/activations
     assert not check_package(out, "cuda")[0].problems
     shutil.rmtree(out)
+
+
+def test_onnxruntimes_own_placement_is_read_from_its_session_log(tiny_package: Path) -> None:
+    """The verbose log of a real CPU session: every node of the graph is reported on the CPU."""
+    import subprocess
+    import sys
+
+    from glm_image_onnx.runtime.placement import placement_from_log
+
+    code = ("import onnxruntime as o, sys; so = o.SessionOptions(); so.log_severity_level = 0; "
+            "o.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider'])")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_package / "vae_decoder.onnx")],
+                          capture_output=True, text=True, timeout=120, check=True)
+    counts = placement_from_log(proc.stdout + proc.stderr)
+    assert set(counts) <= {"CPUExecutionProvider", "CPUExecutionProvider ops"} and counts["CPUExecutionProvider"] > 0

@@ -1,0 +1,76 @@
+"""The GPU half of scripts/check_cuda.sh (run in .venv-gpu, with onnxruntime-gpu): see there."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from glm_image_onnx.quantize import quality  # numpy only: PSNR and SSIM
+from glm_image_onnx.runtime import GlmImageOnnxPipeline
+from glm_image_onnx.runtime.placement import placement_from_log
+
+PROMPT = "a shop sign that says 'OPEN'"
+H200_BANDWIDTH = 4.8e12  # bytes/s, HBM3e; other GPUs: --bandwidth
+
+
+def placement(package: Path) -> None:
+    """onnxruntime's own node assignment per graph, from a verbose session log (a child process:
+    the log goes to its stderr)."""
+    manifest = json.loads((package / "manifest.json").read_text())
+    for name, graph in manifest["graphs"].items():
+        code = ("import onnxruntime as o, sys; so = o.SessionOptions(); so.log_severity_level = 0; "
+                "o.InferenceSession(sys.argv[1], so, providers=['CUDAExecutionProvider', 'CPUExecutionProvider'])")
+        proc = subprocess.run([sys.executable, "-c", code, str(package / graph["file"])], capture_output=True,
+                              text=True, timeout=300)
+        counts = placement_from_log(proc.stdout + proc.stderr)
+        cpu_ops = counts.pop("CPUExecutionProvider ops", [])
+        print(f"  placement {name}: {counts or 'no placement lines in the log (rc ' + str(proc.returncode) + ')'}"
+              + (f"; on CPU: {', '.join(sorted(set(cpu_ops)))}" if cpu_ops else ""))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reference", type=Path, required=True)
+    ap.add_argument("--packages", type=Path, nargs="+", required=True)
+    ap.add_argument("--quick", action="store_true", help="512x512 timings only")
+    ap.add_argument("--bandwidth", type=float, default=H200_BANDWIDTH)
+    args = ap.parse_args()
+    ref = GlmImageOnnxPipeline.from_package(args.reference, provider="cpu", verify_files=False)
+    prior = ref(PROMPT, height=512, width=512, num_inference_steps=2, seed=0, do_sample=False).prior_token_ids
+    for package in args.packages:
+        print(f"== {package}")
+        placement(package)
+        pipe = GlmImageOnnxPipeline.from_package(package, provider="cuda", strict=True, verify_files=False)
+        print(f"  sessions on: {sorted({p for s in pipe.sessions.values() for p in s.get_providers()})}; "
+              f"AR cache buffers on {pipe.io_device('ar_planner')}, dtype {pipe.ar.cache_dtype}")
+        e2e = quality.end_to_end(ref, pipe, [PROMPT], [prior], 512, 512, 8, seed=0, free_running=False)
+        fixed = e2e["fixed_tokens"]
+        print(f"  vs cpu fp32 at fixed tokens and latents (512x512, 8 steps): PSNR {fixed['psnr_db_min']:.2f} dB, "
+              f"SSIM {fixed['ssim_min']:.4f}, non-finite {fixed['nonfinite']}")
+        size = 512 if args.quick else 1024
+        pipe(PROMPT, height=size, width=size, num_inference_steps=2, seed=1)  # warm-up (cuDNN algorithms)
+        t0 = time.perf_counter()
+        out = pipe(PROMPT, height=size, width=size, num_inference_steps=50, seed=1)
+        total = time.perf_counter() - t0
+        t = out.timings
+        ar_bytes = sum((package / f).stat().st_size for f in
+                       [pipe.package.graphs["ar_planner"]["file"], *pipe.package.graphs["ar_planner"]["external_data"]])
+        floor_ms = ar_bytes / args.bandwidth * 1e3
+        print(f"  {size}x{size}, 50 steps: total {total:.2f} s; AR {int(t['ar_tokens'])} tokens, "
+              f"{t['ar_per_token_s'] * 1e3:.3f} ms/token (weight-bandwidth floor {floor_ms:.4f} ms, "
+              f"{t['ar_per_token_s'] * 1e3 / floor_ms:.1f}x), prefill {t['ar_prefill_s'] * 1e3:.1f} ms; "
+              f"DiT {t['dit_per_step_s'] * 1e3:.2f} ms/step; VAE {t['vae_s'] * 1e3:.1f} ms")
+        del pipe
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("GLM_IMAGE_ONNX_SPIN_US", "100")
+    sys.exit(main())
