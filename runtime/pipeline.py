@@ -300,8 +300,6 @@ class GlmImageOnnxPipeline:
         # image-to-image keeps two calls).
         batch_cfg = use_cfg and condition is None
         session = self.sessions["dit_decoder"]
-        if batch_cfg:
-            text, mask = _pad_right([cond, uncond])
         device = self.io_device("dit_decoder")
         if batch_cfg:
             text, mask = _pad_right([cond, uncond])
