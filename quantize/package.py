@@ -337,7 +337,7 @@ def _quantize_graph(recipe: Recipe, o: QuantizeOptions, source: Any, name: str, 
         if native:
             entry["config"] = {**entry["config"], "kv_cache": {**entry["config"]["kv_cache"], "dtype": "float16"}}
     entry.update({"file": dst.name, "external_data": [f.name for f in files[1:]], "bytes": info["bytes_after"],
-                  "opset": G.signature(dst)["opset"],
+                  **G.signature(dst),  # inputs, outputs (the fp16 recipe retypes the AR cache), opset
                   "quantization": {"recipe": recipe.name, **{k: v for k, v in settings.items() if k != "fp16_range"}}})
     return entry, info
 

@@ -79,7 +79,7 @@ def graph_errors(ref_path: Path, got_path: Path, feeds: Sequence[Feed], threads:
     integer: set[str] = set()
     for feed in feeds:
         a = ref.run(names, feed)
-        b = got.run(names, {k: np.asarray(v).astype(got_types[k], copy=False) for k, v in feed.items()})
+        b = got.run(names, {k: _as_input(v, got_types[k]) for k, v in feed.items()})
         for name, x, y in zip(names, a, b):
             if np.asarray(x).dtype.kind in "iub":
                 # Ids (the vision tokenizer's codebook indices): the share of mismatches counts.
@@ -107,6 +107,14 @@ def graph_errors(ref_path: Path, got_path: Path, feeds: Sequence[Feed], threads:
             "rel_l2": outputs[main]["rel_l2"] if outputs else 0.0,
             "worst_rel_l2": max((o["rel_l2"] for o in outputs.values()), default=0.0),
             "nonfinite": sum(o["nonfinite"] for o in outputs.values())}
+
+
+def _as_input(value: Any, dtype: Any) -> np.ndarray:
+    """A captured float feed in the dtype the graph takes (only float widths ever differ)."""
+    value = np.asarray(value)
+    if value.dtype.kind == "f" and np.dtype(dtype).kind == "f" and value.dtype != dtype:
+        return value.astype(dtype)
+    return value
 
 
 def subsample(feeds: Sequence[Feed], limit: int) -> list[Feed]:

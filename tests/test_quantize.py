@@ -20,6 +20,7 @@ from glm_image_onnx.quantize import QuantizeError, QuantizeOptions, Thresholds, 
 from glm_image_onnx.quantize import graphs as G
 from glm_image_onnx.quantize import quality as Q
 from glm_image_onnx.quantize.capture import read_prompts
+from glm_image_onnx.quantize.package import cache_names
 from glm_image_onnx.runtime import GlmImageOnnxPipeline, Package
 
 FAST = dict(height=64, width=64, steps=1, eval_prompts=1, calibration_limit=1)
@@ -50,10 +51,18 @@ def test_recipe_writes_a_package_the_runtime_runs(quantized: dict[str, Path], ti
                                               if p.is_file() and p.name != "manifest.json"}
     for name, entry in package.graphs.items():
         src = source.graphs[name]
-        for kind in ("inputs", "outputs"):  # the runtime's contract: same names and dtypes
-            assert [(v["name"], v["dtype"]) for v in entry[kind]] == [(v["name"], v["dtype"]) for v in src[kind]]
+        # The runtime's contract: same names and dtypes, except the AR cache, which is in the dtype
+        # the manifest's kv_cache states (float16 after the fp16 recipe).
+        cache = set(cache_names(entry["config"]))
+        kv_dtype = entry["config"].get("kv_cache", {}).get("dtype")
+
+        def expected(values: list) -> list:
+            return [(v["name"], kv_dtype if v["name"] in cache else v["dtype"]) for v in values]
+
+        for kind in ("inputs", "outputs"):
+            assert [(v["name"], v["dtype"]) for v in entry[kind]] == expected(src[kind])
         sig = G.signature(path / entry["file"])
-        assert [(v["name"], v["dtype"]) for v in sig["inputs"]] == [(v["name"], v["dtype"]) for v in src["inputs"]]
+        assert [(v["name"], v["dtype"]) for v in sig["inputs"]] == expected(src["inputs"])
         if name in q["graphs"]:
             assert entry["quantization"]["recipe"] == recipe
             assert q["graphs"][name]["bytes_after"] == entry["bytes"]
