@@ -159,21 +159,42 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     need_extra("quantize", "onnx")
     from .runtime.package import PackageError
-    from .runtime.placement import PlacementError, check_package
+    from .runtime.package import Package
+    from .runtime.placement import SESSION_PROVIDERS, PlacementError, check_package, observe
 
     try:
         reports = check_package(args.package, args.provider)
     except (PackageError, PlacementError) as e:
         raise CliError(str(e)) from None
+    if args.observed:
+        import onnxruntime
+
+        wanted = SESSION_PROVIDERS[args.provider][0]
+        if wanted not in onnxruntime.get_available_providers():
+            raise CliError(f"--observed: {wanted} is not in this onnxruntime build ({onnxruntime.__version__}: "
+                           f"{', '.join(onnxruntime.get_available_providers())}); install the provider's build")
     for report in reports:
         print(report.summary())
         if args.verbose:
             for v in report.problems:
                 print(f"  {v.node} {v.domain}.{v.op} opset {v.opset} {'/'.join(v.dtypes) or '?'}: "
                       f"{v.reason} -> {v.runs_on}")
+        if args.observed:  # onnxruntime's own placement here, after its optimisations (fused nodes)
+            graph = Package.open(args.package, verify_files=False).graph_path(report.graph)
+            seen = observe(graph, args.provider)
+            cpu_ops = sorted(set(seen.pop("CPUExecutionProvider ops", [])))
+            print(f"  observed by onnxruntime {ort_version()}: "
+                  + ", ".join(f"{k}: {v}" for k, v in seen.items())
+                  + (f" (on CPU: {', '.join(cpu_ops)})" if cpu_ops and args.provider != "cpu" else ""))
     falling = sum(len(r.problems) for r in reports)
     print(f"{args.package}: {falling} node{'s' if falling != 1 else ''} fall back from {args.provider} "
           f"in {sum(1 for r in reports if r.problems)} of {len(reports)} graphs", file=sys.stderr)
@@ -271,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("package", help="ONNX package folder")
     p.add_argument("--provider", required=True, choices=["cpu", "cuda", "cann", "tensorrt"])
     p.add_argument("--verbose", action="store_true", help="one line per node that falls back")
+    p.add_argument("--observed", action="store_true",
+                   help="also create each session on this machine and print onnxruntime's own node placement "
+                        "(its verbose log; needs the provider's onnxruntime build and device)")
     p.set_defaults(func=cmd_check)
 
     from .server.cli import add_commands as add_server_commands  # serve, client, triton-repo (argparse only)

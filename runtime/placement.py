@@ -78,6 +78,7 @@ class Table:
     tracked: set[tuple[str, str]]  # ops the table speaks for (a tracked op without kernels has none)
     any_opset_min: int | None = None  # graph-mode whitelists: any opset from here on, any type
     whitelist: set[tuple[str, str]] = field(default_factory=set)
+    only_domain: str | None = None  # a parser of one domain's ops (TensorRT: ai.onnx) takes no other
 
     def knows(self, key: tuple[str, str]) -> bool:
         # A graph-mode whitelist is the provider's whole decision: an op outside it is not taken.
@@ -165,14 +166,15 @@ def _load_json_table(path: Path, provider: str) -> Table:
         kernels: dict[tuple[str, str], list[Kernel]] = {}
         for k in data.get("single_op", []):
             kernels.setdefault((k["domain"], k["op"]), []).append(
-                Kernel(int(k["since"]), k["until"], ("T",), ("T",), {"T": frozenset(k["types"])}))
+                Kernel(int(k["since"]), k["until"], ("T",), ("T",), {"T": frozenset(map(_element, k["types"]))}))
         return Table(provider, source, kernels, set(), any_opset_min=int(graph["min_opset"]),
                      whitelist={(graph["domain"], op) for op in graph["ops"]})
     # tensorrt: ops with the element types the parser takes, ONNX domain, the doc's opset range.
-    kernels = {(ONNX_DOMAIN, op): [Kernel(1, None, ("T",), (), {"T": frozenset(v["types"])})]
+    kernels = {(ONNX_DOMAIN, op): [Kernel(1, None, ("T",), (), {"T": frozenset(map(_element, v["types"]))})]
                for op, v in data["ops"].items()}
     tracked = set(kernels) | {(ONNX_DOMAIN, op) for op in data.get("unsupported", [])}
-    return Table(provider, source, kernels, tracked)
+    # onnx-tensorrt parses ai.onnx ops (plus plugins in "trt.plugins", which our graphs never use).
+    return Table(provider, source, kernels, tracked, only_domain=ONNX_DOMAIN)
 
 
 @lru_cache(maxsize=None)
@@ -239,14 +241,23 @@ def _schema_version(op: str, domain: str, opset: int) -> int:
         return opset
 
 
-def _cast_type(node: Any) -> str | None:
-    from glm_image_onnx.export.onnx_info import DTYPES  # noqa: PLC0415 (shared dtype names)
+def _dtype_name(element_type: int) -> str:
+    """An ONNX element type as the tables name it ("float32", "float16", "bfloat16", "int64", ...)."""
+    import numpy as np
+    from onnx import helper
 
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(element_type)).name
+    except (KeyError, TypeError, ValueError):
+        return str(element_type)
+
+
+def _cast_type(node: Any) -> str | None:
     for a in node.attribute:
         if a.name == "to":
-            return DTYPES.get(a.i)
+            return _dtype_name(a.i)
         if a.name == "value" and a.t is not None:
-            return DTYPES.get(a.t.data_type)
+            return _dtype_name(a.t.data_type)
     return "float32" if node.op_type == "ConstantOfShape" else None
 
 
@@ -279,8 +290,6 @@ def _infer_outputs(node: Any, kernel: Kernel | None, in_types: list[str | None])
 
 def check_model(model: Any, graph_name: str, provider: str) -> GraphReport:
     """Predict where every node of an onnx.ModelProto runs when a session asks for `provider`."""
-    from glm_image_onnx.export.onnx_info import DTYPES
-
     table = load_table(provider)
     fallback = PROVIDERS[provider][1]
     opsets = {(o.domain or ONNX_DOMAIN): o.version for o in model.opset_import}
@@ -288,15 +297,13 @@ def check_model(model: Any, graph_name: str, provider: str) -> GraphReport:
     types: dict[str, str | None] = {}
     for v in (*g.input, *g.output, *g.value_info):
         if v.type.tensor_type.elem_type:
-            types[v.name] = DTYPES.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type))
+            types[v.name] = _dtype_name(v.type.tensor_type.elem_type)
     for t in g.initializer:
-        types[t.name] = DTYPES.get(t.data_type, str(t.data_type))
+        types[t.name] = _dtype_name(t.data_type)
 
     verdicts, untyped = [], 0
     for node in g.node:
         domain = node.domain or ONNX_DOMAIN
-        if domain == "ai.onnx.ml":
-            domain = "ai.onnx.ml"
         opset = opsets.get(domain, 1)
         in_types = [types.get(n) if n else None for n in node.input]
         key = (domain, node.op_type)
@@ -339,6 +346,8 @@ def _decide(table: Table, key: tuple[str, str], node: Any, opset: int, in_types:
         return "fallback", f"graph mode needs opset >= {table.any_opset_min}", None
     if table.any_opset_min is not None:
         return "fallback", "not in graph mode's whitelist", None
+    if table.only_domain is not None and domain != table.only_domain:
+        return "fallback", f"{table.provider} takes {table.only_domain} ops only", None
     if not table.knows(key):
         return "unknown", f"not in the {table.provider} kernel table", None
     kernels = table.kernels.get(key, [])
@@ -408,4 +417,28 @@ def placement_from_log(text: str) -> dict[str, Any]:
         n = _NODE.search(line)
         if n and current == "CPUExecutionProvider":
             counts.setdefault("CPUExecutionProvider ops", []).append(n.group(1))
+    return counts
+
+
+# The providers a session asks for, in onnxruntime's order, to observe a placement.
+SESSION_PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+                     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                     "cann": ["CANNExecutionProvider", "CPUExecutionProvider"],
+                     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def observe(graph: Path | str, provider: str, timeout_s: float = 600) -> dict[str, Any]:
+    """onnxruntime's own placement of one graph on this machine: a session is created in a child
+    process at verbose log severity (the log goes to its stderr) and its placement lines are read."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys, onnxruntime as o; so = o.SessionOptions(); so.log_severity_level = 0; "
+            "o.InferenceSession(sys.argv[1], so, providers=json.loads(sys.argv[2]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(graph), json.dumps(SESSION_PROVIDERS[provider])],
+                          capture_output=True, text=True, timeout=timeout_s)
+    counts = placement_from_log(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not counts:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        counts["error"] = lines[-1][-300:] if lines else f"exit code {proc.returncode}, no placement in the log"
     return counts

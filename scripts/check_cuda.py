@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,25 +13,19 @@ import numpy as np
 
 from glm_image_onnx.quantize import quality  # numpy only: PSNR and SSIM
 from glm_image_onnx.runtime import GlmImageOnnxPipeline
-from glm_image_onnx.runtime.placement import placement_from_log
+from glm_image_onnx.runtime.placement import observe
 
 PROMPT = "a shop sign that says 'OPEN'"
 H200_BANDWIDTH = 4.8e12  # bytes/s, HBM3e; other GPUs: --bandwidth
 
 
 def placement(package: Path) -> None:
-    """onnxruntime's own node assignment per graph, from a verbose session log (a child process:
-    the log goes to its stderr)."""
+    """onnxruntime's own node assignment per graph (its verbose session log)."""
     manifest = json.loads((package / "manifest.json").read_text())
     for name, graph in manifest["graphs"].items():
-        code = ("import onnxruntime as o, sys; so = o.SessionOptions(); so.log_severity_level = 0; "
-                "o.InferenceSession(sys.argv[1], so, providers=['CUDAExecutionProvider', 'CPUExecutionProvider'])")
-        proc = subprocess.run([sys.executable, "-c", code, str(package / graph["file"])], capture_output=True,
-                              text=True, timeout=300)
-        counts = placement_from_log(proc.stdout + proc.stderr)
-        cpu_ops = counts.pop("CPUExecutionProvider ops", [])
-        print(f"  placement {name}: {counts or 'no placement lines in the log (rc ' + str(proc.returncode) + ')'}"
-              + (f"; on CPU: {', '.join(sorted(set(cpu_ops)))}" if cpu_ops else ""))
+        seen = observe(package / graph["file"], "cuda")
+        cpu_ops = sorted(set(seen.pop("CPUExecutionProvider ops", [])))
+        print(f"  placement {name}: {seen}" + (f"; on CPU: {', '.join(cpu_ops)}" if cpu_ops else ""))
 
 
 def main() -> int:

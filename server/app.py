@@ -28,6 +28,7 @@ from .models import BatchingOptions, ComponentLimits, ComponentModel, Model
 from .scheduler import Scheduler
 from .security import SecurityConfig, TokenStore, auth_interceptor, exposure_warnings
 from .state import DRAINING, FAILED, LOADING, READY, STOPPED, ServerState
+from .tensors import FROM_NUMPY, NUMPY
 
 log = logging.getLogger("glm_image_onnx.server")
 
@@ -68,11 +69,25 @@ def load_models(config: ServerConfig, metrics: Metrics) -> dict[str, Model]:
     if config.components:
         batching = BatchingOptions(config.max_batch_size, config.max_queue_delay_us)
         for name, graph in pipeline.package.graphs.items():
+            why = not_carried(graph)
+            if why:  # glm_image still runs the graph; only its KServe model is left out
+                log.warning("%s: not served as a component model: %s", name, why)
+                continue
             session = pipeline.sessions.get(name) or create_session(pipeline.package.graph_path(name),
                                                                     pipeline.provider, config.threads)
             models[name] = ComponentModel(name, graph, session, batching, on_execution=metrics.execution,
                                           limits=config.component_limits)
     return models
+
+
+def not_carried(graph: dict) -> str | None:
+    """Why a graph cannot be a KServe model of this server (tensors numpy cannot hold), or None."""
+    odd = [t["name"] for t in graph["inputs"] + graph["outputs"] if FROM_NUMPY.get(t["dtype"]) not in NUMPY]
+    if not odd:
+        return None
+    return (f"{', '.join(odd[:2])}{', ...' if len(odd) > 2 else ''} are "
+            f"{next(t['dtype'] for t in graph['inputs'] + graph['outputs'] if t['name'] == odd[0])}, which this "
+            "server does not carry over KServe (no numpy type); glm_image runs it, Triton (triton-repo) serves it")
 
 
 class LoadError(RuntimeError):

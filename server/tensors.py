@@ -28,9 +28,10 @@ NUMPY = {
 # numpy / ONNX manifest dtype names -> KServe datatype
 FROM_NUMPY = {"bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
               "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64", "float16": "FP16",
-              "float32": "FP32", "float64": "FP64", "object": "BYTES", "string": "BYTES"}
+              "float32": "FP32", "float64": "FP64", "object": "BYTES", "string": "BYTES",
+              "bfloat16": "BF16"}  # BF16: described (Triton repositories) but not carried (no numpy type)
 # KServe datatype -> Triton model config DataType name
-CONFIG_TYPE = {k: f"TYPE_{k}" for k in NUMPY if k != "BYTES"} | {"BYTES": "TYPE_STRING"}
+CONFIG_TYPE = {k: f"TYPE_{k}" for k in NUMPY if k != "BYTES"} | {"BYTES": "TYPE_STRING", "BF16": "TYPE_BF16"}
 
 # The typed field of InferTensorContents that carries each datatype.
 _CONTENTS_FIELD = {

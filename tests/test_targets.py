@@ -219,16 +219,31 @@ def test_int4_on_a_cuda_fp16_package_keeps_every_node_on_cuda(cuda_packages: dic
     shutil.rmtree(out)
 
 
-def test_onnxruntimes_own_placement_is_read_from_its_session_log(tiny_package: Path) -> None:
+def test_onnxruntimes_own_placement_is_read_from_its_session_log(tiny_package: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
     """The verbose log of a real CPU session: every node of the graph is reported on the CPU."""
-    import subprocess
-    import sys
+    from glm_image_onnx.runtime.placement import observe
 
-    from glm_image_onnx.runtime.placement import placement_from_log
-
-    code = ("import onnxruntime as o, sys; so = o.SessionOptions(); so.log_severity_level = 0; "
-            "o.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider'])")
-    proc = subprocess.run([sys.executable, "-c", code, str(tiny_package / "vae_decoder.onnx")],
-                          capture_output=True, text=True, timeout=120, check=True)
-    counts = placement_from_log(proc.stdout + proc.stderr)
+    counts = observe(tiny_package / "vae_decoder.onnx", "cpu")
     assert set(counts) <= {"CPUExecutionProvider", "CPUExecutionProvider ops"} and counts["CPUExecutionProvider"] > 0
+    assert main(["check", str(tiny_package), "--provider", "cpu", "--observed"]) == 0
+    assert capsys.readouterr().out.count("observed by onnxruntime") == 7
+    # a provider this onnxruntime build lacks: one line, exit 2
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert main(["check", str(tiny_package), "--provider", "cuda", "--observed"]) == 2
+        assert "not in this onnxruntime build" in capsys.readouterr().err
+
+
+def test_server_describes_bf16_graphs_it_cannot_carry(cuda_packages: dict[str, Path], tmp_path: Path) -> None:
+    """A bf16 package: the Triton repository describes its cache as TYPE_BF16; this server, which has
+    no numpy type for BF16 tensors, leaves only those component models out (glm_image runs them)."""
+    pytest.importorskip("tritonclient.grpc")
+    from glm_image_onnx.server.app import not_carried
+    from glm_image_onnx.server.specs import graph_specs
+
+    graphs = _manifest(cuda_packages["bf16"])["graphs"]
+    why = not_carried(graphs["ar_planner"])
+    assert why and "past_key_values.0.key" in why and "bfloat16" in why
+    assert not_carried(graphs["dit_decoder"]) is None  # fp32 I/O: served as before
+    inputs, _, _ = graph_specs(graphs["ar_planner"])
+    assert {s.datatype for s in inputs if s.name.startswith("past_key_values.")} == {"BF16"}
