@@ -172,8 +172,9 @@ def verify(spec: GraphSpec, path: Path, seed: int = 0, providers: tuple[str, ...
     options.log_severity_level = 3
     options.intra_op_num_threads = torch.get_num_threads()  # parallel export workers share the cores
     session = ort.InferenceSession(str(path), options, providers=list(providers))
-    # Inputs in the graph's own dtypes (a half-precision graph takes its cache in float16).
-    feed_types = {i.name: _NUMPY_TYPES.get(i.type, None) for i in session.get_inputs()}
+    from ..runtime.providers import input_types
+
+    feed_types = input_types(session)  # the graph's own dtypes: a half-precision graph takes its cache in fp16
     worst: dict[str, dict[str, float]] = {}
     shapes = []
     cases = spec.verify_inputs(torch.Generator().manual_seed(seed))
@@ -181,8 +182,7 @@ def verify(spec: GraphSpec, path: Path, seed: int = 0, providers: tuple[str, ...
         with torch.no_grad():
             ref = spec.module(*inputs.values())
         ref = ref if isinstance(ref, (tuple, list)) else (ref,)
-        feed = {k: v.numpy().astype(feed_types[k] or v.numpy().dtype, copy=False)
-                for k, v in inputs.items() if k in feed_types}
+        feed = {k: v.numpy().astype(feed_types[k], copy=False) for k, v in inputs.items() if k in feed_types}
         got = _run(session, spec, feed)
         shapes.append({k: list(v.shape) for k, v in inputs.items()})
         for name, r, g in zip(spec.output_names, ref, got):
@@ -194,9 +194,6 @@ def verify(spec: GraphSpec, path: Path, seed: int = 0, providers: tuple[str, ...
     return {"cases": len(cases), "input_shapes": shapes, "outputs": worst,
             "max_rel": max((w["max_rel"] for w in worst.values()), default=0.0),
             "limit": limit, "passed": all(w["max_rel"] <= limit for w in worst.values())}
-
-
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def share_external_data(paths: list[Path], data_name: str, min_bytes: int = 1024, align: int = 4096) -> Path:

@@ -360,9 +360,11 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
         if "kv_cache" in config:
             config["kv_cache"] = {**config["kv_cache"], "dtype": ELEMENT_TYPE[options.dtype]}
         extra = precision_info.get("kept_fp32_for_kernels", {}).get("ops")
+        over = precision_info.get("fp16_range", {}).get("overflow_values", 0)
         msg += (f", {options.dtype} ({precision_info['kept_fp32_nodes']} nodes kept fp32"
                 + (f"; for lack of {options.dtype} kernels: {', '.join(f'{o} x{n}' for o, n in extra.items())}"
-                   if extra else "") + ")")
+                   if extra else "")
+                + (f"; {over} weights beyond +-65504 clamped" if over else "") + ")")
         if options.verify and options.dtype in graph_mod.MAX_RELATIVE_ERROR_BY_DTYPE:
             converted = _verified(spec, path, graph_mod, options.seed,
                                   graph_mod.MAX_RELATIVE_ERROR_BY_DTYPE[options.dtype])

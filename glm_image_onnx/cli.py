@@ -159,25 +159,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def ort_version() -> str:
-    import onnxruntime
-
-    return onnxruntime.__version__
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     need_extra("quantize", "onnx")
-    from .runtime.package import PackageError
-    from .runtime.package import Package
+    import onnxruntime
+
+    from .runtime.package import Package, PackageError
     from .runtime.placement import SESSION_PROVIDERS, PlacementError, check_package, observe
 
     try:
         reports = check_package(args.package, args.provider)
+        package = Package.open(args.package, verify_files=False)
     except (PackageError, PlacementError) as e:
         raise CliError(str(e)) from None
     if args.observed:
-        import onnxruntime
-
         wanted = SESSION_PROVIDERS[args.provider][0]
         if wanted not in onnxruntime.get_available_providers():
             raise CliError(f"--observed: {wanted} is not in this onnxruntime build ({onnxruntime.__version__}: "
@@ -189,10 +183,9 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"  {v.node} {v.domain}.{v.op} opset {v.opset} {'/'.join(v.dtypes) or '?'}: "
                       f"{v.reason} -> {v.runs_on}")
         if args.observed:  # onnxruntime's own placement here, after its optimisations (fused nodes)
-            graph = Package.open(args.package, verify_files=False).graph_path(report.graph)
-            seen = observe(graph, args.provider)
+            seen = observe(package.graph_path(report.graph), args.provider)
             cpu_ops = sorted(set(seen.pop("CPUExecutionProvider ops", [])))
-            print(f"  observed by onnxruntime {ort_version()}: "
+            print(f"  observed by onnxruntime {onnxruntime.__version__}: "
                   + ", ".join(f"{k}: {v}" for k, v in seen.items())
                   + (f" (on CPU: {', '.join(cpu_ops)})" if cpu_ops and args.provider != "cpu" else ""))
     falling = sum(len(r.problems) for r in reports)

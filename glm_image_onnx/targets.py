@@ -71,6 +71,26 @@ def manifest_target(manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest.get("target") or dict(LEGACY)
 
 
+# (built for, opened on) -> what goes wrong, in a few words.
+MISMATCH = {
+    ("cpu", "cuda"): "GroupQueryAttention has no fp32 CUDA kernel, so the AR planner's attention runs on the CPU "
+                     "with the cache copied across every layer and token",
+    ("cpu", "cann"): "the CANN EP implements no com.microsoft op (GroupQueryAttention, RotaryEmbedding, "
+                     "MultiHeadAttention, ...), so those run on the CPU",
+    ("cuda", "cpu"): "half-precision graphs run slower on the CPU than fp32 (bfloat16 ones not at all)",
+    ("cuda", "cann"): "the CANN EP implements no com.microsoft op and no bfloat16",
+}
+
+
+def mismatch(target: dict[str, Any], provider: str, provider_name: str, package: Any) -> str:
+    """The line for a package built for `target` opened on `provider`: what goes wrong, what to build."""
+    fix = (build_command(provider) if provider in TARGETS
+           else f"glm-image-onnx check {package} --provider {provider} lists what falls back")
+    return (f"built for target {target['name']} ({target.get('dtype')}) but opened on {provider_name}: "
+            f"{MISMATCH.get((target['name'], provider), 'its graphs are not shaped for it')}; "
+            f"build one for {provider}: {fix}")
+
+
 def recipe_refusal(target_name: str, recipe: str) -> str | None:
     """Why `recipe` cannot build on a `target_name` package, or None if it can."""
     t = get_target(target_name)

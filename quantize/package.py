@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
@@ -389,7 +389,7 @@ def cache_names(config: dict[str, Any]) -> list[str]:
             for t in ("past_key_template", "past_value_template", "present_key_template", "present_value_template")]
 
 
-def _check_signature(name: str, entry: dict[str, Any], path: Path, retyped: list[str] = ()) -> None:
+def _check_signature(name: str, entry: dict[str, Any], path: Path, retyped: Sequence[str] = ()) -> None:
     """Same input/output names and dtypes as the source graph (except `retyped`, the cache whose
     dtype the manifest's kv_cache states): the runtime loads it unchanged."""
     sig = G.signature(path)

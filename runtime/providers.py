@@ -300,31 +300,15 @@ def input_types(session: ort.InferenceSession) -> dict[str, Any]:
 
 def check_target(package: Any, request: ProviderRequest) -> None:
     """One line when a package is opened on a provider it was not built for (an error if strict)."""
-    from glm_image_onnx.targets import TARGETS, build_command, manifest_target
+    from glm_image_onnx.targets import TARGETS, manifest_target, mismatch
 
     target = manifest_target(package.manifest)
     if target["name"] == request.name:
         return
-    built = TARGETS.get(target["name"])
-    fix = (build_command(request.name) if request.name in TARGETS
-           else f"glm-image-onnx check {package.root} --provider {request.name} lists what falls back")
-    msg = (f"{package.root}: built for target {target['name']} ({target.get('dtype')}) but opened on "
-           f"{request.ort_name}: {TARGET_MISMATCH.get((target['name'], request.name), 'its graphs are not shaped for it')}; "
-           f"build one for {request.name}: {fix}")
-    if request.strict or built is None:
+    msg = f"{package.root}: {mismatch(target, request.name, request.ort_name, package.root)}"
+    if request.strict or target["name"] not in TARGETS:
         raise ProviderError(msg)
     log.warning(msg)
-
-
-# (built for, opened on) -> what goes wrong, in a few words.
-TARGET_MISMATCH = {
-    ("cpu", "cuda"): "GroupQueryAttention has no fp32 CUDA kernel, so the AR planner's attention runs on the CPU "
-                     "with the cache copied across every layer and token",
-    ("cpu", "cann"): "the CANN EP implements no com.microsoft op (GroupQueryAttention, RotaryEmbedding, "
-                     "MultiHeadAttention, ...), so those run on the CPU",
-    ("cuda", "cpu"): "half-precision graphs run slower on the CPU than fp32 (bfloat16 ones not at all)",
-    ("cuda", "cann"): "the CANN EP implements no com.microsoft op and no bfloat16",
-}
 
 
 def parse_options(pairs: list[str] | None, flag: str = "--provider-option") -> dict[str, str]:
