@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from glm_image_onnx.quantize import quality  # numpy only: PSNR and SSIM
 from glm_image_onnx.runtime import GlmImageOnnxPipeline
 from glm_image_onnx.runtime.placement import observe
@@ -19,11 +17,11 @@ PROMPT = "a shop sign that says 'OPEN'"
 H200_BANDWIDTH = 4.8e12  # bytes/s, HBM3e; other GPUs: --bandwidth
 
 
-def placement(package: Path) -> None:
+def placement(package: Path, provider: str) -> None:
     """onnxruntime's own node assignment per graph (its verbose session log)."""
     manifest = json.loads((package / "manifest.json").read_text())
     for name, graph in manifest["graphs"].items():
-        seen = observe(package / graph["file"], "cuda")
+        seen = observe(package / graph["file"], provider)
         cpu_ops = sorted(set(seen.pop("CPUExecutionProvider ops", [])))
         print(f"  placement {name}: {seen}" + (f"; on CPU: {', '.join(cpu_ops)}" if cpu_ops else ""))
 
@@ -34,13 +32,15 @@ def main() -> int:
     ap.add_argument("--packages", type=Path, nargs="+", required=True)
     ap.add_argument("--quick", action="store_true", help="512x512 timings only")
     ap.add_argument("--bandwidth", type=float, default=H200_BANDWIDTH)
+    ap.add_argument("--provider", default="cuda", help="cpu: a dry run of this script without a GPU (fp16 packages)")
     args = ap.parse_args()
     ref = GlmImageOnnxPipeline.from_package(args.reference, provider="cpu", verify_files=False)
     prior = ref(PROMPT, height=512, width=512, num_inference_steps=2, seed=0, do_sample=False).prior_token_ids
     for package in args.packages:
         print(f"== {package}")
-        placement(package)
-        pipe = GlmImageOnnxPipeline.from_package(package, provider="cuda", strict=True, verify_files=False)
+        placement(package, args.provider)
+        pipe = GlmImageOnnxPipeline.from_package(package, provider=args.provider, strict=args.provider == "cuda",
+                                                 verify_files=False)
         print(f"  sessions on: {sorted({p for s in pipe.sessions.values() for p in s.get_providers()})}; "
               f"AR cache buffers on {pipe.io_device('ar_planner')}, dtype {pipe.ar.cache_dtype}")
         e2e = quality.end_to_end(ref, pipe, [PROMPT], [prior], 512, 512, 8, seed=0, free_running=False)
