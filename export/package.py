@@ -365,6 +365,8 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
                 + (f"; for lack of {options.dtype} kernels: {', '.join(f'{o} x{n}' for o, n in extra.items())}"
                    if extra else "")
                 + (f"; {over} weights beyond +-65504 clamped" if over else "") + ")")
+        if "falls_back" in precision_info:
+            msg += f"; WARNING, still not all on {options.target}: {precision_info['falls_back']}"
         if options.verify and options.dtype in graph_mod.MAX_RELATIVE_ERROR_BY_DTYPE:
             converted = _verified(spec, path, graph_mod, options.seed,
                                   graph_mod.MAX_RELATIVE_ERROR_BY_DTYPE[options.dtype])

@@ -75,6 +75,7 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
     large = sum(tensor_nbytes(t) for t in all_initializers(model.graph)) > EXTERNAL_DATA_THRESHOLD
     kept = sum(1 for n in model.graph.node if n.op_type in set(keep_fp32_ops)) + len(blocked)
     for_kernels: dict[str, int] = {}
+    report = None
     for _ in range(4):  # each round keeps fp32 the nodes the last one left without a kernel
         with _quiet_converter():
             converted = convert_float_to_float16(
@@ -88,7 +89,8 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
             break
         from glm_image_onnx.runtime.placement import check_model
 
-        falling = {v.node: v.op for v in check_model(converted, Path(src).stem, provider).problems
+        report = check_model(converted, Path(src).stem, provider)
+        falling = {v.node: v.op for v in report.problems
                    if v.status == "fallback" and v.node and v.node not in blocked}
         if not falling:
             break
@@ -104,13 +106,14 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
     except onnx.checker.ValidationError as e:
         raise PrecisionError(f"{Path(dst).name}: onnx.checker rejects the {dtype} graph: "
                              f"{str(e).splitlines()[0]}") from None
-    info: dict[str, Any] = {"dtype": dtype, "io": "float32" + (f" except {', '.join(native_io[:2])}"
-                                                              f"{', ...' if len(native_io) > 2 else ''}"
-                                                              if native_io else ""),
+    info: dict[str, Any] = {"dtype": dtype,
+                            "io": f"float32 except {len(native_io)} in {dtype} (the cache)" if native_io else "float32",
                             "kept_fp32_op_types": list(keep_fp32_ops),
                             "kept_fp32_nodes": kept + sum(for_kernels.values())}
     if for_kernels:
         info["kept_fp32_for_kernels"] = {"provider": provider, "ops": for_kernels}
+    if provider is not None and report.problems:  # not fixed by fp32 either: the export says so
+        info["falls_back"] = report.summary()
     if overflow is not None:
         info["fp16_range"] = overflow
     return info
