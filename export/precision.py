@@ -41,10 +41,6 @@ KEEP_FP32_OPS = (
     "Sin", "Cos", "RotaryEmbedding",
 )
 
-# The package dtype names (CLI, manifest) and their ONNX element types.
-ELEMENT_TYPES = {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16,
-                 "bf16": onnx.TensorProto.BFLOAT16}
-
 
 class PrecisionError(RuntimeError):
     """A graph that cannot be converted; the message is one readable line."""
@@ -59,6 +55,8 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
     stays float32 too, found by the placement check on the converted graph and converted again."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
+
+    from glm_image_onnx.runtime.placement import check_model
 
     if dtype not in ("fp16", "bf16"):
         raise PrecisionError(f"dtype must be fp16 or bf16, got {dtype!r}")
@@ -87,8 +85,6 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
             _fp16_to_bf16(converted.graph, originals)
         if provider is None:
             break
-        from glm_image_onnx.runtime.placement import check_model
-
         report = check_model(converted, Path(src).stem, provider)
         falling = {v.node: v.op for v in report.problems
                    if v.status == "fallback" and v.node and v.node not in blocked}

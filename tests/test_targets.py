@@ -100,7 +100,7 @@ def _model(nodes: list, inputs: list, outputs: list, opsets: dict[str, int]) -> 
 
 
 def test_check_names_dynamic_quantisation_ops_and_reports_unknown_ops() -> None:
-    f, u8, i32 = TensorProto.FLOAT, TensorProto.UINT8, TensorProto.INT32
+    f, u8 = TensorProto.FLOAT, TensorProto.UINT8
     vi = helper.make_tensor_value_info
     model = _model(
         [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="dql"),
