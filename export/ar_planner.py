@@ -25,6 +25,11 @@ new tokens go to positions seqlens_k[b]+1-seq .. seqlens_k[b]; rows may have dif
 seq > 1 after a non-empty past only at batch 1 (chunked prefill of one prompt). mRoPE is applied in the
 graph before the op (its own rotary ignores position_ids in a first prompt): the graph computes one
 cos/sin row per token from position_ids and rotates q and k with `com.microsoft.RotaryEmbedding`.
+
+Static-shapes targets (CANN) get `StaticCacheDecoder` instead: basic ops only, and `cache_position`
+int64 [batch, seq] (where each token is written) replaces seqlens_k and total_sequence_length. The
+runtime pads the prompt to a bucket and allocates the cache at a capacity bucket, so every decode
+step has the same input shapes (graph mode compiles once per shape set).
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from ..manifest import KV_CAPACITY_RULE, KV_LAYOUT
-from ..models.ar_wrappers import ArPlannerDecoder  # also registers torch.ops.glm_image_onnx
+from ..manifest import KV_CAPACITY_BUCKETED, KV_CAPACITY_RULE, KV_LAYOUT
+from ..models.ar_wrappers import ArPlannerDecoder, StaticCacheDecoder  # also registers torch.ops.glm_image_onnx
+from ..targets import TARGETS, Target
 from .graph import GraphSpec
 
 NAME = "ar_planner"
@@ -153,9 +159,21 @@ def random_inputs(sizes: dict[str, Any], batch: int, seq: int, past: int | list[
     return inputs
 
 
-def graph_specs(model: Any, checkpoint_dir: Path) -> list[GraphSpec]:
+def static_inputs(sizes: dict[str, Any], batch: int, seq: int, past: int | list[int], capacity: int,
+                  gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """`random_inputs` for `StaticCacheDecoder`: the write positions replace the two lengths."""
+    inputs = random_inputs(sizes, batch, seq, past, capacity, gen)
+    pasts = torch.tensor(past if isinstance(past, list) else [past] * batch)
+    del inputs["seqlens_k"], inputs["total_sequence_length"]
+    position = {"cache_position": pasts[:, None] + torch.arange(seq)[None, :]}
+    return {k: inputs[k] for k in ("input_ids", "position_ids")} | position | \
+        {k: v for k, v in inputs.items() if k not in ("input_ids", "position_ids")}
+
+
+def graph_specs(model: Any, checkpoint_dir: Path, target: Target = TARGETS["cpu"]) -> list[GraphSpec]:
+    if target.static_shapes:
+        return _static_specs(model)
     sizes = text_sizes(model)
-    cfg = model.config
     module = ArPlannerDecoder(model).eval()
     n = sizes["num_layers"]
 
@@ -187,21 +205,10 @@ def graph_specs(model: Any, checkpoint_dir: Path) -> list[GraphSpec]:
         ]
 
     config = {
-        **sizes,
+        **_config(model, sizes),
         "input_names": ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"],
         # The cache contract the runtime allocates by; export.package sets the dtype of the target.
         "kv_cache": {"dtype": "float32", "layout": KV_LAYOUT, "capacity": KV_CAPACITY_RULE, "update": "in place: bind each present.* to its past_key_values.* buffer"},
-        "past_key_template": PAST_KEY,
-        "past_value_template": PAST_VALUE,
-        "present_key_template": PRESENT_KEY,
-        "present_value_template": PRESENT_VALUE,
-        "position_ids_layout": "[3, batch, seq] = (temporal, height, width)",
-        "image_start_token_id": int(cfg.image_start_token_id),
-        "image_end_token_id": int(cfg.image_end_token_id),
-        "image_token_id": int(cfg.image_token_id),
-        "pad_token_id": cfg.text_config.pad_token_id,
-        "eos_token_id": cfg.text_config.eos_token_id,
-        "codebook_size": int(cfg.vq_config.num_embeddings),
     }
     return [GraphSpec(
         name=NAME,
@@ -221,3 +228,74 @@ def graph_specs(model: Any, checkpoint_dir: Path) -> list[GraphSpec]:
         custom_schemas=[_gqa_schema(), _rotary_schema()],
         shared_buffers=dict(zip(_present_names(n), _past_names(n))),
     )]
+
+
+def _static_specs(model: Any) -> list[GraphSpec]:
+    """The AR planner for static-shapes targets (`StaticCacheDecoder`)."""
+    sizes = text_sizes(model)
+    module = StaticCacheDecoder(model).eval()
+    n = sizes["num_layers"]
+    ex = _EXAMPLE
+    example = static_inputs(sizes, ex["batch"], ex["seq"], ex["past"], ex["capacity"],
+                            torch.Generator().manual_seed(1234))
+    batch = Dim("batch", min=1, max=1024)
+    seq = Dim("seq", min=1, max=1 << 20)
+    capacity = Dim("capacity", min=1, max=1 << 20)
+    kv_shape = {0: batch, 2: capacity}
+    dynamic_shapes = {
+        "input_ids": {0: batch, 1: seq},
+        "position_ids": {1: batch, 2: seq},
+        "cache_position": {0: batch, 1: seq},
+        "past_key_values": tuple(kv_shape for _ in range(2 * n)),
+    }
+
+    def verify_inputs(gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
+        # A padded prefill into a larger cache, decode steps of rows at different positions, a
+        # continuation, and a prefill that exactly fills the cache.
+        return [
+            static_inputs(sizes, 1, 8, 0, 16, gen),
+            static_inputs(sizes, 2, 1, [9, 4], 16, gen),
+            static_inputs(sizes, 1, 1, 15, 16, gen),
+            static_inputs(sizes, 1, 5, 3, 32, gen),
+            static_inputs(sizes, 2, 6, 0, 6, gen),
+        ]
+
+    config = {
+        **_config(model, sizes),
+        "input_names": ["input_ids", "position_ids", "cache_position"],
+        "kv_cache": {"dtype": "float32", "layout": KV_LAYOUT, "capacity": KV_CAPACITY_BUCKETED,
+                     "update": "ScatterND at cache_position: bind each present.* to its past_key_values.* buffer"},
+    }
+    return [GraphSpec(
+        name=NAME,
+        module=module,
+        example_inputs=example,
+        dynamic_shapes=dynamic_shapes,
+        output_names=["logits", *_present_names(n)],
+        verify_inputs=verify_inputs,
+        description=("GLM-Image AR planner for static shapes, basic ops only: language model + lm_head, "
+                     "a fixed-capacity KV cache written at cache_position [B,S] (ScatterND) and read with "
+                     "a causal mask (key position <= the token's cache position). Pad prompts on the right "
+                     "to a bucket; keep one capacity for a whole generation."),
+        config=config,
+        shared_buffers=dict(zip(_present_names(n), _past_names(n))),
+    )]
+
+
+def _config(model: Any, sizes: dict[str, Any]) -> dict[str, Any]:
+    """What the runtime needs besides the inputs and the cache contract."""
+    cfg = model.config
+    return {
+        **sizes,
+        "past_key_template": PAST_KEY,
+        "past_value_template": PAST_VALUE,
+        "present_key_template": PRESENT_KEY,
+        "present_value_template": PRESENT_VALUE,
+        "position_ids_layout": "[3, batch, seq] = (temporal, height, width)",
+        "image_start_token_id": int(cfg.image_start_token_id),
+        "image_end_token_id": int(cfg.image_end_token_id),
+        "image_token_id": int(cfg.image_token_id),
+        "pad_token_id": cfg.text_config.pad_token_id,
+        "eos_token_id": cfg.text_config.eos_token_id,
+        "codebook_size": int(cfg.vq_config.num_embeddings),
+    }

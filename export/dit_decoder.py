@@ -14,6 +14,7 @@ import torch
 from torch.export import Dim
 
 from ..models.dit_wrappers import DitConditionWrite, DitDecoder
+from ..targets import TARGETS, Target
 from .graph import GraphSpec
 
 # Verify shapes: (batch, latent patches high, latent patches wide, text length). None of them is
@@ -81,7 +82,7 @@ def _step_dynamic_shapes(p: int) -> dict[str, Any]:
     }
 
 
-def graph_specs(model: Any, checkpoint_dir: Path) -> list[GraphSpec]:
+def graph_specs(model: Any, checkpoint_dir: Path, target: Target = TARGETS["cpu"]) -> list[GraphSpec]:
     """Specs for the loaded GlmImageTransformer2DModel (fp32, eval)."""
     model = model.eval()
     cfg = _dit_config(model)

@@ -13,6 +13,7 @@ import torch
 from torch.export import Dim
 
 from ..models.dit_wrappers import GlyphEncoder
+from ..targets import TARGETS, Target
 from .graph import GraphSpec
 
 # (batch, sequence length): none is the export example's (2, 7).
@@ -31,7 +32,7 @@ def _ids_and_mask(batch: int, seq: int, vocab: int, pad_id: int,
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def graph_specs(model: Any, checkpoint_dir: Path) -> list[GraphSpec]:
+def graph_specs(model: Any, checkpoint_dir: Path, target: Target = TARGETS["cpu"]) -> list[GraphSpec]:
     """Spec for the loaded T5EncoderModel (fp32, eval).
 
     sdpa attention fails at dynamo decomposition; if the model was not loaded with

@@ -97,11 +97,37 @@ def _rare_gc() -> Iterator[None]:
         gc.set_threshold(*old)
 
 
-def export_onnx(spec: GraphSpec, path: Path, opset: int = OPSET) -> dict[str, int]:
+def _layer_norm(x: Any, normalized_shape: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5,
+                cudnn_enable: bool = True) -> Any:
+    """aten.layer_norm in basic ops: (x - mean) / sqrt(var + eps) * w + b. The variance is a Pow,
+    which (with the ReduceMeans, the eps Add and the Sqrt) a half-precision conversion keeps fp32."""
+    from onnxscript import opset18 as op
+
+    axes = op.Constant(value_ints=[-(i + 1) for i in range(len(normalized_shape))])
+    centred = op.Sub(x, op.ReduceMean(x, axes, keepdims=1))
+    variance = op.ReduceMean(op.Pow(centred, op.CastLike(2.0, x)), axes, keepdims=1)
+    y = op.Div(centred, op.Sqrt(op.Add(variance, op.CastLike(eps, x))))
+    if weight is not None:
+        y = op.Mul(y, weight)
+    if bias is not None:
+        y = op.Add(y, bias)
+    return y
+
+
+def basic_translations() -> dict[Any, Callable[..., Any]]:
+    """torch ops the exporter would emit as something outside CANN graph mode's whitelist, emitted
+    as basic ai.onnx ops instead (LayerNormalization: no CANN kernel). Attention, rotary and GELU
+    already export as basic ops; what their wrappers do differently for such targets is in models/."""
+    return {torch.ops.aten.layer_norm.default: _layer_norm}
+
+
+def export_onnx(spec: GraphSpec, path: Path, opset: int = OPSET, basic_ops: bool = False) -> dict[str, int]:
     """Export `spec` to `path`; weights go to `<path>.data` when the model is too big for protobuf.
-    Returns the onnxruntime fusions applied (`spec.ort_fusions`), by name: {} when none ran."""
+    Returns the onnxruntime fusions applied (`spec.ort_fusions`), by name: {} when none ran.
+    `basic_ops` (targets.Target.static_shapes): only ai.onnx ops, no onnxruntime fusions."""
     path = Path(path)
     args = tuple(spec.example_inputs.values())
+    translations = {**(basic_translations() if basic_ops else {}), **spec.custom_translation_table}
     with torch.no_grad(), _registered(spec.custom_schemas), _rare_gc():
         program = torch.onnx.export(
             spec.module,
@@ -111,13 +137,13 @@ def export_onnx(spec: GraphSpec, path: Path, opset: int = OPSET) -> dict[str, in
             dynamic_shapes=spec.dynamic_shapes,
             opset_version=opset,
             dynamo=True,
-            custom_translation_table=spec.custom_translation_table or None,
+            custom_translation_table=translations or None,
             external_data=False,
             optimize=True,
             verbose=False,
         )
     fusions: dict[str, int] = {}
-    if spec.ort_fusions:
+    if spec.ort_fusions and not basic_ops:
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
         _, counts = optimize_for_ort(program.model)  # rewrites the IR model in place

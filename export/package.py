@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 from ..manifest import (FORMAT, FORMAT_VERSION, MANIFEST, file_table, sha256_file,  # noqa: F401 (re-exported)
                         staged_package, write_manifest)
 from ..models.inspect import CheckpointInfo, inspect_checkpoint
-from ..targets import ELEMENT_TYPE, check_dtype, get_target
+from ..targets import ELEMENT_TYPE, SHAPE_BUCKETS, check_dtype, get_target
 
 
 # graph name -> checkpoint folder it comes from (also the order of export).
@@ -173,7 +173,7 @@ def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptio
             "format_version": FORMAT_VERSION,
             "created_by": _created_by(),
             "source": {"checkpoint": str(info.root.resolve()), "preset": info.preset},
-            "target": {"name": options.target, "dtype": options.dtype},
+            "target": _target_record(options),
             "opset": options.opset,
             "graphs": graphs,
             "pipeline": pipeline_config(info),
@@ -184,6 +184,15 @@ def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptio
     log(f"wrote {out} ({options.target} {options.dtype}, {len(graphs)} graphs, {sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB) "
         f"in {manifest['export_seconds']:.1f}s with {workers} worker{'s' if workers > 1 else ''}")
     return manifest
+
+
+def _target_record(options: ExportOptions) -> dict[str, Any]:
+    """The manifest's `target`: name and dtype, and for static-shapes targets the length buckets the
+    runtime pads to (runtime.shapes)."""
+    record: dict[str, Any] = {"name": options.target, "dtype": options.dtype}
+    if get_target(options.target).static_shapes:
+        record["shape_buckets"] = SHAPE_BUCKETS
+    return record
 
 
 def _run_jobs(jobs: list[tuple[str, list[str]]], root: Path, tmp: Path, options: ExportOptions,
@@ -282,17 +291,17 @@ def _export_graph(folder: str, name: str, root: Path, tmp: Path, options: Export
         _loaded = (folder, _load_component(folder, root / folder))
     from . import graph as graph_mod
 
-    for spec in _graph_specs(folder, _loaded[1], root):
+    for spec in _graph_specs(folder, _loaded[1], root, options.target):
         if spec.name == name:
             return {name: _export_one(spec, tmp, options, step, log, graph_mod)}
     raise KeyError(name)
 
 
-def _graph_specs(folder: str, model: Any, root: Path) -> Iterator[Any]:
-    """Every GraphSpec the export modules of one checkpoint component make from its model."""
+def _graph_specs(folder: str, model: Any, root: Path, target: str) -> Iterator[Any]:
+    """Every GraphSpec the export modules of one checkpoint component make from its model for `target`."""
     for module_name in EXPORT_MODULES[folder]:
         module = importlib.import_module(f"{__package__}.{module_name}")
-        yield from module.graph_specs(model, root)
+        yield from module.graph_specs(model, root, get_target(target))
 
 
 def _export_component(folder: str, wanted: list[str], root: Path, tmp: Path, options: ExportOptions,
@@ -303,7 +312,7 @@ def _export_component(folder: str, wanted: list[str], root: Path, tmp: Path, opt
     log(f"loading {folder} from {root / folder}")
     model = _load_component(folder, root / folder)
     entries: dict[str, Any] = {}
-    for spec in _graph_specs(folder, model, root):
+    for spec in _graph_specs(folder, model, root, options.target):
         if spec.name in wanted:
             entries[spec.name] = _export_one(spec, tmp, options, steps[spec.name], log, graph_mod)
         del spec
@@ -337,7 +346,8 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
     path = tmp / f"{spec.name}.onnx"
     t0 = time.perf_counter()
     log(f"{step} {spec.name}: exporting")
-    fusions = graph_mod.export_onnx(spec, path, opset=options.opset)
+    target = get_target(options.target)
+    fusions = graph_mod.export_onnx(spec, path, opset=options.opset, basic_ops=target.static_shapes)
     msg = ""
     verify: dict[str, Any] = {}
     if options.verify:  # the fp32 graph against PyTorch, always: a conversion below starts from it
@@ -352,7 +362,7 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
         _move_graph(path, fp32, graph_mod)
         try:
             precision_info = precision.convert(fp32, path, options.dtype, native_io=_cache_io(spec),
-                                               provider=get_target(options.target).provider)
+                                               provider=target.provider)
         except precision.PrecisionError as e:
             raise ExportError(str(e)) from None
         for f in graph_mod.onnx_files(fp32):

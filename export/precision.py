@@ -1,9 +1,9 @@
 """An fp32 graph -> the same graph in float16 or bfloat16, for GPU targets (and the fp16 recipe).
 
 onnxruntime's `float16` converter decides which nodes compute in half precision: everything but
-the sensitive ops (normalisations, softmax, the reductions and powers of the decomposed RMSNorm)
-and every node that computes a rotary or timestep angle (upstream of Sin/Cos), which stay fp32
-with Casts around them. bfloat16 takes the converter's decisions unchanged and retypes every
+the sensitive ops (normalisations, softmax, the reductions and powers of the decomposed RMSNorm and
+LayerNorm, and the eps Add between them), and every node that computes a rotary or timestep angle
+(upstream of Sin/Cos), which stay fp32 with Casts around them. bfloat16 takes the converter's decisions unchanged and retypes every
 float16 tensor, Cast and constant to bfloat16, with weights rounded from the original fp32 values
 (not from their float16 copies, which the converter clamps to +-65504).
 
@@ -69,7 +69,7 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
     originals = {t.name: t for t in all_initializers(model.graph) if t.data_type == onnx.TensorProto.FLOAT} \
         if dtype == "bf16" else {}
     overflow = fp16_range_report(model) if dtype == "fp16" else None
-    blocked = angle_nodes(model)
+    blocked = angle_nodes(model) | norm_statistic_nodes(model)
     large = sum(tensor_nbytes(t) for t in all_initializers(model.graph)) > EXTERNAL_DATA_THRESHOLD
     kept = sum(1 for n in model.graph.node if n.op_type in set(keep_fp32_ops)) + len(blocked)
     for_kernels: dict[str, int] = {}
@@ -192,6 +192,20 @@ def angle_nodes(model: onnx.ModelProto) -> set[str]:
             if p is not None and p.op_type not in ("Shape", "Size"):
                 stack.append(p)
     return out
+
+
+def norm_statistic_nodes(model: onnx.ModelProto) -> set[str]:
+    """The eps Add between a ReduceMean and a Sqrt (a decomposed RMSNorm / LayerNorm variance): kept
+    fp32 with the ops around it, since a variance above 65504 (activations beyond ~256) is inf in fp16."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    return {n.name for n in model.graph.node
+            if n.op_type == "Add" and n.name
+            and any(producers.get(i) is not None and producers[i].op_type == "ReduceMean" for i in n.input)
+            and any(c.op_type == "Sqrt" for c in consumers.get(n.output[0], []))}
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import torch
 from torch.export import Dim
 
 from ..models.dit_wrappers import VaeDecoder, VaeEncoder
+from ..targets import TARGETS, Target
 from .graph import GraphSpec
 
 # (batch, latent height, latent width): none is the export example's (2, 3, 5).
@@ -32,7 +33,7 @@ def _vae_config(model: Any) -> dict[str, Any]:
     }
 
 
-def graph_specs(model: Any, checkpoint_dir: Path) -> list[GraphSpec]:
+def graph_specs(model: Any, checkpoint_dir: Path, target: Target = TARGETS["cpu"]) -> list[GraphSpec]:
     """Specs for the loaded AutoencoderKL (fp32, eval; tiling and slicing off)."""
     model = model.eval()
     if getattr(model, "use_tiling", False) or getattr(model, "use_slicing", False):

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from ..models.ar_wrappers import VisionTokenizer
+from ..models.ar_wrappers import BasicVisionTokenizer, VisionTokenizer
+from ..targets import TARGETS, Target
 from .graph import GraphSpec
 
 NAME = "vision_tokenizer"
@@ -66,9 +67,10 @@ def _image_processor_settings(checkpoint_dir: Path) -> dict[str, Any]:
     return {}
 
 
-def graph_specs(model: Any, checkpoint_dir: Path) -> list[GraphSpec]:
+def graph_specs(model: Any, checkpoint_dir: Path, target: Target = TARGETS["cpu"]) -> list[GraphSpec]:
     sizes = vision_sizes(model)
-    module = VisionTokenizer(model).eval()
+    # GridSample and Einsum have no CANN kernel: a static-shapes target gets them as basic ops.
+    module = (BasicVisionTokenizer if target.static_shapes else VisionTokenizer)(model).eval()
     m = sizes["spatial_merge_size"]
     example = random_inputs(sizes, _EXAMPLE_GRID[0] * m, _EXAMPLE_GRID[1] * m, torch.Generator().manual_seed(4321))
     dynamic_shapes = {

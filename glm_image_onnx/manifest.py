@@ -22,6 +22,9 @@ MANIFEST = "manifest.json"
 # The AR planner's cache capacity: one slot per prompt token and per generated token (the only rule
 # the runtime implements; a package that asks for another one is refused).
 KV_CAPACITY_RULE = "prompt_tokens + new_tokens"
+# Static-shapes packages (targets.Target.static_shapes): the smallest of the capacity buckets
+# (manifest target.shape_buckets.capacity) that holds the padded prompt and prompt + new tokens.
+KV_CAPACITY_BUCKETED = "capacity bucket >= max(prompt bucket, prompt_tokens + new_tokens)"
 KV_LAYOUT = "[batch, num_kv_heads, capacity, head_dim]"
 
 

@@ -1,7 +1,8 @@
 """Build targets: the execution provider a package is built for, and in which dtype.
 
 One graph set cannot serve every provider (see `runtime/kernels/`): onnxruntime's CUDA
-GroupQueryAttention exists for fp16/bf16 only, the int8-dynamic ops exist on CPU only. So a
+GroupQueryAttention exists for fp16/bf16 only, the int8-dynamic ops exist on CPU only, and the CANN
+EP implements no com.microsoft op at all and recompiles for every new set of input shapes. So a
 package is built for one target; its manifest says which (`target`), and the runtime, the server,
 the quantiser and `glm-image-onnx check` read it from there. Each fact about a target lives here.
 """
@@ -19,6 +20,9 @@ class Target:
     dtypes: tuple[str, ...]  # first = default
     recipes: tuple[str, ...]  # quantisation recipes whose ops this target's provider runs
     why_not: dict[str, str]  # recipe -> why it is refused on this target
+    # Graphs of basic ai.onnx ops only (no onnxruntime contrib op, no fusions) with input shapes that
+    # stay put between calls: the padded lengths in SHAPE_BUCKETS, a fixed-capacity AR cache.
+    static_shapes: bool = False
 
     @property
     def default_dtype(self) -> str:
@@ -35,7 +39,27 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
                        "already half precision",
         "fp16": "a cuda package is already half precision: export it with --dtype fp16",
     }),
+    # Ascend computes in fp16 unless told otherwise (precision_mode force_fp16): fp16 is the default.
+    Target("cann", "cann", ("fp16", "fp32"), (), {
+        **{r: "the CANN EP has no quantisation kernels (no QuantizeLinear/DequantizeLinear, MatMulInteger "
+              "or MatMulNBits)" for r in ("int8-dynamic", "int8-static", "int4-weight")},
+        "fp16": "export the cann package with --dtype fp16 instead",
+    }, static_shapes=True),
 )}
+
+# Padded lengths of a static-shapes package (recorded in its manifest, where the runtime reads them):
+# each call is padded up to the smallest bucket that holds it, so a graph sees at most one input-shape
+# set per bucket (CANN graph mode compiles once per set). Powers of two: at most 2x padding.
+#   prompt: AR prefill lengths (an image-to-image prompt carries its sources' tokens: 16384 per 2048 px)
+#   capacity: AR cache positions (prompt bucket + new tokens; 2048x2048 text-to-image needs 4353 new)
+#   glyph: ByT5 tokens per quoted text (the pipeline truncates at 2048, plus one pad)
+#   dit_text: glyph tokens of one prompt, all texts together, as the DiT reads them
+SHAPE_BUCKETS: dict[str, list[int]] = {
+    "prompt": [2 ** i for i in range(6, 16)],  # 64 .. 32768
+    "capacity": [2 ** i for i in range(9, 17)],  # 512 .. 65536
+    "glyph": [2 ** i for i in range(4, 13)],  # 16 .. 4096
+    "dit_text": [2 ** i for i in range(4, 15)],  # 16 .. 16384
+}
 
 # dtype names (CLI, manifest) -> element type names (onnx_info.DTYPES, manifest signatures).
 ELEMENT_TYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -79,6 +103,10 @@ MISMATCH = {
                      "MultiHeadAttention, ...), so those run on the CPU",
     ("cuda", "cpu"): "half-precision graphs run slower on the CPU than fp32 (bfloat16 ones not at all)",
     ("cuda", "cann"): "the CANN EP implements no com.microsoft op and no bfloat16",
+    ("cann", "cpu"): "its attention and norms are unfused basic ops and every call is padded to a bucket, "
+                     "slower on the CPU than a cpu package",
+    ("cann", "cuda"): "its attention and norms are unfused basic ops and every call is padded to a bucket, "
+                      "slower on CUDA than a cuda package",
 }
 
 

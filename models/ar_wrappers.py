@@ -9,6 +9,10 @@ the original forward that do not export:
   prefill and decode. Attention + cache update is one custom op (`group_query_attention`) that the
   exporter maps to onnxruntime's GroupQueryAttention, which updates the cache in place; the mRoPE
   rotation of q and k is another (`rotary_embedding` -> onnxruntime's RotaryEmbedding).
+- `StaticCacheDecoder`: the same model for targets that compile per input shape (CANN): basic ops
+  only (attention as MatMul/Softmax with a causal mask built from the write positions, rotary as
+  Slice/Mul/Concat) and a fixed-capacity cache written with ScatterND at `cache_position`, so a
+  decode step's shapes never change and a padded prefill writes nothing a later step reads.
 - `VisionTokenizer`: vision encoder + VQ for ONE image per call. The original splits the packed
   patches with `lengths.tolist()` (a data-dependent split) and reshapes with Python ints from the
   grid; for one image attention is plain full attention and no Python ints are needed.
@@ -19,7 +23,7 @@ shape guards at export); the loaded model may use sdpa, which agrees to float ro
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -181,16 +185,22 @@ class ArPlannerDecoder(nn.Module):
                 total_sequence_length: torch.Tensor, *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(past_key_values) != 2 * self.num_layers:
             raise ValueError(f"expected {2 * self.num_layers} past tensors, got {len(past_key_values)}")
-        lm = self.language_model
-        hidden = lm.embed_tokens(input_ids)
+        hidden = self.language_model.embed_tokens(input_ids)
         rope = self._rope_tables(hidden, position_ids)
+        return self._layers(hidden, lambda i, attn, h, past_key, past_value: self._attention(
+            attn, self.qkv[i], h, rope, seqlens_k, total_sequence_length, past_key, past_value), past_key_values)
+
+    def _layers(self, hidden: torch.Tensor, attend: Callable[..., tuple[torch.Tensor, ...]],
+                past_key_values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The decoder layers + final norm + lm_head; attend(i, self_attn, h, past_key, past_value)
+        -> (h, present_key, present_value) is the attention of layer i."""
+        lm = self.language_model
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(lm.layers):
             # Same order as GlmImageTextDecoderLayer.forward (sandwich norms around attn and MLP).
             residual = hidden
             h = rms_norm(layer.input_layernorm, hidden)
-            h, k, v = self._attention(layer.self_attn, self.qkv[i], h, rope, seqlens_k, total_sequence_length,
-                                      past_key_values[2 * i], past_key_values[2 * i + 1])
+            h, k, v = attend(i, layer.self_attn, h, past_key_values[2 * i], past_key_values[2 * i + 1])
             h = rms_norm(layer.post_self_attn_layernorm, h)
             hidden = residual + h
             residual = hidden
@@ -201,6 +211,89 @@ class ArPlannerDecoder(nn.Module):
             presents += [k, v]
         hidden = rms_norm(lm.norm, hidden)
         return (self.lm_head(hidden), *presents)
+
+
+# Additive mask of a key a query must not see: the most negative float16, so the same graph holds it
+# in fp16 (exp underflows to exactly 0 in either dtype; -inf would turn a fully masked row into NaN).
+MASKED = -65504.0
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, rotary_dim: int) -> torch.Tensor:
+    """`rotary_embedding` in basic ops: x [B, S, heads*D], cos/sin [B, S, rotary_dim/2]."""
+    batch, seq, _ = x.shape
+    heads = x.view(batch, seq, num_heads, -1)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    x1, x2, rest = heads[..., : rotary_dim // 2], heads[..., rotary_dim // 2: rotary_dim], heads[..., rotary_dim:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1).reshape(batch, seq, -1)
+
+
+def scatter_positions(cache: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    """The cache [B, KVH, C, D] with new [B, KVH, S, D] written at positions cache_position [B, S]
+    (ScatterND: one index triple (b, h, c) per written row)."""
+    batch, kv_heads, seq, _ = new.shape
+    b = torch.arange(batch, device=new.device).view(batch, 1, 1).expand(batch, kv_heads, seq)
+    h = torch.arange(kv_heads, device=new.device).view(1, kv_heads, 1).expand(batch, kv_heads, seq)
+    c = cache_position.view(batch, 1, seq).expand(batch, kv_heads, seq)
+    return cache.index_put((b, h, c), new)
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                      num_heads: int, scale: float) -> torch.Tensor:
+    """Grouped-query attention in MatMul/Softmax: q [B, S, H*D]; keys/values [B, KVH, C, D]; bias
+    [B, 1, 1, S, C] additive. Query head h reads key head h // (H / KVH), as GroupQueryAttention."""
+    batch, seq, _ = q.shape
+    kv_heads, head_dim = keys.shape[1], keys.shape[-1]
+    group = num_heads // kv_heads
+    # [B, S, KVH, G, D] -> [B, KVH, G, S, D]; scaled before the product, which keeps fp16 in range.
+    q = (q * scale).view(batch, seq, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    scores = q.reshape(batch, kv_heads, group * seq, head_dim) @ keys.transpose(-1, -2)
+    scores = scores.view(batch, kv_heads, group, seq, -1) + bias
+    probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, group * seq, -1)
+    out = (probs @ values).view(batch, kv_heads, group, seq, head_dim)
+    return out.permute(0, 3, 1, 2, 4).reshape(batch, seq, num_heads * head_dim)
+
+
+class StaticCacheDecoder(ArPlannerDecoder):
+    """`ArPlannerDecoder` with shapes that stay put, from basic ops only (see the module docstring).
+
+    forward(input_ids [B,S] int64, position_ids [3,B,S] int64, cache_position [B,S] int64,
+            past_0_key, past_0_value, ... [B, kv_heads, capacity, head_dim])
+      -> (logits [B,S,vision_vocab], present_0_key, present_0_value, ...)
+
+    Token s of row b is written at cache position cache_position[b, s] and attends to every cache
+    position <= its own. Padding a prompt on the right is harmless: its pad tokens write positions
+    past the prompt, which each later token overwrites before it can read them.
+    """
+
+    def _attention(self, attn: nn.Module, qkv: FusedLinear, hidden: torch.Tensor, rope: tuple[torch.Tensor, ...],
+                   cache_position: torch.Tensor, bias: torch.Tensor, past_key: torch.Tensor,
+                   past_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cos, sin = rope
+        cfg = attn.config
+        batch, seq, _ = hidden.shape
+        q, k, v = qkv(hidden)
+        q = rotate(q, cos, sin, cfg.num_attention_heads, self.rotary_dim)
+        k = rotate(k, cos, sin, cfg.num_key_value_heads, self.rotary_dim)
+        k = k.view(batch, seq, cfg.num_key_value_heads, -1).transpose(1, 2)
+        v = v.view(batch, seq, cfg.num_key_value_heads, -1).transpose(1, 2)
+        present_key = scatter_positions(past_key, k, cache_position)
+        present_value = scatter_positions(past_value, v, cache_position)
+        out = grouped_attention(q, present_key, present_value, bias, cfg.num_attention_heads, float(attn.scaling))
+        return attn.o_proj(out), present_key, present_value
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor,
+                *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(past_key_values) != 2 * self.num_layers:
+            raise ValueError(f"expected {2 * self.num_layers} past tensors, got {len(past_key_values)}")
+        hidden = self.language_model.embed_tokens(input_ids)
+        cos, sin = self.language_model.rotary_emb(hidden, position_ids=position_ids)
+        half = self.rotary_dim // 2
+        rope = (cos[..., :half], sin[..., :half])
+        capacity = past_key_values[0].shape[2]
+        visible = torch.arange(capacity, device=hidden.device).view(1, 1, capacity) <= cache_position.unsqueeze(-1)
+        bias = torch.where(visible, 0.0, MASKED).to(hidden.dtype)[:, None, None]  # [B, 1, 1, S, C]
+        return self._layers(hidden, lambda i, attn, h, past_key, past_value: self._attention(
+            attn, self.qkv[i], h, rope, cache_position, bias, past_key, past_value), past_key_values)
 
 
 class VisionTokenizer(nn.Module):
@@ -247,8 +340,7 @@ class VisionTokenizer(nn.Module):
         grid = image_grid_thw.reshape(1, 3)
         hidden = visual.patch_embed(pixel_values.to(visual.patch_embed.proj.weight.dtype))
         h_coords, w_coords = self._patch_coords(n, grid[0, 2], hidden.device)
-        lengths = torch.ones(1, dtype=torch.long, device=hidden.device) * n  # one image: all patches
-        hidden = visual.embeddings(hidden, lengths, grid, h_coords, w_coords)
+        hidden = self._add_positions(hidden, grid, h_coords, w_coords)
         for blk in visual.blocks:
             hidden = hidden + self._attention(blk.attn, blk.norm1(hidden))
             hidden = hidden + blk.mlp(blk.norm2(hidden))
@@ -256,5 +348,44 @@ class VisionTokenizer(nn.Module):
         # same order; the 1x1 quant_conv is per position, so a [1, C, 1, N] layout gives the same
         # ids in the same order without needing h and w as Python ints.
         features = hidden.transpose(0, 1).reshape(1, -1, 1, n)
-        _, _, ids = self.vqmodel.quantize(self.vqmodel.quant_conv(features))
-        return ids
+        return self._codebook_ids(self.vqmodel.quant_conv(features))
+
+    def _add_positions(self, hidden: torch.Tensor, grid: torch.Tensor, h_coords: torch.Tensor,
+                       w_coords: torch.Tensor) -> torch.Tensor:
+        lengths = torch.ones(1, dtype=torch.long, device=hidden.device) * hidden.shape[0]  # one image
+        return self.visual.embeddings(hidden, lengths, grid, h_coords, w_coords)
+
+    def _codebook_ids(self, features: torch.Tensor) -> torch.Tensor:
+        return self.vqmodel.quantize(features)[2]
+
+
+class BasicVisionTokenizer(VisionTokenizer):
+    """`VisionTokenizer` from basic ops only, for targets without GridSample or Einsum kernels (CANN):
+    the position table's bilinear resampling as four Gathers and a blend, the VQ distances as a MatMul."""
+
+    def _add_positions(self, hidden: torch.Tensor, grid: torch.Tensor, h_coords: torch.Tensor,
+                       w_coords: torch.Tensor) -> torch.Tensor:
+        # GlmImageVisionEmbeddings: grid_sample(bilinear, align_corners=False, padding_mode="border")
+        # of the side x side table at each patch centre ((c + 0.5) / grid * 2 - 1 in [-1, 1]).
+        table = self.visual.embeddings.position_embedding.weight
+        side = int(round(table.shape[0] ** 0.5))
+
+        def source(coords: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            # grid_sample's unnormalisation, clipped to the border; the two neighbours and the weight.
+            x = ((coords.float() + 0.5) / size.float() * side - 0.5).clamp(0, side - 1)
+            lo = torch.floor(x)
+            return lo.long(), torch.clamp(lo + 1, max=side - 1).long(), (x - lo).unsqueeze(-1)
+
+        y0, y1, wy = source(h_coords, grid[0, 1])
+        x0, x1, wx = source(w_coords, grid[0, 2])
+        top = table[y0 * side + x0] * (1 - wx) + table[y0 * side + x1] * wx
+        bottom = table[y1 * side + x0] * (1 - wx) + table[y1 * side + x1] * wx
+        return hidden + (top * (1 - wy) + bottom * wy).to(hidden.dtype)
+
+    def _codebook_ids(self, features: torch.Tensor) -> torch.Tensor:
+        # GlmImageVectorQuantizer.forward up to its argmin, with the einsum as a MatMul.
+        quantizer = self.vqmodel.quantize
+        z = nn.functional.normalize(features.permute(0, 2, 3, 1).reshape(-1, quantizer.embedding_dim), p=2, dim=-1)
+        codes = nn.functional.normalize(quantizer.embedding.weight, p=2, dim=-1)
+        distances = torch.sum(z ** 2, dim=1, keepdim=True) + torch.sum(codes ** 2, dim=1) - 2 * (z @ codes.T)
+        return torch.argmin(distances, dim=1)

@@ -10,6 +10,10 @@ Python objects per token beyond writing two small buffers:
   host buffers bound by pointer; a step only rewrites their contents, so every binding is made
   once for the prefill and once for the decode loop.
 
+A static-shapes package (cann) writes by `cache_position` instead of the two lengths: its prompt is
+padded to a bucket and its cache has a bucketed capacity, so the prefill has one of a few shapes and
+every decode step the same one.
+
 Logits are restricted to the codebook by the sampler, and exactly `num_tokens` image tokens are
 produced (no early end-of-image).
 """
@@ -23,9 +27,10 @@ from typing import Any, Callable
 import numpy as np
 import onnxruntime as ort
 
-from glm_image_onnx.manifest import KV_CAPACITY_RULE, KV_LAYOUT
+from glm_image_onnx.manifest import KV_CAPACITY_BUCKETED, KV_CAPACITY_RULE, KV_LAYOUT
 from .package import PackageError
 from .sampling import TokenSampler
+from .shapes import ShapeBuckets
 
 Progress = Callable[[str, int, int], None]
 
@@ -44,8 +49,10 @@ CACHE_ELEMENT_TYPES: dict[str, Any] = {"float32": np.float32, "float16": np.floa
 
 
 class ArPlanner:
+    """Drives an AR planner graph; `buckets` pads a static-shapes package's calls (runtime.shapes)."""
+
     def __init__(self, session: ort.InferenceSession, config: dict[str, Any], device: str = "cpu",
-                 device_id: int = 0):
+                 device_id: int = 0, buckets: ShapeBuckets | None = None):
         self.session = session
         self.num_layers = int(config["num_layers"])
         self.kv_heads = int(config["num_kv_heads"])
@@ -55,56 +62,84 @@ class ArPlanner:
                            for t in (config["past_key_template"], config["past_value_template"])]
         self.present_names = [t % i for i in range(self.num_layers)
                               for t in (config["present_key_template"], config["present_value_template"])]
-        self.cache_dtype = cache_contract(config)
+        self.cache_dtype, self.static = cache_contract(config)
+        self.buckets = buckets or ShapeBuckets()
+        if self.static and not self.buckets.static:
+            raise PackageError("ar_planner: a bucketed kv_cache needs target.shape_buckets in the manifest")
         self.device, self.device_id = device, device_id
 
     def _cache_buffers(self, shape: list[int]) -> list[ort.OrtValue]:
         """One cache buffer per past/present pair, in the package's cache dtype, on the device
         that computes the graph."""
         element = CACHE_ELEMENT_TYPES[self.cache_dtype]
+        if self.static:
+            # Zeros: the static graph's MatMul reads every slot (masked after the product), and
+            # uninitialised memory may hold NaN, which no mask removes.
+            # One array each: on the host an OrtValue wraps its array's memory rather than copying it.
+            return [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, element), self.device, self.device_id)
+                    for _ in self.past_names]
         return [ort.OrtValue.ortvalue_from_shape_and_type(shape, element, self.device, self.device_id)
                 for _ in self.past_names]
+
+    def _length_inputs(self, batch: int, seq: int) -> dict[str, np.ndarray]:
+        """The inputs saying where a call's `seq` tokens go, as buffers bound once per phase."""
+        if self.static:
+            return {"cache_position": np.zeros((batch, seq), np.int64)}
+        return {"seqlens_k": np.zeros(batch, np.int32), "total_sequence_length": np.zeros((), np.int32)}
+
+    def _set_lengths(self, buffers: dict[str, np.ndarray], start: int, seq: int) -> None:
+        """A call writes its `seq` tokens at cache positions start .. start + seq - 1."""
+        if self.static:
+            buffers["cache_position"][:] = start + np.arange(seq)
+            return
+        buffers["seqlens_k"][:] = start + seq - 1  # the valid length after the call, minus 1
+        buffers["total_sequence_length"][()] = start + seq
 
     def generate(self, input_ids: np.ndarray, prefill_positions: np.ndarray, decode_positions: np.ndarray,
                  num_tokens: int, sampler: TokenSampler, progress: Progress | None = None) -> ArResult:
         """input_ids [1, S]; prefill_positions [3, 1, S]; decode_positions [1, 3, L] (mrope.rope_index)."""
         batch, prompt_len = input_ids.shape
-        f32, i32, i64 = np.float32, np.int32, np.int64
+        f32, i64 = np.float32, np.int64
         if num_tokens - 1 > decode_positions.shape[-1]:
             raise IndexError(f"{num_tokens} tokens need {num_tokens - 1} decode positions, "
                              f"{decode_positions.shape[-1]} were precomputed")
-        shape = [batch, self.kv_heads, prompt_len + num_tokens, self.head_dim]  # KV_CAPACITY_RULE
-        cache = self._cache_buffers(shape)  # held here: the binding keeps only their pointers
+        # Static shapes: the prompt padded on the right to its bucket (the pads write cache slots that
+        # decoding overwrites before reading), the cache at a capacity bucket for the whole generation.
+        padded = self.buckets.pad("prompt", prompt_len)
+        capacity = self.buckets.pad("capacity", max(padded, prompt_len + num_tokens))  # KV_CAPACITY_*
+        cache = self._cache_buffers([batch, self.kv_heads, capacity, self.head_dim])  # held: binding keeps pointers
         io = self.session.io_binding()
         for past, present, buf in zip(self.past_names, self.present_names, cache):
             io.bind_ortvalue_input(past, buf)
             io.bind_ortvalue_output(present, buf)  # the same buffer: written in place
-        seqlens = np.zeros(batch, dtype=i32)  # valid cache length after the call, minus 1
-        total = np.zeros((), dtype=i32)
-        io.bind_input("seqlens_k", "cpu", 0, i32, [batch], seqlens.ctypes.data)
-        io.bind_input("total_sequence_length", "cpu", 0, i32, [], total.ctypes.data)
+
+        def bind(ids: np.ndarray, positions: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
+            lengths = self._length_inputs(batch, ids.shape[1])
+            for name, arr in {"input_ids": ids, "position_ids": positions, **lengths}.items():
+                io.bind_input(name, "cpu", 0, arr.dtype.type, list(arr.shape), arr.ctypes.data)
+            io.bind_output("logits", "cpu", 0, f32, list(logits.shape), logits.ctypes.data)
+            return lengths
 
         t0 = time.perf_counter()
-        ids = np.ascontiguousarray(input_ids, dtype=i64)
-        positions = np.ascontiguousarray(prefill_positions, dtype=i64)
-        prefill_logits = np.empty((batch, prompt_len, self.vocab), dtype=f32)
-        seqlens[:], total[()] = prompt_len - 1, prompt_len
-        io.bind_input("input_ids", "cpu", 0, i64, list(ids.shape), ids.ctypes.data)
-        io.bind_input("position_ids", "cpu", 0, i64, list(positions.shape), positions.ctypes.data)
-        io.bind_output("logits", "cpu", 0, f32, list(prefill_logits.shape), prefill_logits.ctypes.data)
+        # The pads repeat the last token and position: any valid id and position would do (never read).
+        ids = np.empty((batch, padded), i64)
+        ids[:, :prompt_len], ids[:, prompt_len:] = input_ids, input_ids[:, -1:]
+        positions = np.empty((3, batch, padded), i64)
+        positions[:, :, :prompt_len], positions[:, :, prompt_len:] = prefill_positions, prefill_positions[:, :, -1:]
+        prefill_logits = np.empty((batch, padded, self.vocab), dtype=f32)
+        prefill_lengths = bind(ids, positions, prefill_logits)  # held: the binding keeps only pointers
+        self._set_lengths(prefill_lengths, 0, padded)
         self.session.run_with_iobinding(io)
-        logits = prefill_logits[:, -1, :]
+        logits = prefill_logits[:, prompt_len - 1, :]
         prefill_s = time.perf_counter() - t0
 
         # Decode: every per-token input is a preallocated buffer bound once; a step only rewrites
-        # the token, its positions and the two lengths.
+        # the token, its positions and where it goes.
         token_buf = np.zeros((batch, 1), dtype=i64)
         pos_buf = np.zeros((3, batch, 1), dtype=i64)
         step_logits = np.empty((batch, 1, self.vocab), dtype=f32)
         positions_by_step = np.ascontiguousarray(decode_positions.transpose(2, 1, 0))  # [L, 3, B]
-        io.bind_input("input_ids", "cpu", 0, i64, [batch, 1], token_buf.ctypes.data)
-        io.bind_input("position_ids", "cpu", 0, i64, [3, batch, 1], pos_buf.ctypes.data)
-        io.bind_output("logits", "cpu", 0, f32, [batch, 1, self.vocab], step_logits.ctypes.data)
+        lengths = bind(token_buf, pos_buf, step_logits)
 
         tokens = np.empty((batch, num_tokens), dtype=i64)
         per_token: list[float] = []
@@ -118,8 +153,7 @@ class ArPlanner:
                 break  # the last token needs no forward pass
             token_buf[:, 0] = tokens[:, step]
             pos_buf[:, :, 0] = positions_by_step[step]
-            seqlens[:] = prompt_len + step  # this token's cache position
-            total[()] = prompt_len + step + 1
+            self._set_lengths(lengths, prompt_len + step, 1)  # this token's cache position
             self.session.run_with_iobinding(io)
             logits = step_logits[:, -1, :]
             per_token.append(time.perf_counter() - t1)
@@ -127,18 +161,19 @@ class ArPlanner:
                         decode_s=time.perf_counter() - t_decode, per_token_s=per_token)
 
 
-def cache_contract(config: dict[str, Any]) -> str:
-    """The cache dtype of an AR planner's manifest config, after checking the contract is one this
-    runtime implements (layout, capacity rule, in-place update). Format-2 packages: float32."""
+def cache_contract(config: dict[str, Any]) -> tuple[str, bool]:
+    """(cache dtype, bucketed?) of an AR planner's manifest config, after checking the contract is one
+    this runtime implements (layout, capacity rule, in-place update). Format-2 packages: float32."""
     kv = config.get("kv_cache")
     if not isinstance(kv, dict):  # format 2: the contract was prose, the cache float32
-        return "float32"
-    want = {"layout": KV_LAYOUT, "capacity": KV_CAPACITY_RULE}
-    for key, value in want.items():
-        if kv.get(key) != value:
-            raise PackageError(f"ar_planner: kv_cache.{key} {kv.get(key)!r} is not supported by this runtime "
-                               f"(it implements {value!r})")
+        return "float32", False
+    if kv.get("layout") != KV_LAYOUT:
+        raise PackageError(f"ar_planner: kv_cache.layout {kv.get('layout')!r} is not supported by this runtime "
+                           f"(it implements {KV_LAYOUT!r})")
+    if kv.get("capacity") not in (KV_CAPACITY_RULE, KV_CAPACITY_BUCKETED):
+        raise PackageError(f"ar_planner: kv_cache.capacity {kv.get('capacity')!r} is not supported by this runtime "
+                           f"(it implements {KV_CAPACITY_RULE!r} and {KV_CAPACITY_BUCKETED!r})")
     if kv.get("dtype") not in CACHE_ELEMENT_TYPES:
         raise PackageError(f"ar_planner: kv_cache.dtype {kv.get('dtype')!r} is not supported "
                            f"(supported: {', '.join(CACHE_ELEMENT_TYPES)})")
-    return kv["dtype"]
+    return kv["dtype"], kv["capacity"] == KV_CAPACITY_BUCKETED

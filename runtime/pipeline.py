@@ -18,13 +18,16 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from glm_image_onnx.targets import manifest_target
+
 from . import glyphs, images, mrope
 from .ar import ArPlanner
-from .package import Package
+from .package import Package, PackageError
 from .prompt import PromptBuilder
 from .providers import ProviderRequest, check_target, create_session, device_of, input_types
 from .sampling import SamplingConfig, TokenSampler
 from .scheduler import FlowMatchSchedule, guidance as cfg_mix, image_seq_len
+from .shapes import ShapeBuckets, pad_right
 
 log = logging.getLogger("glm_image_onnx.runtime")
 
@@ -67,8 +70,12 @@ class GlmImageOnnxPipeline:
         if any(provider.ort_name in s.get_providers() for s in self.sessions.values()):
             check_target(package, provider)
         self.supports_image_to_image = all(package.has(g) for g in I2I_GRAPHS)
+        try:
+            self.buckets = ShapeBuckets.from_manifest(manifest_target(package.manifest))
+        except ValueError as e:
+            raise PackageError(f"{package.root}: {e}") from None
         ar_cfg = package.graph_config("ar_planner")
-        self.ar = ArPlanner(self.sessions["ar_planner"], ar_cfg, *self.io_device("ar_planner"))
+        self.ar = ArPlanner(self.sessions["ar_planner"], ar_cfg, *self.io_device("ar_planner"), buckets=self.buckets)
         self.prompts = PromptBuilder.from_package(package.root)
         self.glyph_tokenizer = glyphs.ByteTokenizer.from_dir(package.file("tokenizer"))
         self.schedule = FlowMatchSchedule.from_config(self.config["scheduler"])
@@ -272,6 +279,15 @@ class GlmImageOnnxPipeline:
 
         def encode(texts: list[str]) -> np.ndarray:
             ids, mask = glyphs.glyph_batch(texts, tokenizer=self.glyph_tokenizer)
+            if self.buckets.static:  # one text per call, padded to a bucket: a few shapes in all
+                rows, width = [], self.buckets.pad("glyph", ids.shape[1])
+                for row_ids, row_mask in zip(ids, mask):
+                    padded_ids = np.full((1, width), self.glyph_tokenizer.pad_id, np.int64)
+                    padded_mask = np.zeros((1, width), np.int64)
+                    padded_ids[0, : ids.shape[1]], padded_mask[0, : ids.shape[1]] = row_ids, row_mask
+                    hidden = session.run(None, {"input_ids": padded_ids, "attention_mask": padded_mask})[0]
+                    rows.append(glyphs.gather_rows(hidden, padded_mask))
+                return np.concatenate(rows, axis=1).astype(np.float32)
             hidden = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
             return glyphs.gather_rows(hidden, mask).astype(np.float32)
 
@@ -301,16 +317,19 @@ class GlmImageOnnxPipeline:
         batch_cfg = use_cfg and condition is None
         session = self.sessions["dit_decoder"]
         device = self.io_device("dit_decoder")
+        # A static-shapes package pads the text to a bucket (masked), so each resolution is one shape set.
+        def text_rows(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            return pad_right(rows, self.buckets.pad("dit_text", max(r.shape[1] for r in rows)))
+
         if batch_cfg:
-            text, mask = _pad_right([cond, uncond])
-            branches = [_DitCall(session, device, latents.shape, text, mask, prior_ids, [False, True], height,
-                                 width, empty, empty)]
+            branches = [_DitCall(session, device, latents.shape, *text_rows([cond, uncond]), prior_ids, [False, True],
+                                 height, width, empty, empty)]
         else:
-            branches = [_DitCall(session, device, latents.shape, cond, np.ones(cond.shape[:2], np.int64), prior_ids,
-                                 [False], height, width, keys, values)]
+            branches = [_DitCall(session, device, latents.shape, *text_rows([cond]), prior_ids, [False], height, width,
+                                 keys, values)]
             if use_cfg:
-                branches.append(_DitCall(session, device, latents.shape, uncond, np.ones(uncond.shape[:2], np.int64),
-                                         prior_ids, [True], height, width, empty, empty))
+                branches.append(_DitCall(session, device, latents.shape, *text_rows([uncond]), prior_ids, [True],
+                                         height, width, empty, empty))
         per_step = []
         for i, t in enumerate(timesteps):
             t0 = time.perf_counter()
@@ -379,14 +398,3 @@ class _DitCall:
         self.timestep[:] = timestep
         self.session.run_with_iobinding(self.io)
         return self.noise
-
-
-def _pad_right(embeds: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """[1, T_i, D] embeddings -> ([B, max T, D] zero-padded on the right, mask int64 [B, max T])."""
-    longest = max(e.shape[1] for e in embeds)
-    text = np.zeros((len(embeds), longest, embeds[0].shape[2]), np.float32)
-    mask = np.zeros((len(embeds), longest), np.int64)
-    for i, e in enumerate(embeds):
-        text[i, : e.shape[1]] = e[0]
-        mask[i, : e.shape[1]] = 1
-    return text, mask

@@ -40,6 +40,15 @@ PROVIDER_OPTIONS = {
     "cann": {"device_id", "npu_mem_limit", "arena_extend_strategy", "enable_cann_graph", "dump_graphs",
              "dump_om_model", "precision_mode", "op_select_impl_mode", "optypelist_for_implmode"},
 }
+# What this runtime asks of the CANN EP unless told otherwise (onnxruntime's own defaults in brackets):
+# - enable_cann_graph 1 [1]: graph mode, whole stretches compiled by CANN's graph engine; the
+#   single-op mode has no Softmax, Gather, Concat or Slice kernel (runtime/kernels/cann.json).
+# - precision_mode must_keep_origin_dtype [force_fp16]: compute each node in the dtype the package
+#   says; force_fp16 would also run a fp32 package, and the fp32 norms of a fp16 one, in fp16.
+# - dump_om_model 0 [1]: otherwise every compiled model (one per shape set) is written to the
+#   working directory.
+# device_id and npu_mem_limit (bytes) pass through as given.
+CANN_DEFAULTS = {"enable_cann_graph": True, "precision_mode": "must_keep_origin_dtype", "dump_om_model": False}
 INSTALL_HINT = {
     "cuda": "install onnxruntime-gpu (instead of onnxruntime) and the CUDA + cuDNN libraries it was built for "
             "(e.g. pip install 'onnxruntime-gpu[cuda,cudnn]'), on a machine with an NVIDIA GPU and driver",
@@ -137,7 +146,7 @@ class ProviderRequest:
         if not isinstance(self.name, str) or self.name.lower() not in PROVIDERS:
             raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}, got {self.name!r}")
         self.name = self.name.lower()
-        self.options = dict(self.options or {})
+        self.options = {**(CANN_DEFAULTS if self.name == "cann" else {}), **dict(self.options or {})}
         unknown = sorted(set(self.options) - PROVIDER_OPTIONS[self.name])
         if unknown:
             allowed = ", ".join(sorted(PROVIDER_OPTIONS[self.name])) or "none"
@@ -275,9 +284,11 @@ def create_session(path: Path | str, request: ProviderRequest, threads: int | No
 
 
 def device_of(session: ort.InferenceSession, request: ProviderRequest) -> tuple[str, int]:
-    """(device, id) for a session's IO-bound buffers: "cuda" when CUDA really runs it, else "cpu"."""
-    if "CUDAExecutionProvider" in session.get_providers():
-        return "cuda", int(request.options.get("device_id", 0))
+    """(device, id) for a session's IO-bound buffers: "cuda" or "cann" (onnxruntime's device names)
+    when that provider really runs it, else "cpu"."""
+    for name in ("cuda", "cann"):
+        if PROVIDERS[name] in session.get_providers():
+            return name, int(request.options.get("device_id", 0))
     return "cpu", 0
 
 

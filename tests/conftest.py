@@ -30,6 +30,19 @@ def tiny_package(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
     return out
 
 
+@pytest.fixture(scope="session")
+def cann_packages(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny checkpoint exported for the cann target in both dtypes, with --verify."""
+    from glm_image_onnx.export.package import ExportOptions, export_package
+
+    out = {}
+    for dtype in ("fp32", "fp16"):
+        out[dtype] = tmp_path_factory.mktemp("cann") / f"tiny-cann-{dtype}"
+        export_package(tiny_checkpoint, out[dtype], ExportOptions(verify=True, target="cann", dtype=dtype),
+                       log=lambda _: None)
+    return out
+
+
 @pytest.fixture(scope="module")
 def server(tiny_package: Path) -> Iterator[ServerThread]:
     """The real server on a free loopback port serving the tiny package, default config, one per module.

@@ -93,6 +93,13 @@ def test_every_documented_option_is_accepted() -> None:
             "op_select_impl_mode", "optypelist_for_implmode", "dump_graphs", "dump_om_model"} == P.PROVIDER_OPTIONS["cann"]
 
 
+def test_cann_gets_graph_mode_origin_dtypes_and_no_model_dumps_unless_told() -> None:
+    assert ProviderRequest("cann").ort_options() == {"enable_cann_graph": "1", "precision_mode": "must_keep_origin_dtype",
+                                                     "dump_om_model": "0"}
+    assert ProviderRequest("cann", {"dump_om_model": True}).ort_options()["dump_om_model"] == "1"
+    assert ProviderRequest("cuda").ort_options() == {}
+
+
 def test_options_are_passed_as_strings() -> None:
     request = ProviderRequest("cann", {"device_id": 1, "npu_mem_limit": 2 << 30, "enable_cann_graph": True,
                                        "dump_graphs": False, "precision_mode": "force_fp16",
@@ -100,7 +107,7 @@ def test_options_are_passed_as_strings() -> None:
     assert request.providers() == [
         ("CANNExecutionProvider", {"device_id": "1", "npu_mem_limit": str(2 << 30), "enable_cann_graph": "1",
                                    "dump_graphs": "0", "precision_mode": "force_fp16",
-                                   "arena_extend_strategy": "kSameAsRequested"}),
+                                   "arena_extend_strategy": "kSameAsRequested", "dump_om_model": "0"}),
         "CPUExecutionProvider",
     ]
     cuda = ProviderRequest("cuda", {"device_id": 0, "gpu_mem_limit": 1.5e9}).providers()
@@ -169,7 +176,8 @@ def test_fallback_message_names_provider_options_and_reason(monkeypatch: pytest.
     request = ProviderRequest("cann", {"device_id": 3, "precision_mode": "force_fp16"})
     msg = P.fallback_message("/pkg/dit_decoder.onnx", request, ["CPUExecutionProvider"], error)
     assert msg.startswith("dit_decoder.onnx: CANNExecutionProvider was requested with options "
-                          "{'device_id': '3', 'precision_mode': 'force_fp16'} but could not start: "
+                          "{'enable_cann_graph': '1', 'precision_mode': 'force_fp16', 'dump_om_model': '0', "
+                          "'device_id': '3'} but could not start: "
                           "onnxruntime: create CANN ExecutionProvider fail; libonnxruntime_providers_cann.so "
                           "needs libascendcl.so")
     assert "Running on CPUExecutionProvider" in msg and "set_env.sh" in msg

@@ -56,9 +56,13 @@ def _patch_i2i_split(pipe: Any) -> None:
     model.get_image_tokens = get_image_tokens
 
 
-@pytest.fixture(scope="module")
-def runtime(tiny_package: Path) -> GlmImageOnnxPipeline:
-    return GlmImageOnnxPipeline.from_package(tiny_package)
+@pytest.fixture(scope="module", params=["cpu", "cann-fp32"])
+def runtime(request: pytest.FixtureRequest, tiny_package: Path) -> GlmImageOnnxPipeline:
+    """Today's package, and the fp32 cann one (basic ops, padded shapes) run under the CPU EP: both
+    must reproduce diffusers."""
+    if request.param == "cpu":
+        return GlmImageOnnxPipeline.from_package(tiny_package)
+    return GlmImageOnnxPipeline.from_package(request.getfixturevalue("cann_packages")["fp32"])
 
 
 def _latents(pipe: Any, height: int, width: int, seed: int) -> torch.Tensor:
