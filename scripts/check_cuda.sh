@@ -2,7 +2,7 @@
 # On a machine with an NVIDIA GPU: CUDA packages proven on the device, in under 8 minutes.
 #  1. The bench checkpoint is exported three ways on the CPU: cpu fp32 (the reference), cuda bf16,
 #     cuda fp16; `glm-image-onnx check --provider cuda` must find 0 fallbacks in both CUDA packages.
-#  2. With onnxruntime-gpu, scripts/check_cuda.py then, for each CUDA package (strict: no silent CPU
+#  2. With onnxruntime-gpu, scripts/check_device.py then, for each CUDA package (strict: no silent CPU
 #     fallback): onnxruntime's own node placement per graph (its session log), the cache buffers'
 #     device, the image against the CPU fp32 package at fixed AR tokens and latents, and AR ms/token,
 #     DiT ms/step, end-to-end seconds at 1024x1024 with the AR weight-bandwidth floor.
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 ORT_GPU=${ORT_GPU:-onnxruntime-gpu==1.31.1}
 OUT=${OUT_DIR:-out/check-cuda}
 OFFLINE=0
-ARGS=()  # for check_cuda.py (--quick)
+ARGS=()  # for check_device.py (--quick)
 for a in "$@"; do [ "$a" = --offline ] && OFFLINE=1 || ARGS+=("$a"); done
 log() { echo "[check_cuda $(date +%H:%M:%S)] $*" >&2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { echo "no NVIDIA GPU" >&2; exit 1; }
@@ -56,5 +56,5 @@ for spec in "cpu fp32" "cuda bf16" "cuda fp16"; do
 done
 for dtype in bf16 fp16; do "${EXPORT[@]}" check "$OUT/bench-cuda-$dtype" --provider cuda || true; done
 "$GPU_PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.__file__, o.get_available_providers())"
-"$GPU_PY" scripts/check_cuda.py --reference "$OUT/bench-cpu-fp32" \
+"$GPU_PY" scripts/check_device.py --reference "$OUT/bench-cpu-fp32" \
     --packages "$OUT/bench-cuda-bf16" "$OUT/bench-cuda-fp16" ${ARGS[@]+"${ARGS[@]}"}

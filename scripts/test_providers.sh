@@ -16,7 +16,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 ORT_CANN=${ORT_CANN:-onnxruntime-cann==1.24.4}
 ORT_GPU=${ORT_GPU:-onnxruntime-gpu==1.31.1}
-RUNTIME_DEPS=(tokenizers pillow jinja2 pytest)
+# onnx: `glm-image-onnx check` (the placement check) runs in each environment too.
+RUNTIME_DEPS=(tokenizers pillow jinja2 pytest onnx)
 
 eps=()
 while [ $# -gt 0 ]; do
@@ -43,6 +44,9 @@ if [ "$(cat "$BUILD/stamp" 2>/dev/null)" != "$stamp" ] || [ ! -f "$PKG/manifest.
   rm -rf "$BUILD" && mkdir -p "$BUILD"
   quiet .venv/bin/glm-image-onnx init-checkpoint --preset tiny --seed 0 "$BUILD/ckpt"
   quiet .venv/bin/glm-image-onnx export "$BUILD/ckpt" "$PKG"
+  # Each provider's own target package, run and placement-checked in its environment.
+  quiet .venv/bin/glm-image-onnx export "$BUILD/ckpt" "$BUILD/tiny-cann" --target cann --dtype fp16
+  quiet .venv/bin/glm-image-onnx export "$BUILD/ckpt" "$BUILD/tiny-cuda" --target cuda --dtype fp16
   echo "$stamp" > "$BUILD/stamp"
 else
   log "reusing $PKG"
@@ -81,6 +85,7 @@ for ep in "${eps[@]}"; do
   # -rs lists skips, -s shows what the tests print (the warnings and errors users would see).
   set +e
   GLM_IMAGE_ONNX_EXPECT_EP=$ep GLM_IMAGE_ONNX_TEST_PACKAGE=$PWD/$PKG GLM_IMAGE_ONNX_TEST_REFERENCE=$PWD/$REF \
+    GLM_IMAGE_ONNX_TEST_TARGET_PACKAGE=$PWD/$BUILD/tiny-$ep \
     ".venv-$ep/bin/python" -m pytest -q -rs -s tests/test_providers_accelerated.py "$@"
   rc=$?
   set -e

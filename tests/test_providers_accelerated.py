@@ -175,7 +175,8 @@ def test_strict_request_raises(package: Path, spec: dict[str, Any]) -> None:
         P.create_session(package / "dit_decoder.onnx", ProviderRequest(EP, {"device_id": 0}, strict=True))
     msg = str(err.value)
     print(f"\nProviderError: {msg}")
-    assert msg.startswith(f"dit_decoder.onnx: {P.PROVIDERS[EP]} was requested with options {{'device_id': '0'}}")
+    sent = ProviderRequest(EP, {"device_id": 0}).ort_options()  # with the runtime's defaults (cann)
+    assert msg.startswith(f"dit_decoder.onnx: {P.PROVIDERS[EP]} was requested with options {sent}")
     assert spec["reason"] in msg and P.INSTALL_HINT[EP] in msg and "strict: not falling back to CPU" in msg
 
 
@@ -227,6 +228,34 @@ def test_pipeline_on_the_provider_generates(package: Path, spec: dict[str, Any],
     print(f"\n{EP} pipeline ran on {pipe.providers}: {out.timings['total_s']:.2f}s")
 
 
+def test_the_providers_own_target_package_runs_and_checks_clean(cpu_pipe: GlmImageOnnxPipeline) -> None:
+    """The package built for this provider (cann fp16 / cuda fp16, exported with .venv): the placement
+    check finds no fallback here too (library and CLI), and it generates, on the device or, without
+    one, on the CPU with the same result as a CPU session of the same package."""
+    value = os.environ.get("GLM_IMAGE_ONNX_TEST_TARGET_PACKAGE")
+    if not value or not (Path(value) / "manifest.json").is_file():
+        pytest.fail(f"GLM_IMAGE_ONNX_TEST_TARGET_PACKAGE must name the {EP} package (got {value!r}); "
+                    "scripts/test_providers.sh builds one")
+    from glm_image_onnx.runtime.placement import check_package
+
+    target = Path(value)
+    reports = check_package(target, EP)
+    assert reports and all(not r.problems for r in reports), [r.summary() for r in reports]
+    cli = subprocess.run([sys.executable, "-m", "glm_image_onnx", "check", str(target), "--provider", EP],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0 and "0 nodes fall back" in cli.stderr, cli.stdout + cli.stderr
+    pipe = GlmImageOnnxPipeline.from_package(target, provider=EP)
+    kwargs = dict(height=64, width=64, num_inference_steps=2, seed=3)
+    out = pipe("a 'sign'", **kwargs)
+    image = np.asarray(out.images[0])
+    assert image.shape == (64, 64, 3) and image.std() > 0
+    if not DEVICE:
+        assert pipe.providers == ["CPUExecutionProvider"]
+        on_cpu = GlmImageOnnxPipeline.from_package(target, provider="cpu")("a 'sign'", **kwargs)
+        assert np.array_equal(out.tokens, on_cpu.tokens) and np.array_equal(image, np.asarray(on_cpu.images[0]))
+    print(f"\n{target.name} ({EP} target) ran on {pipe.providers}, placement check clean")
+
+
 def test_same_outputs_as_the_main_environment(cpu_pipe: GlmImageOnnxPipeline) -> None:
     """numpy<2 / another onnxruntime release must not change what the runtime computes."""
     path = os.environ.get("GLM_IMAGE_ONNX_TEST_REFERENCE")
@@ -262,7 +291,9 @@ def test_cli_generate_reports_the_fallback(package: Path, spec: dict[str, Any], 
     ok = subprocess.run(base + ["--out", str(tmp_path / "a.png")], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "a.png").is_file()
-    assert f"{P.PROVIDERS[EP]} was requested with options {{'device_id': '0', '{key.split('=')[0]}'" in ok.stderr
+    name, value = key.split("=")
+    sent = ProviderRequest(EP, {"device_id": "0", name: value}).ort_options()
+    assert f"{P.PROVIDERS[EP]} was requested with options {sent}" in ok.stderr
     assert spec["reason"] in ok.stderr and "on CPUExecutionProvider" in ok.stderr.splitlines()[-1]
     assert "EP Error" not in ok.stdout
     strict = subprocess.run(base + ["--strict", "--out", str(tmp_path / "b.png")], capture_output=True, text=True,
