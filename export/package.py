@@ -385,6 +385,14 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
         elif options.verify:
             verify = {**verify, options.dtype: graph_mod.UNVERIFIED_DTYPES[options.dtype]}
             msg += f" (not run on CPU: {graph_mod.UNVERIFIED_DTYPES[options.dtype]})"
+    elif target.name != "cpu":  # no conversion ran the placement check: run it here
+        import onnx
+
+        from glm_image_onnx.runtime.placement import check_model
+
+        report = check_model(onnx.load(str(path), load_external_data=False), spec.name, target.provider)
+        if report.problems:
+            msg += f"; WARNING, not all on {options.target}: {report.summary()}"
     export_s = time.perf_counter() - t0
     files = graph_mod.onnx_files(path)
     entry: dict[str, Any] = {

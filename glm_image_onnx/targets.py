@@ -126,4 +126,4 @@ def recipe_refusal(target_name: str, recipe: str) -> str | None:
         return None
     return (f"recipe {recipe} does not run on target {t.name}: "
             f"{t.why_not.get(recipe, 'its ops fall back to the CPU there')}; "
-            f"recipes for {t.name}: {', '.join(t.recipes)}")
+            f"recipes for {t.name}: {', '.join(t.recipes) or 'none'}")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import onnx
 import pytest
@@ -21,7 +19,7 @@ from glm_image_onnx.cli import main
 from glm_image_onnx.export.package import ExportOptions, export_package
 from glm_image_onnx.runtime import GlmImageOnnxPipeline
 from glm_image_onnx.runtime.placement import check_package
-from glm_image_onnx.runtime.shapes import ShapeBuckets
+from glm_image_onnx.runtime.shapes import ShapeBuckets, record_shapes
 from glm_image_onnx.targets import SHAPE_BUCKETS
 
 
@@ -95,54 +93,9 @@ def test_fp16_cann_package_keeps_quality_at_fixed_tokens(cann_packages: dict[str
 
 
 # ------------------------------------------------------------------------------- shape sets
-class _Recorder:
-    """A real session whose calls record the input shapes onnxruntime receives (bound or fed)."""
-
-    def __init__(self, session: Any, seen: list[tuple]):
-        self._session, self._seen = session, seen
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._session, name)
-
-    def run(self, names: Any, feed: dict[str, Any], *args: Any) -> Any:
-        self._seen.append(tuple(sorted((k, tuple(np.shape(v))) for k, v in feed.items())))
-        return self._session.run(names, feed, *args)
-
-    def io_binding(self) -> "_Binding":
-        return _Binding(self._session.io_binding())
-
-    def run_with_iobinding(self, io: "_Binding", *args: Any) -> None:
-        self._seen.append(tuple(sorted(io.shapes.items())))
-        self._session.run_with_iobinding(io.binding, *args)
-
-
-class _Binding:
-    def __init__(self, binding: Any):
-        self.binding, self.shapes = binding, {}
-
-    def bind_input(self, name: str, device: str, device_id: int, dtype: Any, shape: list[int], ptr: int) -> None:
-        self.shapes[name] = tuple(shape)
-        self.binding.bind_input(name, device, device_id, dtype, shape, ptr)
-
-    def bind_ortvalue_input(self, name: str, value: Any) -> None:
-        self.shapes[name] = tuple(value.shape())
-        self.binding.bind_ortvalue_input(name, value)
-
-    def __getattr__(self, name: str) -> Any:  # outputs: not part of the input-shape set
-        return getattr(self.binding, name)
-
-
-def _record(pipe: GlmImageOnnxPipeline) -> dict[str, list[tuple]]:
-    seen: dict[str, list[tuple]] = {g: [] for g in pipe.sessions}
-    for g in pipe.sessions:
-        pipe.sessions[g] = _Recorder(pipe.sessions[g], seen[g])
-    pipe.ar.session = pipe.sessions["ar_planner"]
-    return seen
-
-
 def test_a_1024px_generation_gives_each_graph_a_few_shape_sets(cann_packages: dict[str, Path]) -> None:
     pipe = GlmImageOnnxPipeline.from_package(cann_packages["fp32"], verify_files=False)
-    seen = _record(pipe)
+    seen = record_shapes(pipe)
     for prompt in ("a 'GLM' sign", "a much longer prompt about a shop front whose sign says 'OPEN 24 HOURS'"):
         out = pipe(prompt, height=1024, width=1024, num_inference_steps=2, seed=0)
         assert out.images[0].size == (1024, 1024)
@@ -230,3 +183,23 @@ def test_quantize_refuses_a_cann_package(cann_packages: dict[str, Path], tmp_pat
     err = capsys.readouterr().err
     assert "recipe int4-weight does not run on target cann: the CANN EP has no quantisation kernels" in err
     assert not (tmp_path / "q").exists()
+
+
+def test_the_server_serves_a_cann_package_like_the_in_process_pipeline(cann_packages: dict[str, Path]) -> None:
+    from _server_helpers import glm_inputs, outputs, start_server, tritonclient_grpc
+
+    package = cann_packages["fp16"]
+    srv = start_server(package)
+    try:
+        with tritonclient_grpc.InferenceServerClient(srv.url) as client:
+            config = client.get_model_config("glm_image", as_json=True)["config"]
+            assert config["parameters"]["target"]["string_value"].startswith("cann")
+            result = client.infer("glm_image", glm_inputs(prompt="a 'sign'", height=64, width=96, steps=2, seed=5),
+                                  outputs=outputs("image"), client_timeout=60)
+            ar = client.get_model_metadata("ar_planner", as_json=True)
+            assert "cache_position" in [i["name"] for i in ar["inputs"]]
+    finally:
+        srv.stop()
+    local = GlmImageOnnxPipeline.from_package(package, verify_files=False)("a 'sign'", height=64, width=96,
+                                                                           num_inference_steps=2, seed=5)
+    assert np.array_equal(result.as_numpy("image"), np.asarray(local.images[0]))
