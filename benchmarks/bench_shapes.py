@@ -35,7 +35,7 @@ def one_run(package: str, size: int, steps: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--packages", nargs="+", required=True)
+    ap.add_argument("--packages", nargs="+")
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3, help="fresh processes per package")
@@ -44,6 +44,8 @@ def main() -> int:
     if args.child:
         print(json.dumps(one_run(args.child, args.size, args.steps)))
         return 0
+    if not args.packages:
+        ap.error("--packages is required")
     rows = []
     for package in args.packages:
         runs = []
