@@ -164,10 +164,9 @@ def static_inputs(sizes: dict[str, Any], batch: int, seq: int, past: int | list[
     """`random_inputs` for `StaticCacheDecoder`: the write positions replace the two lengths."""
     inputs = random_inputs(sizes, batch, seq, past, capacity, gen)
     pasts = torch.tensor(past if isinstance(past, list) else [past] * batch)
-    del inputs["seqlens_k"], inputs["total_sequence_length"]
-    position = {"cache_position": pasts[:, None] + torch.arange(seq)[None, :]}
-    return {k: inputs[k] for k in ("input_ids", "position_ids")} | position | \
-        {k: v for k, v in inputs.items() if k not in ("input_ids", "position_ids")}
+    out = {"input_ids": inputs["input_ids"], "position_ids": inputs["position_ids"],
+           "cache_position": pasts[:, None] + torch.arange(seq)[None, :]}
+    return out | {k: v for k, v in inputs.items() if k.startswith("past_key_values.")}
 
 
 def graph_specs(model: Any, checkpoint_dir: Path, target: Target = TARGETS["cpu"]) -> list[GraphSpec]:
