@@ -50,12 +50,13 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
 # Padded lengths of a static-shapes package (recorded in its manifest, where the runtime reads them):
 # each call is padded up to the smallest bucket that holds it, so a graph sees at most one input-shape
 # set per bucket (CANN graph mode compiles once per set). Powers of two: at most 2x padding.
-#   prompt: AR prefill lengths (an image-to-image prompt carries its sources' tokens: 16384 per 2048 px)
+#   prompt: AR prefill lengths; a longer prompt (image-to-image carries its sources' tokens: 4096 per
+#     1024 px source) is prefilled in chunks of the largest, which also bounds the attention scores
 #   capacity: AR cache positions (prompt bucket + new tokens; 2048x2048 text-to-image needs 4353 new)
 #   glyph: ByT5 tokens per quoted text (the pipeline truncates at 2048, plus one pad)
 #   dit_text: glyph tokens of one prompt, all texts together, as the DiT reads them
 SHAPE_BUCKETS: dict[str, list[int]] = {
-    "prompt": [2 ** i for i in range(6, 16)],  # 64 .. 32768
+    "prompt": [64, 128, 256, 512],
     "capacity": [2 ** i for i in range(9, 17)],  # 512 .. 65536
     "glyph": [2 ** i for i in range(4, 13)],  # 16 .. 4096
     "dit_text": [2 ** i for i in range(4, 15)],  # 16 .. 16384

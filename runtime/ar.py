@@ -103,9 +103,10 @@ class ArPlanner:
         if num_tokens - 1 > decode_positions.shape[-1]:
             raise IndexError(f"{num_tokens} tokens need {num_tokens - 1} decode positions, "
                              f"{decode_positions.shape[-1]} were precomputed")
-        # Static shapes: the prompt padded on the right to its bucket (the pads write cache slots that
-        # decoding overwrites before reading), the cache at a capacity bucket for the whole generation.
-        padded = self.buckets.pad("prompt", prompt_len)
+        # Static shapes: the prompt padded on the right to its bucket, or prefilled in chunks past the
+        # largest one (the pads write cache slots that decoding overwrites before reading them), the
+        # cache at a capacity bucket for the whole generation.
+        padded, chunk = self.buckets.prefill(prompt_len)
         capacity = self.buckets.pad("capacity", max(padded, prompt_len + num_tokens))  # KV_CAPACITY_*
         cache = self._cache_buffers([batch, self.kv_heads, capacity, self.head_dim])  # held: binding keeps pointers
         io = self.session.io_binding()
@@ -126,11 +127,15 @@ class ArPlanner:
         ids[:, :prompt_len], ids[:, prompt_len:] = input_ids, input_ids[:, -1:]
         positions = np.empty((3, batch, padded), i64)
         positions[:, :, :prompt_len], positions[:, :, prompt_len:] = prefill_positions, prefill_positions[:, :, -1:]
-        prefill_logits = np.empty((batch, padded, self.vocab), dtype=f32)
-        prefill_lengths = bind(ids, positions, prefill_logits)  # held: the binding keeps only pointers
-        self._set_lengths(prefill_lengths, 0, padded)
-        self.session.run_with_iobinding(io)
-        logits = prefill_logits[:, prompt_len - 1, :]
+        chunk_ids, chunk_positions = np.empty((batch, chunk), i64), np.empty((3, batch, chunk), i64)
+        chunk_logits = np.empty((batch, chunk, self.vocab), dtype=f32)
+        prefill_lengths = bind(chunk_ids, chunk_positions, chunk_logits)  # held: the binding keeps only pointers
+        for start in range(0, padded, chunk):
+            chunk_ids[:], chunk_positions[:] = ids[:, start:start + chunk], positions[:, :, start:start + chunk]
+            self._set_lengths(prefill_lengths, start, chunk)
+            self.session.run_with_iobinding(io)
+            if start <= prompt_len - 1 < start + chunk:
+                logits = chunk_logits[:, prompt_len - 1 - start, :].copy()
         prefill_s = time.perf_counter() - t0
 
         # Decode: every per-token input is a preallocated buffer bound once; a step only rewrites

@@ -52,6 +52,19 @@ class ShapeBuckets:
                          f"({self.buckets[kind][-1]}); re-export with larger buckets")
 
 
+    def prefill(self, length: int) -> tuple[int, int]:
+        """(padded prompt length, chunk) for an AR prefill of `length` tokens: one call at its bucket,
+        or, past the largest prompt bucket, calls of that many tokens each (a chunked prefill keeps
+        one shape and bounds the attention scores, [chunk x capacity] per head). Exact without buckets."""
+        if not self.static:
+            return length, length
+        chunk = self.buckets["prompt"][-1]
+        if length <= chunk:
+            padded = self.pad("prompt", length)
+            return padded, padded
+        return -(-length // chunk) * chunk, chunk
+
+
 def pad_right(rows: list[np.ndarray], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """[1, T_i, D] rows -> ([B, L, D] zero-padded on the right, mask int64 [B, L]); L is the longest
     row, or `length` when given (a bucket)."""

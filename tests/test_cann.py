@@ -117,12 +117,32 @@ def test_a_1024px_generation_gives_each_graph_a_few_shape_sets(cann_packages: di
 def test_bucket_errors_name_the_length_and_the_fix() -> None:
     buckets = ShapeBuckets.from_manifest({"shape_buckets": SHAPE_BUCKETS})
     assert buckets.pad("prompt", 65) == 128 and buckets.pad("capacity", 1281 + 128) == 2048
-    with pytest.raises(ValueError, match="prompt length 40000 exceeds .* largest prompt bucket .32768.; re-export"):
-        buckets.pad("prompt", 40000)
+    assert buckets.prefill(65) == (128, 128) and buckets.prefill(4100) == (4608, 512)  # chunks past 512
+    with pytest.raises(ValueError, match="capacity length 70000 exceeds .* largest capacity bucket .65536.; re-export"):
+        buckets.pad("capacity", 70000)
     with pytest.raises(ValueError, match="shape_buckets.glyph must be an ascending list"):
         ShapeBuckets.from_manifest({"shape_buckets": {**SHAPE_BUCKETS, "glyph": [64, 16]}})
     with pytest.raises(ValueError, match="must list prompt, capacity, glyph, dit_text"):
         ShapeBuckets.from_manifest({"shape_buckets": {"prompt": [64]}})
+
+
+def test_a_prompt_past_the_largest_bucket_is_prefilled_in_chunks(cann_packages: dict[str, Path],
+                                                                  tiny_package: Path) -> None:
+    from glm_image_onnx.runtime.sampling import SamplingConfig, TokenSampler
+
+    def greedy(p: GlmImageOnnxPipeline) -> TokenSampler:
+        return TokenSampler(SamplingConfig(do_sample=False), p.codebook_size, seed=0)
+
+    ref = GlmImageOnnxPipeline.from_package(tiny_package, verify_files=False)
+    pipe = GlmImageOnnxPipeline.from_package(cann_packages["fp32"], verify_files=False)
+    pipe.ar.buckets = ShapeBuckets({**pipe.buckets.buckets, "prompt": (8, 16)})  # tiny's prompts: ~3 chunks
+    seen = record_shapes(pipe)
+    prompt = "a shop sign that says 'OPEN 24h'"
+    want = ref.generate_prior_tokens(prompt, 64, 96, None, greedy(ref))[0]
+    got = pipe.generate_prior_tokens(prompt, 64, 96, None, greedy(pipe))[0]
+    assert np.array_equal(want, got)
+    prefill = [dict(c) for c in seen["ar_planner"] if dict(c)["input_ids"][1] > 1]
+    assert len(prefill) >= 2 and all(c["input_ids"] == (1, 16) for c in prefill)
 
 
 # ----------------------------------------------------------------- the rewrites, in PyTorch
