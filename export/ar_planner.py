@@ -179,19 +179,7 @@ def graph_specs(model: Any, checkpoint_dir: Path, target: Target = TARGETS["cpu"
     ex = _EXAMPLE
     example = random_inputs(sizes, ex["batch"], ex["seq"], ex["past"], ex["capacity"],
                             torch.Generator().manual_seed(1234))
-    batch = Dim("batch", min=1, max=1024)
-    seq = Dim("seq", min=1, max=1 << 20)
-    capacity = Dim("capacity", min=1, max=1 << 20)
-    kv_shape = {0: batch, 2: capacity}
-    # Keys are forward()'s parameter names: the cache is the *past_key_values varargs (a tuple in
-    # input order), since "past_key_values.0.key" is no Python identifier.
-    dynamic_shapes = {
-        "input_ids": {0: batch, 1: seq},
-        "position_ids": {1: batch, 2: seq},
-        "seqlens_k": {0: batch},
-        "total_sequence_length": {},
-        "past_key_values": tuple(kv_shape for _ in range(2 * n)),
-    }
+    dynamic_shapes = _dynamic_shapes(n, lambda batch, seq: {"seqlens_k": {0: batch}, "total_sequence_length": {}})
 
     def verify_inputs(gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
         # Shapes other than the export example: prefill (past 0), decode, chunked, ragged rows.
@@ -237,16 +225,7 @@ def _static_specs(model: Any) -> list[GraphSpec]:
     ex = _EXAMPLE
     example = static_inputs(sizes, ex["batch"], ex["seq"], ex["past"], ex["capacity"],
                             torch.Generator().manual_seed(1234))
-    batch = Dim("batch", min=1, max=1024)
-    seq = Dim("seq", min=1, max=1 << 20)
-    capacity = Dim("capacity", min=1, max=1 << 20)
-    kv_shape = {0: batch, 2: capacity}
-    dynamic_shapes = {
-        "input_ids": {0: batch, 1: seq},
-        "position_ids": {1: batch, 2: seq},
-        "cache_position": {0: batch, 1: seq},
-        "past_key_values": tuple(kv_shape for _ in range(2 * n)),
-    }
+    dynamic_shapes = _dynamic_shapes(n, lambda batch, seq: {"cache_position": {0: batch, 1: seq}})
 
     def verify_inputs(gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
         # A padded prefill into a larger cache, decode steps of rows at different positions, a
@@ -279,6 +258,18 @@ def _static_specs(model: Any) -> list[GraphSpec]:
         config=config,
         shared_buffers=dict(zip(_present_names(n), _past_names(n))),
     )]
+
+
+def _dynamic_shapes(num_layers: int, lengths: Any) -> dict[str, Any]:
+    """torch.export dims of either AR graph; `lengths(batch, seq)` gives those of the inputs that say
+    where the tokens go. Keys are forward()'s parameter names: the cache is the *past_key_values
+    varargs (a tuple in input order), since "past_key_values.0.key" is no Python identifier."""
+    batch = Dim("batch", min=1, max=1024)
+    seq = Dim("seq", min=1, max=1 << 20)
+    capacity = Dim("capacity", min=1, max=1 << 20)
+    kv_shape = {0: batch, 2: capacity}
+    return {"input_ids": {0: batch, 1: seq}, "position_ids": {1: batch, 2: seq}, **lengths(batch, seq),
+            "past_key_values": tuple(kv_shape for _ in range(2 * num_layers))}
 
 
 def _config(model: Any, sizes: dict[str, Any]) -> dict[str, Any]:

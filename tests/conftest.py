@@ -30,17 +30,23 @@ def tiny_package(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
     return out
 
 
-@pytest.fixture(scope="session")
-def cann_packages(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny checkpoint exported for the cann target in both dtypes, with --verify."""
+def export_target(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, target: str,
+                  dtypes: tuple[str, ...]) -> dict[str, Path]:
+    """`checkpoint` exported for `target` in each of `dtypes`, with --verify: dtype -> package."""
     from glm_image_onnx.export.package import ExportOptions, export_package
 
     out = {}
-    for dtype in ("fp32", "fp16"):
-        out[dtype] = tmp_path_factory.mktemp("cann") / f"tiny-cann-{dtype}"
-        export_package(tiny_checkpoint, out[dtype], ExportOptions(verify=True, target="cann", dtype=dtype),
+    for dtype in dtypes:
+        out[dtype] = tmp_path_factory.mktemp(target) / f"tiny-{target}-{dtype}"
+        export_package(checkpoint, out[dtype], ExportOptions(verify=True, target=target, dtype=dtype),
                        log=lambda _: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def cann_packages(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny checkpoint exported for the cann target in both dtypes, with --verify."""
+    return export_target(tiny_checkpoint, tmp_path_factory, "cann", ("fp32", "fp16"))
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from conftest import export_target
 from glm_image_onnx.cli import main
-from glm_image_onnx.export.package import ExportError, ExportOptions, export_package
+from glm_image_onnx.export.package import ExportError, ExportOptions
 from glm_image_onnx.runtime import GlmImageOnnxPipeline, ProviderError
 from glm_image_onnx.runtime.ar import ArPlanner
 from glm_image_onnx.runtime.package import Package, PackageError
@@ -28,12 +29,7 @@ from glm_image_onnx.runtime.placement import check_model, check_package, load_ta
 @pytest.fixture(scope="module")
 def cuda_packages(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny checkpoint exported for CUDA in both dtypes, with --verify."""
-    out = {}
-    for dtype in ("fp16", "bf16"):
-        out[dtype] = tmp_path_factory.mktemp("cuda") / f"tiny-cuda-{dtype}"
-        export_package(tiny_checkpoint, out[dtype], ExportOptions(verify=True, target="cuda", dtype=dtype),
-                       log=lambda _: None)
-    return out
+    return export_target(tiny_checkpoint, tmp_path_factory, "cuda", ("fp16", "bf16"))
 
 
 def _manifest(path: Path) -> dict:
