@@ -54,9 +54,11 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
 
     try:
         preset = get_preset(args.preset)
-        if preset.name == "full":
-            raise ValueError("preset 'full' records the published sizes (16B parameters) and is not "
-                             "built here; use tiny or bench")
+        if args.layers is not None:
+            preset = preset.with_layers(args.layers)
+        elif preset.name == "full":
+            raise ValueError("preset 'full' has the published 40/30 layers (16B parameters); add "
+                             "--layers N for every published width with N layers per stack")
         out = write_checkpoint(preset, Path(args.out), seed=args.seed)
     except (ValueError, FileExistsError) as e:
         raise CliError(str(e)) from None
@@ -199,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init-checkpoint", help="write a random GLM-Image checkpoint (diffusers layout)")
-    p.add_argument("--preset", default="tiny", help="tiny | bench (default: tiny)")
+    p.add_argument("--preset", default="tiny", help="tiny | bench | tiny-published | full (default: tiny)")
+    p.add_argument("--layers", type=int, metavar="N",
+                   help="N layers in each stack (AR planner, vision encoder, glyph encoder, DiT)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("out", help="output folder (must not exist or be empty)")
     p.set_defaults(func=cmd_init_checkpoint)

@@ -88,7 +88,7 @@ def build_ar_planner(preset: Preset) -> Any:
     model.generation_config.do_sample = True
     model.generation_config.temperature = 0.9
     model.generation_config.top_p = 0.75
-    model.generation_config.top_k = None
+    model.generation_config.top_k = preset.ar.vision_vocab_size  # the whole image vocabulary
     model.generation_config.eos_token_id = preset.ar.codebook_size + 1
     model.generation_config.pad_token_id = ar_token_ids(preset)["pad_token_id"]
     return model.eval()
@@ -150,7 +150,10 @@ def build_vae(preset: Preset, seed: int = 0) -> Any:
         layers_per_block=v.layers_per_block,
         latent_channels=v.latent_channels,
         norm_num_groups=v.norm_num_groups,
-        sample_size=1024,
+        sample_size=v.sample_size,
+        use_quant_conv=v.quant_convs,
+        use_post_quant_conv=v.quant_convs,
+        mid_block_add_attention=v.mid_attention,
         latents_mean=mean,
         latents_std=std,
     ).eval()

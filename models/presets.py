@@ -1,8 +1,11 @@
 """Model-family presets: one frozen description of every component's sizes.
 
 `tiny` is for tests (runs end to end in about a second), `bench` is weight-dominated for
-benchmarks, `full` records the published GLM-Image sizes so that a real checkpoint folder can be
-recognised and checked. A preset is plain data; `models.checkpoint` turns it into torch modules.
+benchmarks, `full` is the published GLM-Image configuration (`../shared/notes/real-configs.md`):
+a real checkpoint folder is recognised by it, and `full.with_layers(n)` builds checkpoints of every
+published width with few layers. `tiny-published` has tiny widths but the published structure
+(token-id layout, vocabulary, VAE flags, processor limits). A preset is plain data;
+`models.checkpoint` turns it into torch modules.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ class VaeSizes:
     latent_channels: int
     norm_num_groups: int
     layers_per_block: int = 1
+    quant_convs: bool = True  # use_quant_conv / use_post_quant_conv (the published VAE has neither)
+    mid_attention: bool = True  # mid_block_add_attention
+    sample_size: int = 1024  # the tile size of diffusers' tiled decode
 
 
 @dataclass(frozen=True)
@@ -69,11 +75,22 @@ class Preset:
     dit: DitSizes
     glyph: GlyphEncoderSizes
     vae: VaeSizes
+    # The published tokenizer/processor layout: a 168064-token vocabulary with the GLM-4 specials
+    # at their published ids (`<|image|>` 167855), no role tokens in the chat template, 512..2048 px.
+    published_layout: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def with_changes(self, **parts: Any) -> "Preset":
         """A copy with whole parts replaced, e.g. `ar=replace(p.ar, num_heads=8)`."""
         return replace(self, **parts)
+
+    def with_layers(self, n: int) -> "Preset":
+        """Every width kept, `n` layers in each stack (AR planner, vision encoder, glyph encoder, DiT)."""
+        if n < 1:
+            raise ValueError(f"--layers must be >= 1, got {n}")
+        return replace(self, name=f"{self.name}-{n}l",
+                       ar=replace(self.ar, num_layers=n, vision_depth=n),
+                       glyph=replace(self.glyph, num_layers=n), dit=replace(self.dit, num_layers=n))
 
 
 TINY = Preset(
@@ -105,8 +122,7 @@ BENCH = Preset(
     vae=VaeSizes(block_out_channels=(32, 64, 128, 128), latent_channels=16, norm_num_groups=32),
 )
 
-# The published GLM-Image sizes (public configs). Never built here: used to recognise and check
-# a user's real checkpoint.
+# The published GLM-Image configuration. Built here only with few layers (`with_layers`).
 FULL = Preset(
     name="full",
     ar=ArPlannerSizes(
@@ -118,11 +134,23 @@ FULL = Preset(
     ),
     dit=DitSizes(num_layers=30, num_heads=32, head_dim=128, time_embed_dim=512, condition_dim=256),
     glyph=GlyphEncoderSizes(d_model=1472, num_layers=12, num_heads=6, d_kv=64, d_ff=3584),
-    vae=VaeSizes(block_out_channels=(128, 256, 512, 512), latent_channels=16, norm_num_groups=32,
-                 layers_per_block=2),
+    vae=VaeSizes(block_out_channels=(128, 512, 1024, 1024), latent_channels=16, norm_num_groups=32,
+                 layers_per_block=3, quant_convs=False, mid_attention=False),
+    published_layout=True,
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, BENCH, FULL)}
+# Tiny widths, published structure: what the suite compares with diffusers at 512x512.
+TINY_PUBLISHED = Preset(
+    name="tiny-published",
+    ar=replace(TINY.ar, codebook_size=FULL.ar.codebook_size, vision_vocab_size=FULL.ar.vision_vocab_size,
+               text_vocab_extra=FULL.ar.text_vocab_extra, max_position_embeddings=8192),
+    dit=TINY.dit,
+    glyph=TINY.glyph,
+    vae=replace(FULL.vae, block_out_channels=(8, 16, 16, 16), norm_num_groups=4),
+    published_layout=True,
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, BENCH, FULL, TINY_PUBLISHED)}
 
 
 def get_preset(name: str) -> Preset:

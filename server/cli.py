@@ -41,10 +41,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise _cli_error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_queue < 0 or args.max_queue_delay_us < 0:
         raise _cli_error("--max-queue and --max-queue-delay-us must be >= 0")
-    for flag in ("max_side", "max_steps", "max_prompt_bytes", "max_image_mb", "max_source_pixels",
+    for flag in ("max_steps", "max_prompt_bytes", "max_image_mb", "max_source_pixels",
                  "max_tensor_elements", "max_axis_size", "max_message_mb"):
         if getattr(args, flag) < 1:
             raise _cli_error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_side is not None and args.max_side < 32:
+        raise _cli_error(f"--max-side must be >= 32, got {args.max_side}")
     if args.max_pixels is not None and args.max_pixels < 1024:
         raise _cli_error(f"--max-pixels must be >= 1024, got {args.max_pixels}")
     if not (Path(args.package) / "manifest.json").is_file():
@@ -59,7 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise _cli_error(str(e)) from None
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    limits = Limits(max_side=args.max_side, max_pixels=args.max_pixels or args.max_side * args.max_side,
+    max_pixels = args.max_pixels or (args.max_side * args.max_side if args.max_side else None)
+    limits = Limits(max_side=args.max_side, max_pixels=max_pixels,
                     max_steps=args.max_steps, max_prompt_bytes=args.max_prompt_bytes,
                     max_image_bytes=args.max_image_mb << 20, max_source_pixels=args.max_source_pixels)
     component_limits = ComponentLimits(max_tensor_elements=args.max_tensor_elements, max_axis_size=args.max_axis_size)
@@ -124,7 +127,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue-delay-us", type=int, default=0,
                    help="how long a component batch waits for more requests (default 0: never waits)")
     p.add_argument("--no-components", action="store_true", help="serve only glm_image, not every graph")
-    p.add_argument("--max-side", type=int, default=2048, help="largest height/width a request may ask (default 2048)")
+    p.add_argument("--max-side", type=int,
+                   help="largest height/width a request may ask (default: from the package's processor config, "
+                        "sqrt(max_pixels): 2048 for the published model)")
     p.add_argument("--max-steps", type=int, default=100, help="most denoising steps a request may ask (default 100)")
     p.add_argument("--max-message-mb", type=int, default=256, help="gRPC message size limit (default 256 MiB)")
     p.add_argument("--max-pixels", type=int, help="largest height x width (default: max-side squared)")

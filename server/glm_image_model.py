@@ -33,7 +33,7 @@ class GlmImageModel(Model):
     def __init__(self, pipeline: Any, limits: Limits = Limits()):
         super().__init__()
         self.pipeline = pipeline
-        self.limits = limits
+        self.limits = limits.for_package(pipeline.image_processor)
         self.inputs = list(glm.INPUTS)
         self.outputs = list(glm.OUTPUTS)
         self.instance_kind = "KIND_CPU" if pipeline.providers[0] == "CPUExecutionProvider" else "KIND_GPU"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -42,15 +43,40 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for; larger requests are refused with INVALID_ARGUMENT."""
+    """What one request may ask for; larger requests are refused with INVALID_ARGUMENT.
 
-    max_side: int = 2048
-    max_pixels: int = 2048 * 2048
+    The size bounds left None come from the package's processor config (`for_package`): the
+    published model takes 512x512 .. 2048x2048, a toy package what its processor says."""
+
+    max_side: int | None = None
+    max_pixels: int | None = None
+    min_pixels: int | None = None
     max_steps: int = 100
     max_guidance: float = 50.0
     max_prompt_bytes: int = 16384
     max_image_bytes: int = 32 << 20
     max_source_pixels: int = 4096 * 4096
+
+    def for_package(self, processor: Any) -> "Limits":
+        """The unset size bounds from an `images.ImageProcessor`: its pixel range, and a side of at
+        most sqrt(max_pixels) (the published vision encoder's image_size is that 2048 too)."""
+        max_pixels = self.max_pixels or processor.max_pixels
+        return dataclasses.replace(self, max_pixels=max_pixels,
+                                   min_pixels=processor.min_pixels if self.min_pixels is None else self.min_pixels,
+                                   max_side=self.max_side or math.isqrt(max_pixels))
+
+    def check_size(self, height: int, width: int, origin: str = "") -> None:
+        """ValueError naming the field when (height, width) is outside this server's bounds."""
+        src = f" (from {origin})" if origin else ""
+        for name, size in (("height", height), ("width", width)):
+            if self.max_side is not None and size > self.max_side:
+                raise ValueError(f"{name} {size}{src} is larger than this server's limit of {self.max_side} pixels")
+        if self.max_pixels is not None and height * width > self.max_pixels:
+            raise ValueError(f"height x width = {height}x{width}{src} is more than this server's limit of "
+                             f"{self.max_pixels} pixels")
+        if self.min_pixels and height * width < self.min_pixels:
+            raise ValueError(f"height x width = {height}x{width}{src} is less than this model's minimum of "
+                             f"{self.min_pixels} pixels")
 
 
 @dataclass(frozen=True)
@@ -174,11 +200,13 @@ def _check(v: dict[str, Any], lim: Limits, image_to_image: bool) -> GlmImageRequ
             size = v[name]
             if size < 32 or size % 32:
                 raise errors.invalid(f"{name} must be a positive multiple of 32, got {size}")
-            if size > lim.max_side:
+            if lim.max_side is not None and size > lim.max_side:
                 raise errors.invalid(f"{name} {size} is larger than this server's limit of {lim.max_side} pixels")
-    if "height" in v and "width" in v and v["height"] * v["width"] > lim.max_pixels:
-        raise errors.invalid(f"height x width = {v['height']}x{v['width']} is more than this server's limit "
-                             f"of {lim.max_pixels} pixels")
+    if "height" in v and "width" in v:
+        try:
+            lim.check_size(v["height"], v["width"])
+        except ValueError as e:
+            raise errors.invalid(str(e)) from None
     if "steps" in v and not 1 <= v["steps"] <= lim.max_steps:
         raise errors.invalid(f"steps must be between 1 and {lim.max_steps}, got {v['steps']}")
     if "guidance" in v and not (math.isfinite(v["guidance"]) and 0 <= v["guidance"] <= lim.max_guidance):
@@ -224,10 +252,12 @@ def output_size(r: GlmImageRequest, source: Image.Image | None, defaults: dict[s
         width = r.width or int(defaults.get("width", 1024))
     origin = "the source image" if source is not None else "the package default"
     for name, size in (("height", height), ("width", width)):
-        if size < 32 or size > lim.max_side:
-            raise errors.invalid(f"{name} {size} (from {origin}) is outside 32..{lim.max_side}; pass {name}")
-    if height * width > lim.max_pixels:
-        raise errors.invalid(f"{height}x{width} is more than this server's limit of {lim.max_pixels} pixels")
+        if size < 32:
+            raise errors.invalid(f"{name} {size} (from {origin}) is less than 32; pass {name}")
+    try:
+        lim.check_size(height, width, origin)
+    except ValueError as e:
+        raise errors.invalid(f"{e}; pass height and width") from None
     return height, width
 
 

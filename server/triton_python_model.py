@@ -56,14 +56,16 @@ class TritonPythonModel:
         options = json.loads(params.get("provider_options") or "{}")
         if provider != "cpu" and args.get("model_instance_kind") == "GPU":
             options.setdefault("device_id", args.get("model_instance_device_id", "0"))
-        self.limits = glm.Limits(max_side=int(params.get("max_side", 2048)),
-                                 max_pixels=int(params.get("max_pixels", 2048 * 2048)),
-                                 max_steps=int(params.get("max_steps", 100)))
         threads = int(params["threads"]) if params.get("threads") else None
         self.pipeline = GlmImageOnnxPipeline.from_package(package, provider=provider, provider_options=options,
                                                           strict=params.get("strict") == "true",
                                                           verify_files=params.get("verify_files") == "true",
                                                           threads=threads)
+        # Size bounds not set in the model config come from the package's processor config.
+        self.limits = glm.Limits(max_side=int(params["max_side"]) if params.get("max_side") else None,
+                                 max_pixels=int(params["max_pixels"]) if params.get("max_pixels") else None,
+                                 max_steps=int(params.get("max_steps", 100))
+                                 ).for_package(self.pipeline.image_processor)
 
     def execute(self, requests):
         return [self._one(request) for request in requests]

@@ -45,7 +45,7 @@ class RepoOptions:
     pipeline: bool = True
     provider: str | None = None  # glm_image's provider; default cuda for kind gpu, else cpu
     provider_options: dict[str, str] | None = None
-    max_side: int = 2048
+    max_side: int | None = None  # default: from the package's processor config
     max_steps: int = 100
     overwrite: bool = False
 
@@ -115,8 +115,9 @@ def pipeline_config(options: RepoOptions) -> mc.ModelConfig:
     provider = options.provider or ("cuda" if options.kind == "gpu" else "cpu")
     params = {"package": "package", "provider": provider,
               "provider_options": json.dumps(options.provider_options or {}), "verify_files": "false",
-              "max_side": str(options.max_side), "max_pixels": str(options.max_side ** 2),
               "max_steps": str(options.max_steps)}
+    if options.max_side:
+        params.update(max_side=str(options.max_side), max_pixels=str(options.max_side ** 2))
     for key, value in params.items():
         cfg.parameters[key].string_value = value
     return cfg

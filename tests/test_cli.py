@@ -49,7 +49,8 @@ def test_export_refuses_to_overwrite(tiny_checkpoint: Path, tmp_path: Path) -> N
 
 @pytest.mark.parametrize("args, text", [
     (("--preset", "huge"), "unknown preset 'huge'"),
-    (("--preset", "full"), "not built here"),
+    (("--preset", "full"), "add --layers N"),
+    (("--preset", "full", "--layers", "0"), "--layers must be >= 1"),
 ])
 def test_init_checkpoint_bad_preset(tmp_path: Path, args: tuple[str, ...], text: str) -> None:
     proc = run_cli("init-checkpoint", *args, str(tmp_path / "ck"))
