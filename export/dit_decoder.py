@@ -145,6 +145,7 @@ def graph_specs(model: Any, checkpoint_dir: Path, target: Target = TARGETS["cpu"
         output_names=["noise_pred"],
         verify_inputs=decoder_cases,
         ort_fusions=True,
+        flash_mask_input="encoder_attention_mask",
         description="One DiT denoising step: latent + glyph embeddings + prior ids -> noise prediction. "
                     "condition_keys/values from dit_condition_write are prepended to every layer's "
                     "keys/values (i2i cond branch); pass cond_len 0 without condition images. Their "

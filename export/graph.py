@@ -63,6 +63,9 @@ class GraphSpec:
     # own optimiser misses the dynamo graphs' tanh-GELU and attention patterns; fused, the DiT
     # gets FastGelu and MultiHeadAttention nodes (about -8% per step in fp32, -12% in int8).
     ort_fusions: bool = False
+    # The mask input whose all-real case lets a cpu package's biased attention take onnxruntime's
+    # flash kernel (export.attention.flash_when_unmasked).
+    flash_mask_input: str | None = None
 
 
 @contextlib.contextmanager

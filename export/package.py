@@ -91,6 +91,10 @@ def _load_component(folder: str, path: Path) -> Any:
     raise KeyError(folder)
 
 
+def _first(size: int | list[int]) -> int:
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
 def pipeline_config(info: CheckpointInfo) -> dict[str, Any]:
     """What the runtime needs from the source configs besides the graphs."""
     c = info.configs
@@ -123,6 +127,8 @@ def pipeline_config(info: CheckpointInfo) -> dict[str, Any]:
             "latent_channels": latent_channels,
             "latents_mean": vae.get("latents_mean") or [0.0] * latent_channels,
             "latents_std": vae.get("latents_std") or [1.0] * latent_channels,
+            # the runtime's VAE tile size (diffusers: tile_sample_min_size = sample_size, or its first entry)
+            "sample_size": _first(vae.get("sample_size", 1024)),
         },
         "dit": {"patch_size": dit["patch_size"], "in_channels": dit["in_channels"],
                 "num_layers": dit["num_layers"]},
@@ -348,6 +354,10 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
     log(f"{step} {spec.name}: exporting")
     target = get_target(options.target)
     fusions = graph_mod.export_onnx(spec, path, opset=options.opset, basic_ops=target.static_shapes)
+    if spec.flash_mask_input and fusions and target.provider == "cpu":
+        from .attention import flash_when_unmasked
+
+        fusions["FlashWhenUnmasked"] = flash_when_unmasked(path, spec.flash_mask_input)
     msg = ""
     verify: dict[str, Any] = {}
     if options.verify:  # the fp32 graph against PyTorch, always: a conversion below starts from it

@@ -58,6 +58,8 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
 
     from glm_image_onnx.runtime.placement import check_model
 
+    from .attention import restore_node_order
+
     if dtype not in ("fp16", "bf16"):
         raise PrecisionError(f"dtype must be fp16 or bf16, got {dtype!r}")
     model = onnx.load(str(src))
@@ -97,6 +99,7 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
     wrapped = OnnxModel(converted)
     wrapped.topological_sort()
     save_model(wrapped.model, dst)
+    restore_node_order(dst)  # that sort ignores what an If's branches read
     try:
         onnx.checker.check_model(str(dst))  # by path: external data allowed
     except onnx.checker.ValidationError as e:

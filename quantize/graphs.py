@@ -62,8 +62,12 @@ def count_constant_transposes(path: Path | str) -> int:
 
 # --------------------------------------------------------------------------------------- saving
 def normalize_external_data(path: Path) -> None:
-    """A graph written by a tool with external data under another name -> `<graph>.onnx.data`."""
+    """A graph written by a tool with external data under another name -> `<graph>.onnx.data`,
+    its nodes in an order valid for subgraphs too (`export.attention.restore_node_order`)."""
+    from ..export.attention import restore_node_order
+
     path = Path(path)
+    restore_node_order(path)
     files = graph_files(path)
     if len(files) > 1 and [f.name for f in files[1:]] != [path.name + ".data"]:
         model = onnx.load(str(path))

@@ -6,6 +6,7 @@
 - `vae_preprocess` / `vae_postprocess` / `to_pil`: diffusers' `VaeImageProcessor` as the pipeline
   builds it (`VaeImageProcessor(vae_scale_factor=...)`: lanczos resize, no RGB conversion, [-1, 1]).
 - `upsample_prior_ids`: the pipeline's `_upsample_token_ids` (2x nearest on the token grid).
+- `tiled_decode` / `tiled_encode`: diffusers' `AutoencoderKL` tiled VAE, around a one-tile session call.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -196,3 +197,79 @@ def upsample_prior_ids(ids: np.ndarray, h: int, w: int) -> np.ndarray:
     """
     grid = np.asarray(ids, dtype=np.int64).reshape(h, w)
     return grid.repeat(2, axis=0).repeat(2, axis=1).reshape(1, -1)
+
+
+# ------------------------------------------------------------------------------ tiled VAE
+TileRun = Callable[[np.ndarray], np.ndarray]
+"""run(tile) -> the graph's output for that tile (one session call)."""
+
+
+def _blend(a: np.ndarray, b: np.ndarray, extent: int, axis: int) -> None:
+    """diffusers' `blend_v` (axis 2) / `blend_h` (axis 3), in place on `b`: b's first rows (cols)
+    ramp linearly from a's last ones to b's own. The weights are y / k in double, then float32, as
+    torch does with a python scalar, so each element is the same float32 sum as diffusers'."""
+    k = min(a.shape[axis], b.shape[axis], extent)
+    if k <= 0:
+        return
+    ramp = np.arange(k) / k
+    shape = [1] * b.ndim
+    shape[axis] = k
+    w_b, w_a = ramp.astype(np.float32).reshape(shape), (1 - ramp).astype(np.float32).reshape(shape)
+    head = [slice(None)] * b.ndim
+    tail = list(head)
+    head[axis], tail[axis] = slice(0, k), slice(a.shape[axis] - k, None)
+    b[tuple(head)] = a[tuple(tail)] * w_a + b[tuple(head)] * w_b
+
+
+def _tiled(run: TileRun, x: np.ndarray, tile_in: int, tile_out: int, overlap: float) -> np.ndarray:
+    """The loop shared by diffusers' `tiled_decode` and `_tiled_encode`.
+
+    Input tiles of `tile_in` start every `tile_in * (1 - overlap)`; each output tile is blended with
+    its (already blended) upper and left neighbours over `tile_out * overlap` rows / cols, then
+    cropped to `tile_out - extent` and concatenated. diffusers keeps every tile until the end; the
+    blend only ever reads the neighbours' last `extent` rows / cols, so only those strips are kept
+    (one row of bottom strips, one right strip): the result is the same, the memory one tile row.
+    """
+    stride = int(tile_in * (1 - overlap))
+    extent = int(tile_out * overlap)
+    limit = tile_out - extent
+    above: list[np.ndarray] = []  # the previous tile row's bottom strips, by column
+    rows = []
+    for i in range(0, x.shape[2], stride):
+        bottoms, pieces, left = [], [], None
+        for col, j in enumerate(range(0, x.shape[3], stride)):
+            tile_x = np.ascontiguousarray(x[:, :, i:i + tile_in, j:j + tile_in])
+            tile = np.array(run(tile_x), dtype=np.float32)  # a copy: blended in place below
+            if above:
+                _blend(above[col], tile, extent, axis=2)
+            if left is not None:
+                _blend(left, tile, extent, axis=3)
+            bottoms.append(tile[:, :, tile.shape[2] - extent:].copy())
+            left = tile[:, :, :, tile.shape[3] - extent:].copy()
+            pieces.append(tile[:, :, :limit, :limit])
+        rows.append(np.concatenate(pieces, axis=3))
+        above = bottoms
+    return np.concatenate(rows, axis=2)
+
+
+def tiled_decode(run: TileRun, z: np.ndarray, tile_latent: int, tile_sample: int,
+                 overlap: float = 0.25) -> np.ndarray:
+    """diffusers' `AutoencoderKL.tiled_decode`: de-normalised latents [B, C, h, w] -> float32 image.
+
+    `run` decodes one latent tile (the vae_decoder graph: post_quant_conv + decoder, as diffusers
+    runs per tile). Mirrored op for op so that a package decodes as `vae.enable_tiling()` does, with
+    peak memory set by the tile size (`sample_size`) instead of the image: a 2048x2048 image decodes
+    in 1024x1024 tiles.
+    """
+    return _tiled(run, z, tile_latent, tile_sample, overlap)
+
+
+def tiled_encode(run: TileRun, x: np.ndarray, tile_sample: int, tile_latent: int,
+                 overlap: float = 0.25) -> np.ndarray:
+    """diffusers' `AutoencoderKL._tiled_encode`: image [B, C, H, W] in [-1, 1] -> float32 latents.
+
+    diffusers tiles the moments (mean and logvar, after quant_conv) and takes the mode afterwards;
+    the vae_encoder graph returns the mode (the mean channels) per tile. The blend is per channel
+    and elementwise, so blending the means is exactly the mean of the blended moments.
+    """
+    return _tiled(run, x, tile_sample, tile_latent, overlap)

@@ -35,8 +35,16 @@ Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): stage is "ar" (tokens) or "denoise" (steps). Raising from it
 stops the generation (the server uses this for cancellations and deadlines)."""
 
+# Largest attention-score buffer (bytes) a batched CFG call may need; above it rows go one by one.
+BATCHED_CFG_MAX_SCORES = 1 << 30
 T2I_GRAPHS = ("ar_planner", "glyph_encoder", "dit_decoder", "vae_decoder")
 I2I_GRAPHS = ("vision_tokenizer", "vae_encoder", "dit_condition_write")
+VAE_TILING = ("auto", "on", "off")
+
+
+def _check_vae_tiling(vae_tiling: str) -> None:
+    if vae_tiling not in VAE_TILING:
+        raise ValueError(f"vae_tiling must be one of {', '.join(VAE_TILING)}, got {vae_tiling!r}")
 
 
 @dataclass
@@ -59,7 +67,10 @@ class _Condition:
 
 
 class GlmImageOnnxPipeline:
-    def __init__(self, package: Package, provider: ProviderRequest, threads: int | None = None):
+    def __init__(self, package: Package, provider: ProviderRequest, threads: int | None = None,
+                 vae_tiling: str = "auto"):
+        _check_vae_tiling(vae_tiling)
+        self.vae_tiling = vae_tiling
         self.package = package
         self.provider = provider
         self.config = package.pipeline
@@ -90,6 +101,10 @@ class GlmImageOnnxPipeline:
         self.latent_channels = int(vae["latent_channels"])
         self.latents_mean = np.asarray(vae["latents_mean"], np.float32).reshape(1, -1, 1, 1)
         self.latents_std = np.asarray(vae["latents_std"], np.float32).reshape(1, -1, 1, 1)
+        # diffusers' tile sizes: tile_sample_min_size = sample_size (1024 in the published VAE config,
+        # the default for packages exported before it was recorded), the latent tile that / scale.
+        self.vae_tile_sample = int(vae.get("sample_size", 1024))
+        self.vae_tile_latent = int(self.vae_tile_sample / self.vae_scale)
         dit = package.graph_config("dit_decoder")
         self.patch_size = int(dit["patch_size"])
         self.dit_layers, self.dit_heads, self.dit_head_dim = dit["num_layers"], dit["num_heads"], dit["head_dim"]
@@ -97,13 +112,18 @@ class GlmImageOnnxPipeline:
 
     @classmethod
     def from_package(cls, path: Path | str, provider: str = "cpu", provider_options: dict[str, Any] | None = None,
-                     strict: bool = False, verify_files: bool = True, threads: int | None = None
-                     ) -> "GlmImageOnnxPipeline":
-        """Open an exported package on "cpu", "cuda" or "cann" (see runtime.providers)."""
+                     strict: bool = False, verify_files: bool = True, threads: int | None = None,
+                     vae_tiling: str = "auto") -> "GlmImageOnnxPipeline":
+        """Open an exported package on "cpu", "cuda" or "cann" (see runtime.providers).
+
+        vae_tiling: "auto" decodes / encodes in diffusers' VAE tiles when the image is larger than
+        one tile (bounded memory at 2048x2048), "on" always, "off" never (whole-image VAE calls,
+        as diffusers without `enable_tiling()`)."""
+        _check_vae_tiling(vae_tiling)  # before opening (and verifying) the package
         request = ProviderRequest(provider, dict(provider_options or {}), strict)
         if not verify_files:
             log.warning("%s: file checksums not verified (--no-verify)", path)
-        return cls(Package.open(path, verify_files=verify_files), request, threads)
+        return cls(Package.open(path, verify_files=verify_files), request, threads, vae_tiling)
 
     def io_device(self, graph: str) -> tuple[str, int]:
         """Where a graph's buffers live between calls: on the GPU when CUDA really runs the session
@@ -236,9 +256,7 @@ class GlmImageOnnxPipeline:
             if prior.shape[1] != tokens:
                 raise ValueError(f"image: a {img.width}x{img.height} source gives {prior.shape[1]} prior tokens "
                                  f"but {tokens} latent tokens; use sides that are multiples of 32")
-            pixels = images.vae_preprocess(img, h, w, self.vae_scale)
-            latent = self.sessions["vae_encoder"].run(None, {"sample": pixels})[0]
-            latent = ((latent - self.latents_mean) / self.latents_std).astype(np.float32)
+            latent = self.encode(images.vae_preprocess(img, h, w, self.vae_scale))
             k, v = self.sessions["dit_condition_write"].run(None, {
                 "hidden_states": latent, "prior_token_id": prior,
                 "target_size": np.array([[h, w]], np.float32)})
@@ -313,8 +331,12 @@ class GlmImageOnnxPipeline:
         values = condition.values if condition is not None else empty
         # Text-to-image runs both CFG branches in one call: the shorter glyph sequence is padded and
         # masked, which gives the unbatched result (the uncond branch never reads condition K/V, so
-        # image-to-image keeps two calls).
-        batch_cfg = use_cfg and condition is None
+        # image-to-image keeps two calls). A masked call cannot take the CPU's flash attention
+        # (export.attention), so large images call one unpadded row at a time instead.
+        seq = image_seq_len(height, width, self.vae_scale, self.patch_size) + max(cond.shape[1], uncond.shape[1])
+        scores = 2 * self.dit_heads * seq * seq * 4  # bytes of the plain kernel's [2, heads, S, S] scores
+        batch_cfg = use_cfg and condition is None and (
+            self.buckets.static or cond.shape[1] == uncond.shape[1] or scores <= BATCHED_CFG_MAX_SCORES)
         session = self.sessions["dit_decoder"]
         device = self.io_device("dit_decoder")
         # A static-shapes package pads the text to a bucket (masked), so each resolution is one shape set.
@@ -346,11 +368,33 @@ class GlmImageOnnxPipeline:
                 progress("denoise", i + 1, len(timesteps))
         return latents, per_step
 
-    # ------------------------------------------------------------------------------------ decode
+    # ------------------------------------------------------------------------------------- VAE
+    def _vae_tiles(self, height: int, width: int, tile: int) -> bool:
+        # "auto" is diffusers' own test once tiling is enabled: a side larger than one tile
+        return self.vae_tiling == "on" or (self.vae_tiling == "auto" and max(height, width) > tile)
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """VAE-encode an image [B, C, H, W] in [-1, 1] -> normalised latents (the mode, (x - mean) / std)."""
+        def run(sample: np.ndarray) -> np.ndarray:
+            return self.sessions["vae_encoder"].run(None, {"sample": sample})[0]
+
+        if self._vae_tiles(pixels.shape[2], pixels.shape[3], self.vae_tile_sample):
+            latent = images.tiled_encode(run, pixels, self.vae_tile_sample, self.vae_tile_latent)
+        else:
+            latent = run(pixels)
+        return ((latent - self.latents_mean) / self.latents_std).astype(np.float32)
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """De-normalise, VAE-decode -> float images [B, H, W, 3] in [0, 1]."""
         z = (latents * self.latents_std + self.latents_mean).astype(np.float32)
-        sample = self.sessions["vae_decoder"].run(None, {"latents": z})[0]
+
+        def run(tile: np.ndarray) -> np.ndarray:
+            return self.sessions["vae_decoder"].run(None, {"latents": tile})[0]
+
+        if self._vae_tiles(z.shape[2], z.shape[3], self.vae_tile_latent):
+            sample = images.tiled_decode(run, z, self.vae_tile_latent, self.vae_tile_sample)
+        else:
+            sample = run(z)
         return images.vae_postprocess(sample)
 
 

@@ -45,6 +45,7 @@ class ServerConfig:
     strict: bool = False
     threads: int | None = None
     verify_files: bool = True
+    vae_tiling: str = "auto"  # "auto" | "on" | "off": see GlmImageOnnxPipeline.from_package
     max_concurrency: int = 1
     max_queue: int = 64
     max_batch_size: int = 8
@@ -64,7 +65,8 @@ def load_models(config: ServerConfig, metrics: Metrics) -> dict[str, Model]:
 
     pipeline = GlmImageOnnxPipeline.from_package(config.package, provider=config.provider,
                                                  provider_options=config.provider_options, strict=config.strict,
-                                                 verify_files=config.verify_files, threads=config.threads)
+                                                 verify_files=config.verify_files, threads=config.threads,
+                                                 vae_tiling=config.vae_tiling)
     models: dict[str, Model] = {"glm_image": GlmImageModel(pipeline, config.limits)}
     if config.components:
         batching = BatchingOptions(config.max_batch_size, config.max_queue_delay_us)

@@ -347,3 +347,28 @@ def test_i2i_write_read_equals_kv_cache(tiny_models, tiny_graphs) -> None:
     assert _rel(ref_uncond, got_uncond) < 1e-4
     # the condition really changes the prediction (the read pass is not a no-op)
     assert _rel(ref_cond, m(lat, text, ids, drop_c, t, size, crop, return_dict=False)[0].detach()) > 1e-3
+
+
+def test_cpu_package_attention_takes_flash_when_unmasked(tiny_package: Path) -> None:
+    """Each biased attention of a cpu package's DiT is an If (export.attention): unpadded text runs the
+    flash branch, padded text the masked one, and both give the same step."""
+    import json
+
+    entry = json.loads((tiny_package / "manifest.json").read_text())["graphs"]["dit_decoder"]
+    layers = entry["config"]["num_layers"]
+    assert entry["ort_fusions"]["FlashWhenUnmasked"] == layers
+    model = onnx.load(str(tiny_package / "dit_decoder.onnx"), load_external_data=False)
+    branches = [n for n in model.graph.node if n.op_type == "If"]
+    assert len(branches) == layers
+    assert not [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
+    session = _session(tiny_package / "dit_decoder.onnx")
+    cfg = entry["config"]
+    feed = {k: v.numpy() for k, v in dit_decoder._step_inputs(cfg, 1, 3, 4, 5, torch.Generator().manual_seed(0)).items()}
+    feed.update({k: v.numpy() for k, v in dit_decoder._condition(cfg, 1, 0, torch.Generator()).items()})
+    padded = dict(feed)
+    padded["encoder_hidden_states"] = np.concatenate(
+        [feed["encoder_hidden_states"], np.ones_like(feed["encoder_hidden_states"][:, :3])], axis=1)
+    padded["encoder_attention_mask"] = np.concatenate(
+        [feed["encoder_attention_mask"], np.zeros_like(feed["encoder_attention_mask"][:, :3])], axis=1)
+    flash, masked = session.run(None, feed)[0], session.run(None, padded)[0]
+    assert _rel(masked, flash) < 1e-5

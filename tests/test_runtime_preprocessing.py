@@ -278,3 +278,75 @@ def test_runtime_modules_do_not_import_torch():
             "bad = [m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------ tiled VAE
+# Tiles far below the real 1024 px so that a 16x24 latent (128x192 px) tiles in both directions:
+# decode starts tiles every 6 latent rows / cols (3 x 4 tiles), encode every 48 px (3 x 4 tiles).
+_TILE_SAMPLE, _TILE_LATENT = 64, 8
+
+
+@pytest.fixture(scope="module")
+def tiled_vae(tiny_checkpoint):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_checkpoint / "vae").eval()
+    vae.enable_tiling()
+    vae.tile_sample_min_size, vae.tile_latent_min_size = _TILE_SAMPLE, _TILE_LATENT
+    return vae
+
+
+@pytest.fixture(scope="module")
+def tiled_pipe(tiny_package):
+    from glm_image_onnx.runtime import GlmImageOnnxPipeline
+
+    pipe = GlmImageOnnxPipeline.from_package(tiny_package, verify_files=False, vae_tiling="auto")
+    assert pipe.config["vae"]["sample_size"] == 1024  # recorded by the export from the VAE config
+    assert (pipe.vae_tile_sample, pipe.vae_tile_latent) == (1024, 128)
+    pipe.vae_tile_sample, pipe.vae_tile_latent = _TILE_SAMPLE, _TILE_LATENT
+    return pipe
+
+
+def test_tiled_vae_decode_matches_diffusers(tiled_vae, tiled_pipe):
+    latents = np.random.RandomState(0).randn(1, 4, 16, 24).astype(np.float32)
+    z = latents * tiled_pipe.latents_std + tiled_pipe.latents_mean  # what the pipeline hands the VAE
+    with torch.no_grad():
+        ref = tiled_vae.decode(torch.from_numpy(z)).sample.numpy()  # 24 > 8: diffusers' tiled_decode
+        tiled_vae.disable_tiling()
+        plain = tiled_vae.decode(torch.from_numpy(z)).sample.numpy()
+        tiled_vae.enable_tiling()
+    assert np.abs(ref - plain).max() > 1e-3  # tiling really changes the image, so the test can fail
+
+    session = tiled_pipe.sessions["vae_decoder"]
+    got = images.tiled_decode(lambda t: session.run(None, {"latents": t})[0], z, _TILE_LATENT, _TILE_SAMPLE)
+    assert got.dtype == np.float32 and got.shape == ref.shape == (1, 3, 128, 192)
+    assert np.abs(got - ref).max() < 1e-4
+    # through the pipeline ("auto": 24 > 8 tiles), and "off" decodes the whole latent at once
+    assert np.abs(tiled_pipe.decode(latents) - images.vae_postprocess(ref)).max() < 1e-4
+    tiled_pipe.vae_tiling = "off"
+    try:
+        assert np.abs(tiled_pipe.decode(latents) - images.vae_postprocess(plain)).max() < 1e-4
+    finally:
+        tiled_pipe.vae_tiling = "auto"
+
+
+def test_tiled_vae_encode_matches_diffusers(tiled_vae, tiled_pipe):
+    pixels = (np.random.RandomState(1).rand(1, 3, 128, 192) * 2 - 1).astype(np.float32)
+    mean, std = tiled_pipe.latents_mean, tiled_pipe.latents_std
+    with torch.no_grad():
+        # 192 > 64: diffusers' _tiled_encode tiles the moments; the pipeline takes their mode
+        ref = (tiled_vae.encode(torch.from_numpy(pixels)).latent_dist.mode().numpy() - mean) / std
+        tiled_vae.disable_tiling()
+        plain = (tiled_vae.encode(torch.from_numpy(pixels)).latent_dist.mode().numpy() - mean) / std
+        tiled_vae.enable_tiling()
+    assert np.abs(ref - plain).max() > 1e-3
+    got = tiled_pipe.encode(pixels)
+    assert got.dtype == np.float32 and got.shape == ref.shape == (1, 4, 16, 24)
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def test_vae_tiling_option(tiny_package):
+    from glm_image_onnx.runtime import GlmImageOnnxPipeline
+
+    with pytest.raises(ValueError, match="vae_tiling"):
+        GlmImageOnnxPipeline.from_package(tiny_package, verify_files=False, vae_tiling="bogus")
