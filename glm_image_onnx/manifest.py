@@ -29,6 +29,8 @@ KV_LAYOUT = "[batch, num_kv_heads, capacity, head_dim]"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    # 4 MiB chunks: hashlib drops the GIL for each one, so threads can hash files side by side
+    # (runtime.package); 1-16 MiB measured the same (~1.75 GB/s a core, SHA-NI), 16 MiB a bit slower.
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -18,17 +18,26 @@ class ProviderSettings(TypedDict):
     provider_options: dict[str, Any]
     strict: bool
     threads: int | None
-    verify_files: bool
+    verify_files: bool | str  # True ("cached"), "full" or False ("off"): runtime.package.verify_mode
+    vae_tiling: str
 
 
 def add_provider_arguments(parser: argparse.ArgumentParser) -> None:
-    """--provider, --provider-option, --strict, --threads, --no-verify."""
+    """--provider, --provider-option, --strict, --threads, --verify / --no-verify, --vae-tiling."""
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "cann"])
     parser.add_argument("--provider-option", action="append", metavar="KEY=VALUE",
                         help="execution provider option, e.g. device_id=0 (repeatable)")
     parser.add_argument("--strict", action="store_true", help="fail instead of falling back to CPU")
     parser.add_argument("--threads", type=int, help="CPU threads per graph (default: all cores)")
-    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the package files")
+    verify = parser.add_mutually_exclusive_group()
+    verify.add_argument("--verify", dest="verify_full", action="store_true",
+                        help="sha256 every package file, ignoring the checksum cache (default: only files "
+                             "whose size, mtime or inode changed since their last check are hashed)")
+    verify.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the package files")
+    # How the VAE graphs run rather than where, but a session setting both commands share like the rest.
+    parser.add_argument("--vae-tiling", default="auto", choices=["auto", "on", "off"],
+                        help="VAE decode/encode in diffusers' overlapping tiles: auto (images larger than "
+                             "one tile, bounded memory), on (always), off (whole image at once)")
 
 
 def provider_settings(args: argparse.Namespace) -> ProviderSettings:
@@ -36,4 +45,7 @@ def provider_settings(args: argparse.Namespace) -> ProviderSettings:
     from .runtime.providers import parse_options
 
     return ProviderSettings(provider=args.provider, provider_options=parse_options(args.provider_option),
-                            strict=args.strict, threads=args.threads, verify_files=not args.no_verify)
+                            strict=args.strict, threads=args.threads,
+                            # False, not "off": from_package warns on a falsy verify_files
+                            verify_files=False if args.no_verify else "full" if args.verify_full else True,
+                            vae_tiling=args.vae_tiling)

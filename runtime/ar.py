@@ -29,6 +29,7 @@ import onnxruntime as ort
 
 from glm_image_onnx.manifest import KV_CAPACITY_BUCKETED, KV_CAPACITY_RULE, KV_LAYOUT
 from .package import PackageError
+from .providers import release_arena
 from .sampling import TokenSampler
 from .shapes import ShapeBuckets
 
@@ -64,6 +65,7 @@ class ArPlanner:
                               for t in (config["present_key_template"], config["present_value_template"])]
         self.cache_dtype, self.static = cache_contract(config)
         self.buckets = buckets or ShapeBuckets()
+        self.release = release_arena()
         if self.static and not self.buckets.static:
             raise PackageError("ar_planner: a bucketed kv_cache needs target.shape_buckets in the manifest")
         self.device, self.device_id = device, device_id
@@ -133,7 +135,8 @@ class ArPlanner:
         for start in range(0, padded, chunk):
             chunk_ids[:], chunk_positions[:] = ids[:, start:start + chunk], positions[:, :, start:start + chunk]
             self._set_lengths(prefill_lengths, start, chunk)
-            self.session.run_with_iobinding(io)
+            # The prefill's [prompt x capacity] temporaries are not needed by the decode steps.
+            self.session.run_with_iobinding(io, self.release if start + chunk >= padded else None)
             if start <= prompt_len - 1 < start + chunk:
                 logits = chunk_logits[:, prompt_len - 1 - start, :].copy()
         prefill_s = time.perf_counter() - t0
@@ -159,7 +162,7 @@ class ArPlanner:
             token_buf[:, 0] = tokens[:, step]
             pos_buf[:, :, 0] = positions_by_step[step]
             self._set_lengths(lengths, prompt_len + step, 1)  # this token's cache position
-            self.session.run_with_iobinding(io)
+            self.session.run_with_iobinding(io, self.release if step == num_tokens - 2 else None)
             logits = step_logits[:, -1, :]
             per_token.append(time.perf_counter() - t1)
         return ArResult(tokens=tokens[0] if batch == 1 else tokens, prefill_s=prefill_s,

@@ -22,9 +22,9 @@ from glm_image_onnx.targets import manifest_target
 
 from . import glyphs, images, mrope
 from .ar import ArPlanner
-from .package import Package, PackageError
+from .package import Package, PackageError, verify_mode
 from .prompt import PromptBuilder
-from .providers import ProviderRequest, check_target, create_session, device_of, input_types
+from .providers import ProviderRequest, check_target, create_session, device_of, input_types, release_arena
 from .sampling import SamplingConfig, TokenSampler
 from .scheduler import FlowMatchSchedule, guidance as cfg_mix, image_seq_len
 from .shapes import ShapeBuckets, pad_right
@@ -86,6 +86,7 @@ class GlmImageOnnxPipeline:
         except ValueError as e:
             raise PackageError(f"{package.root}: {e}") from None
         ar_cfg = package.graph_config("ar_planner")
+        self.release = release_arena()  # the last run of each stage frees its arena's memory
         self.ar = ArPlanner(self.sessions["ar_planner"], ar_cfg, *self.io_device("ar_planner"), buckets=self.buckets)
         self.prompts = PromptBuilder.from_package(package.root)
         self.glyph_tokenizer = glyphs.ByteTokenizer.from_dir(package.file("tokenizer"))
@@ -112,16 +113,19 @@ class GlmImageOnnxPipeline:
 
     @classmethod
     def from_package(cls, path: Path | str, provider: str = "cpu", provider_options: dict[str, Any] | None = None,
-                     strict: bool = False, verify_files: bool = True, threads: int | None = None,
+                     strict: bool = False, verify_files: bool | str = True, threads: int | None = None,
                      vae_tiling: str = "auto") -> "GlmImageOnnxPipeline":
         """Open an exported package on "cpu", "cuda" or "cann" (see runtime.providers).
+
+        verify_files: "cached" (or True) checks each file's sha256 once and then trusts an
+        unchanged size / mtime / inode (runtime.package); "full" hashes every file; "off" (False) skips.
 
         vae_tiling: "auto" decodes / encodes in diffusers' VAE tiles when the image is larger than
         one tile (bounded memory at 2048x2048), "on" always, "off" never (whole-image VAE calls,
         as diffusers without `enable_tiling()`)."""
         _check_vae_tiling(vae_tiling)  # before opening (and verifying) the package
         request = ProviderRequest(provider, dict(provider_options or {}), strict)
-        if not verify_files:
+        if verify_mode(verify_files) == "off":
             log.warning("%s: file checksums not verified (--no-verify)", path)
         return cls(Package.open(path, verify_files=verify_files), request, threads, vae_tiling)
 
@@ -241,7 +245,7 @@ class GlmImageOnnxPipeline:
         for img in sources:
             pixels, (gh, gw) = self.image_processor.preprocess_one(img)
             out = session.run(None, {"pixel_values": pixels,
-                                     "image_grid_thw": np.array([[1, gh, gw]], np.int64)})[0]
+                                     "image_grid_thw": np.array([[1, gh, gw]], np.int64)}, self.release)[0]
             grids.append((gh, gw))
             ids.append(out.astype(np.int64).reshape(-1))
         return _Condition(grids=grids, ids=ids)
@@ -259,7 +263,7 @@ class GlmImageOnnxPipeline:
             latent = self.encode(images.vae_preprocess(img, h, w, self.vae_scale))
             k, v = self.sessions["dit_condition_write"].run(None, {
                 "hidden_states": latent, "prior_token_id": prior,
-                "target_size": np.array([[h, w]], np.float32)})
+                "target_size": np.array([[h, w]], np.float32)}, self.release)
             keys.append(k)
             values.append(v)
         condition.keys = np.concatenate(keys, axis=2)
@@ -303,10 +307,11 @@ class GlmImageOnnxPipeline:
                     padded_ids = np.full((1, width), self.glyph_tokenizer.pad_id, np.int64)
                     padded_mask = np.zeros((1, width), np.int64)
                     padded_ids[0, : ids.shape[1]], padded_mask[0, : ids.shape[1]] = row_ids, row_mask
-                    hidden = session.run(None, {"input_ids": padded_ids, "attention_mask": padded_mask})[0]
+                    hidden = session.run(None, {"input_ids": padded_ids, "attention_mask": padded_mask},
+                                         self.release)[0]
                     rows.append(glyphs.gather_rows(hidden, padded_mask))
                 return np.concatenate(rows, axis=1).astype(np.float32)
-            hidden = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+            hidden = session.run(None, {"input_ids": ids, "attention_mask": mask}, self.release)[0]
             return glyphs.gather_rows(hidden, mask).astype(np.float32)
 
         return encode(glyphs.glyph_texts(prompt)), encode([])
@@ -355,7 +360,8 @@ class GlmImageOnnxPipeline:
         per_step = []
         for i, t in enumerate(timesteps):
             t0 = time.perf_counter()
-            preds = [branch(latents, t - 1) for branch in branches]  # the pipeline feeds t - 1
+            last = i == len(timesteps) - 1
+            preds = [branch(latents, t - 1, self.release if last else None) for branch in branches]  # feeds t - 1
             if batch_cfg:
                 noise = cfg_mix(preds[0][:1], preds[0][1:], scale)
             elif use_cfg:
@@ -376,7 +382,7 @@ class GlmImageOnnxPipeline:
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """VAE-encode an image [B, C, H, W] in [-1, 1] -> normalised latents (the mode, (x - mean) / std)."""
         def run(sample: np.ndarray) -> np.ndarray:
-            return self.sessions["vae_encoder"].run(None, {"sample": sample})[0]
+            return self.sessions["vae_encoder"].run(None, {"sample": sample}, self.release)[0]
 
         if self._vae_tiles(pixels.shape[2], pixels.shape[3], self.vae_tile_sample):
             latent = images.tiled_encode(run, pixels, self.vae_tile_sample, self.vae_tile_latent)
@@ -389,7 +395,7 @@ class GlmImageOnnxPipeline:
         z = (latents * self.latents_std + self.latents_mean).astype(np.float32)
 
         def run(tile: np.ndarray) -> np.ndarray:
-            return self.sessions["vae_decoder"].run(None, {"latents": tile})[0]
+            return self.sessions["vae_decoder"].run(None, {"latents": tile}, self.release)[0]
 
         if self._vae_tiles(z.shape[2], z.shape[3], self.vae_tile_latent):
             sample = images.tiled_decode(run, z, self.vae_tile_latent, self.vae_tile_sample)
@@ -437,8 +443,8 @@ class _DitCall:
         self.io.bind_output("noise_pred", "cpu", 0, self.noise.dtype.type, list(self.noise.shape),
                             self.noise.ctypes.data)
 
-    def __call__(self, latents: np.ndarray, timestep: float) -> np.ndarray:
+    def __call__(self, latents: np.ndarray, timestep: float, run_options: Any = None) -> np.ndarray:
         self.x[:] = latents  # [1, C, h, w] broadcast to every CFG row
         self.timestep[:] = timestep
-        self.session.run_with_iobinding(self.io)
+        self.session.run_with_iobinding(self.io, run_options)
         return self.noise

@@ -204,6 +204,19 @@ def physical_cores() -> int:
 DEFAULT_SPIN_US = 100
 
 
+def release_arena() -> ort.RunOptions:
+    """Run options that hand the CPU arena's free memory back at the end of the run.
+
+    An arena keeps its largest allocation for ever: each session would hold its worst step's
+    buffers (the DiT's at 16K tokens, a VAE tile's) while the next stage allocates its own, and a
+    2048x2048 generation would need the sum of every stage's peak. Passed to the last run of each
+    stage (a graph run once, the final denoising step, the last AR token), so that steps of one
+    stage still reuse the arena's memory. Measured in benchmarks/README.md (bench_scale)."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
 def session_options(provider: str, threads: int | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -44,7 +44,7 @@ class ServerConfig:
     provider_options: dict[str, Any] = field(default_factory=dict)
     strict: bool = False
     threads: int | None = None
-    verify_files: bool = True
+    verify_files: bool | str = True  # "cached" (True), "full" or "off" (False): runtime.package
     vae_tiling: str = "auto"  # "auto" | "on" | "off": see GlmImageOnnxPipeline.from_package
     max_concurrency: int = 1
     max_queue: int = 64

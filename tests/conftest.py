@@ -12,6 +12,21 @@ if TYPE_CHECKING:
     from glm_image_onnx.server.app import ServerThread
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _verification_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Package checksum cache (runtime.package) in a temporary folder, not the user's ~/.cache;
+    subprocesses inherit it."""
+    import os
+
+    before = os.environ.get("GLM_IMAGE_ONNX_CACHE")
+    os.environ["GLM_IMAGE_ONNX_CACHE"] = str(tmp_path_factory.mktemp("verify-cache"))
+    yield
+    if before is None:
+        os.environ.pop("GLM_IMAGE_ONNX_CACHE", None)
+    else:
+        os.environ["GLM_IMAGE_ONNX_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from glm_image_onnx.models.checkpoint import write_checkpoint

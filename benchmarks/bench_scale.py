@@ -1,0 +1,227 @@
+"""Real scale: checkpoints of every published width with few layers, exported and run at 1024-2048 px.
+
+For each `--layers N` (N layers in each stack: AR planner, vision encoder, glyph encoder, DiT) this
+builds `init-checkpoint --preset full --layers N`, exports it per `--dtypes` (wall time and the peak
+RSS of the whole export process tree, sampled), and per package measures its size, the load time
+(`from_package`, full sha256 check and cached check) and, per `--sizes`, one text-to-image request
+(`--steps`) in a fresh process: stage times and peak RSS against the bound
+`package weights + KV cache + 4 GB`. Everything runs in fresh processes.
+
+Each measured quantity q is fitted as q = a + b * N over the layer counts and extrapolated to the
+published stacks (AR planner 40, vision encoder 40, glyph encoder 12, DiT 30 layers): per graph for
+export time and size, per stage for generation time. The formulas are printed with the numbers.
+
+    python benchmarks/bench_scale.py --layers 1 2 --sizes 1024 2048 --steps 1 --dtypes fp32 --work out/scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+# Published layer count of the stack each graph / stage scales with (real-configs.md); VAE: none.
+FULL_LAYERS = {"ar_planner": 40, "vision_tokenizer": 40, "glyph_encoder": 12, "dit_decoder": 30,
+               "dit_condition_write": 30, "ar_prefill_s": 40, "ar_decode_s": 40, "glyph_s": 12, "dit_s": 30}
+STAGES = ("ar_prefill_s", "ar_decode_s", "glyph_s", "dit_s", "vae_s")
+GiB = 1 << 30
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of `pid` and all its descendants (export workers are processes)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_measured(cmd: list[str], log: Path) -> dict[str, float]:
+    """Run `cmd` (output to `log`); wall seconds and the sampled peak RSS of its process tree."""
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        peak = 0
+
+        def sample() -> None:
+            nonlocal peak
+            while proc.poll() is None:
+                peak = max(peak, tree_rss(proc.pid))
+                time.sleep(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        rc = proc.wait()
+        sampler.join()
+    if rc:
+        raise SystemExit(f"{' '.join(cmd)} failed ({rc}); see {log}")
+    return {"wall_s": time.perf_counter() - t0, "peak_rss": peak}
+
+
+def child_generate(package: str, size: int, steps: int) -> dict[str, Any]:
+    import resource
+
+    from glm_image_onnx.runtime import GlmImageOnnxPipeline
+
+    t = time.perf_counter()
+    pipe = GlmImageOnnxPipeline.from_package(package, verify_files=False)
+    load_s = time.perf_counter() - t
+    out = pipe("a shop sign that says 'OPEN 24 HOURS'", height=size, width=size, num_inference_steps=steps,
+               seed=0)
+    return {"load_s": load_s, "timings": out.timings,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def child_load(package: str, verify: str) -> dict[str, Any]:
+    from glm_image_onnx.runtime import GlmImageOnnxPipeline
+
+    t = time.perf_counter()
+    GlmImageOnnxPipeline.from_package(package, verify_files=verify)
+    return {"load_s": time.perf_counter() - t}
+
+
+def child(kind: str, *args: str) -> None:
+    result = child_generate(args[0], int(args[1]), int(args[2])) if kind == "generate" else child_load(*args)
+    print(json.dumps(result))
+
+
+def _child_json(cmd: list[str], log: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    measured = run_measured(cmd, log)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]), measured
+
+
+def kv_cache_bytes(manifest: dict[str, Any], tokens: int) -> int:
+    """The AR planner's cache for `tokens` positions, in the package's cache dtype."""
+    cfg = manifest["graphs"]["ar_planner"]["config"]
+    width = {"fp32": 4, "fp16": 2, "bf16": 2}[manifest["graphs"]["ar_planner"].get("kv_cache", {}).get("dtype", "fp32")]
+    return 2 * cfg["num_layers"] * cfg["num_kv_heads"] * cfg["head_dim"] * tokens * width
+
+
+def weights_by_component(manifest: dict[str, Any]) -> dict[str, int]:
+    """Package bytes per graph (the DiT's shared weight file counted once, with the decoder)."""
+    return {name: int(g["bytes"]) for name, g in manifest["graphs"].items()}
+
+
+def fit(points: dict[int, float]) -> tuple[float, float]:
+    """Least squares q = a + b * n."""
+    ns = sorted(points)
+    if len(ns) == 1:
+        return points[ns[0]], 0.0
+    mean_n = sum(ns) / len(ns)
+    mean_q = sum(points[n] for n in ns) / len(ns)
+    b = sum((n - mean_n) * (points[n] - mean_q) for n in ns) / sum((n - mean_n) ** 2 for n in ns)
+    return mean_q - b * mean_n, b
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="full", help="widths to keep (default: full; tiny-published for a dry run)")
+    ap.add_argument("--layers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--dtypes", nargs="+", default=["fp32"])
+    ap.add_argument("--target", default="cpu")
+    ap.add_argument("--export-arg", action="append", default=[], help="extra argument for `export` (repeatable)")
+    ap.add_argument("--work", default="out/scale")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(*args.child)
+        return 0
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "glm_image_onnx.cli"]
+    me = [sys.executable, os.path.abspath(__file__), "--child"]
+    results: dict[str, Any] = {}
+    for n in args.layers:
+        ck = work / f"{args.preset}-{n}l"
+        if not ck.exists():
+            m = run_measured([*cli, "init-checkpoint", "--preset", args.preset, "--layers", str(n), str(ck)],
+                             work / f"init-{n}.log")
+            print(f"[{n} layers] checkpoint: {m['wall_s']:.0f}s, peak {m['peak_rss'] / GiB:.1f} GiB", file=sys.stderr)
+        ck_bytes = sum(p.stat().st_size for p in ck.rglob("*.safetensors"))
+        for dtype in args.dtypes:
+            key = f"{n}:{dtype}"
+            pkg = work / f"{args.preset}-{n}l-{args.target}-{dtype}"
+            r: dict[str, Any] = {"layers": n, "dtype": dtype, "checkpoint_bytes": ck_bytes}
+            if not pkg.exists():
+                m = run_measured([*cli, "export", str(ck), str(pkg), "--target", args.target, "--dtype", dtype,
+                                  *args.export_arg], work / f"export-{n}-{dtype}.log")
+                r["export"] = m
+                print(f"[{n} layers {dtype}] export: {m['wall_s']:.0f}s, peak {m['peak_rss'] / GiB:.2f} GiB",
+                      file=sys.stderr)
+            manifest = json.loads((pkg / "manifest.json").read_text())
+            r["graph_bytes"] = weights_by_component(manifest)
+            r["graph_export_s"] = {g: e.get("export_seconds", 0.0) for g, e in manifest["graphs"].items()}
+            r["package_bytes"] = sum(p.stat().st_size for p in pkg.rglob("*") if p.is_file())
+            for verify in ("full", "cached"):
+                out, _ = _child_json([*me, "load", str(pkg), verify], work / f"load-{n}-{dtype}-{verify}.log")
+                r[f"load_{verify}_s"] = out["load_s"]
+            for size in args.sizes:
+                out, _ = _child_json([*me, "generate", str(pkg), str(size), str(args.steps)],
+                                     work / f"generate-{n}-{dtype}-{size}.log")
+                tokens = out["timings"].get("ar_tokens", 0) + 1024  # prompt + generated, rounded up
+                out["bound"] = r["package_bytes"] + kv_cache_bytes(manifest, int(tokens)) + 4 * GiB
+                r[f"generate_{size}"] = out
+                print(f"[{n} layers {dtype}] {size}px: {out['timings']['total_s']:.0f}s, "
+                      f"peak {out['peak_rss'] / GiB:.2f} GiB (bound {out['bound'] / GiB:.2f})", file=sys.stderr)
+            results[key] = r
+            (work / "results.json").write_text(json.dumps(results, indent=2))
+    report(results, args)
+    return 0
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"# bench_scale: {args.preset} widths, {args.layers} layers per stack, {args.target}, steps {args.steps}\n")
+    print("| layers | dtype | export s | export peak GiB | largest component GiB | bound GiB | package GiB "
+          "| load full s | load cached s | " + " | ".join(f"{s}px s / peak GiB (bound)" for s in args.sizes) + " |")
+    print("|---" * (9 + len(args.sizes)) + "|")
+    for r in results.values():
+        largest = max(r["graph_bytes"].values())
+        exp = r.get("export", {})
+        cells = [str(r["layers"]), r["dtype"], f"{exp.get('wall_s', float('nan')):.0f}",
+                 f"{exp.get('peak_rss', float('nan')) / GiB:.2f}", f"{largest / GiB:.2f}",
+                 f"{(1.25 * largest + 2 * GiB) / GiB:.2f}", f"{r['package_bytes'] / GiB:.2f}",
+                 f"{r['load_full_s']:.1f}", f"{r['load_cached_s']:.2f}"]
+        for s in args.sizes:
+            g = r[f"generate_{s}"]
+            cells.append(f"{g['timings']['total_s']:.0f} / {g['peak_rss'] / GiB:.2f} ({g['bound'] / GiB:.2f})")
+        print("| " + " | ".join(cells) + " |")
+    for dtype in args.dtypes:
+        rows = {r["layers"]: r for r in results.values() if r["dtype"] == dtype}
+        if len(rows) < 2:
+            continue
+        print(f"\nExtrapolation to the published layers ({dtype}): q(N) = a + b*N fitted per graph / stage")
+        total_bytes = 0.0
+        for g in next(iter(rows.values()))["graph_bytes"]:
+            a, b = fit({n: r["graph_bytes"][g] for n, r in rows.items()})
+            full = a + b * FULL_LAYERS.get(g, 0)
+            total_bytes += full
+            ta, tb = fit({n: r["graph_export_s"][g] for n, r in rows.items()})
+            print(f"- {g}: bytes = {a / 1e9:.3f} + {b / 1e9:.3f}*N GB -> {full / 1e9:.2f} GB at N={FULL_LAYERS.get(g, 0)}; "
+                  f"export s = {ta:.1f} + {tb:.1f}*N -> {ta + tb * FULL_LAYERS.get(g, 0):.0f} s")
+        print(f"- package: {total_bytes / 1e9:.1f} GB")
+        for s in args.sizes:
+            for stage in STAGES:
+                a, b = fit({n: r[f"generate_{s}"]["timings"].get(stage, 0.0) for n, r in rows.items()})
+                print(f"- {s}px {stage} = {a:.1f} + {b:.1f}*N s -> {a + b * FULL_LAYERS.get(stage, 0):.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
