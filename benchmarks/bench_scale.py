@@ -136,6 +136,7 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--dtypes", nargs="+", default=["fp32"])
+    ap.add_argument("--checkpoint-dtype", default="bf16", help="the saved weights' dtype (published: bf16)")
     ap.add_argument("--target", default="cpu")
     ap.add_argument("--export-arg", action="append", default=[], help="extra argument for `export` (repeatable)")
     ap.add_argument("--work", default="out/scale")
@@ -152,7 +153,8 @@ def main() -> int:
     for n in args.layers:
         ck = work / f"{args.preset}-{n}l"
         if not ck.exists():
-            m = run_measured([*cli, "init-checkpoint", "--preset", args.preset, "--layers", str(n), str(ck)],
+            m = run_measured([*cli, "init-checkpoint", "--preset", args.preset, "--layers", str(n),
+                              "--dtype", args.checkpoint_dtype, str(ck)],
                              work / f"init-{n}.log")
             print(f"[{n} layers] checkpoint: {m['wall_s']:.0f}s, peak {m['peak_rss'] / GiB:.1f} GiB", file=sys.stderr)
         ck_bytes = sum(p.stat().st_size for p in ck.rglob("*.safetensors"))

@@ -4,7 +4,7 @@ default real server on loopback, started once per test module that asks for it."
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
@@ -43,6 +43,28 @@ def tiny_package(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
     out = tmp_path_factory.mktemp("pkg") / "tiny-onnx"
     export_package(tiny_checkpoint, out, ExportOptions(verify=True), log=lambda _: None)
     return out
+
+
+def greedy_reference(checkpoint: Path) -> Any:
+    """diffusers' GlmImagePipeline on `checkpoint`, greedy (top_k 1: the pipeline always samples),
+    recording each generation's new AR tokens in `pipe.generated`."""
+    import torch
+    from diffusers import GlmImagePipeline
+
+    pipe = GlmImagePipeline.from_pretrained(checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vision_language_encoder.generation_config.top_k = 1
+    generated: list[torch.Tensor] = []
+    original = pipe.vision_language_encoder.generate
+
+    def recording_generate(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = original(*args, **kwargs)
+        generated.append(out[0, kwargs["input_ids"].shape[1]:].clone())
+        return out
+
+    pipe.vision_language_encoder.generate = recording_generate
+    pipe.generated = generated
+    return pipe
 
 
 def export_target(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, target: str,

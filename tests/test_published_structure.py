@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import greedy_reference
 from glm_image_onnx.models.presets import FULL, TINY_PUBLISHED
 from glm_image_onnx.runtime import GlmImageOnnxPipeline
 
@@ -78,20 +79,7 @@ def test_full_preset_is_the_published_configuration() -> None:
 
 def test_512_text_to_image_matches_diffusers(published_checkpoint: Path, published_package: Path) -> None:
     """Greedy AR and the same latents at the processor's smallest size: 513 AR tokens, 1024 DiT tokens."""
-    from diffusers import GlmImagePipeline
-
-    ref_pipe = GlmImagePipeline.from_pretrained(published_checkpoint)
-    ref_pipe.set_progress_bar_config(disable=True)
-    ref_pipe.vision_language_encoder.generation_config.top_k = 1  # the pipeline always samples
-    generated: list[torch.Tensor] = []
-    original = ref_pipe.vision_language_encoder.generate
-
-    def recording_generate(*args: Any, **kwargs: Any) -> torch.Tensor:
-        out = original(*args, **kwargs)
-        generated.append(out[0, kwargs["input_ids"].shape[1]:].clone())
-        return out
-
-    ref_pipe.vision_language_encoder.generate = recording_generate
+    ref_pipe = greedy_reference(published_checkpoint)
     latents = torch.randn(1, 16, 64, 64, generator=torch.Generator().manual_seed(0))
     prompt = "a poster that says 'GLM 2026'"
     with torch.no_grad():
@@ -100,7 +88,7 @@ def test_512_text_to_image_matches_diffusers(published_checkpoint: Path, publish
     ours = GlmImageOnnxPipeline.from_package(published_package)(
         prompt, height=512, width=512, num_inference_steps=2, guidance_scale=1.5, latents=latents.numpy(),
         do_sample=False)
-    assert len(ours.tokens) == 256 + 256 and np.array_equal(ours.tokens, generated[0].numpy()[: len(ours.tokens)])
+    assert len(ours.tokens) == 256 + 256 and np.array_equal(ours.tokens, ref_pipe.generated[0].numpy()[: len(ours.tokens)])
     got = np.asarray(ours.images[0], dtype=np.float32) / 255.0
     assert got.shape == ref.shape == (512, 512, 3)
     assert np.abs(got - (ref * 255).round() / 255.0).max() <= 1 / 255 + 1e-6

@@ -16,27 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import greedy_reference
 from glm_image_onnx.runtime import GlmImageOnnxPipeline
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint: Path) -> Any:
-    from diffusers import GlmImagePipeline
-
-    pipe = GlmImagePipeline.from_pretrained(tiny_checkpoint)
-    pipe.set_progress_bar_config(disable=True)
-    # The pipeline always samples; top_k = 1 makes that greedy.
-    pipe.vision_language_encoder.generation_config.top_k = 1
-    generated: list[torch.Tensor] = []
-    original = pipe.vision_language_encoder.generate
-
-    def recording_generate(*args: Any, **kwargs: Any) -> torch.Tensor:
-        out = original(*args, **kwargs)
-        generated.append(out[0, kwargs["input_ids"].shape[1]:].clone())
-        return out
-
-    pipe.vision_language_encoder.generate = recording_generate
-    pipe.generated = generated
+    pipe = greedy_reference(tiny_checkpoint)
     _patch_i2i_split(pipe)
     return pipe
 
