@@ -59,7 +59,7 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
         elif preset.name == "full":
             raise ValueError("preset 'full' has the published 40/30 layers (16B parameters); add "
                              "--layers N for every published width with N layers per stack")
-        out = write_checkpoint(preset, Path(args.out), seed=args.seed)
+        out = write_checkpoint(preset, Path(args.out), seed=args.seed, dtype=args.dtype)
     except (ValueError, FileExistsError) as e:
         raise CliError(str(e)) from None
     print(f"wrote {preset.name} checkpoint (seed {args.seed}) to {out}", file=sys.stderr)
@@ -76,7 +76,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CliError(f"--jobs must be >= 1, got {args.jobs}")
     try:
         options = ExportOptions(graphs=graphs, verify=args.verify, opset=args.opset, overwrite=args.overwrite,
-                                seed=args.seed, jobs=args.jobs, target=args.target, dtype=args.dtype)
+                                seed=args.seed, jobs=args.jobs, target=args.target, dtype=args.dtype,
+                                low_memory=args.low_memory)
     except ExportError as e:
         raise CliError(str(e)) from None
     try:
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, metavar="N",
                    help="N layers in each stack (AR planner, vision encoder, glyph encoder, DiT)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype of the saved weights (the published checkpoint is bf16; default fp32)")
     p.add_argument("out", help="output folder (must not exist or be empty)")
     p.set_defaults(func=cmd_init_checkpoint)
 
@@ -226,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
     p.add_argument("--jobs", type=int, help="parallel export processes, one graph per task (default: 2 for "
                                              "checkpoints under 2 GB on a multi-core machine, else 1)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="trace without weights and stream each one from the checkpoint's safetensors "
+                        "into the graph: the same graphs in a fraction of the memory (fp32 for now; "
+                        "one component at a time; --verify loads the PyTorch model after the export)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate an image from an ONNX package (no torch needed)")

@@ -20,6 +20,7 @@ class ProviderSettings(TypedDict):
     threads: int | None
     verify_files: bool | str  # True ("cached"), "full" or False ("off"): runtime.package.verify_mode
     vae_tiling: str
+    vae_tile_size: int | None
 
 
 def add_provider_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +39,10 @@ def add_provider_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-tiling", default="auto", choices=["auto", "on", "off"],
                         help="VAE decode/encode in diffusers' overlapping tiles: auto (images larger than "
                              "one tile, bounded memory), on (always), off (whole image at once)")
+    parser.add_argument("--vae-tile-size", type=int, metavar="PX",
+                        help="VAE tile side in pixels (default: the VAE's sample_size, 1024 for the "
+                             "published model, at most 512 on the CPU: a 1024 tile of the published VAE "
+                             "needs 15 GB there)")
 
 
 def provider_settings(args: argparse.Namespace) -> ProviderSettings:
@@ -48,4 +53,4 @@ def provider_settings(args: argparse.Namespace) -> ProviderSettings:
                             strict=args.strict, threads=args.threads,
                             # False, not "off": from_package warns on a falsy verify_files
                             verify_files=False if args.no_verify else "full" if args.verify_full else True,
-                            vae_tiling=args.vae_tiling)
+                            vae_tiling=args.vae_tiling, vae_tile_size=args.vae_tile_size)

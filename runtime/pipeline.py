@@ -40,11 +40,17 @@ BATCHED_CFG_MAX_SCORES = 1 << 30
 T2I_GRAPHS = ("ar_planner", "glyph_encoder", "dit_decoder", "vae_decoder")
 I2I_GRAPHS = ("vision_tokenizer", "vae_encoder", "dit_condition_write")
 VAE_TILING = ("auto", "on", "off")
+# The CPU's largest default VAE tile (pixels). The published VAE's 1024x1024 decode peaks at 15.2 GB
+# on onnxruntime's CPU (its 3x3 convolutions' im2col buffers at 512 channels), a 512 tile at 3.8 GB
+# (benchmarks/README.md, bench_scale): the bounded-memory default; --vae-tile-size overrides it.
+CPU_VAE_TILE = 512
 
 
-def _check_vae_tiling(vae_tiling: str) -> None:
+def _check_vae_tiling(vae_tiling: str, tile_size: int | None = None) -> None:
     if vae_tiling not in VAE_TILING:
         raise ValueError(f"vae_tiling must be one of {', '.join(VAE_TILING)}, got {vae_tiling!r}")
+    if tile_size is not None and (tile_size < 64 or tile_size % 64):
+        raise ValueError(f"vae_tile_size must be a multiple of 64 (>= 64), got {tile_size}")
 
 
 @dataclass
@@ -68,8 +74,8 @@ class _Condition:
 
 class GlmImageOnnxPipeline:
     def __init__(self, package: Package, provider: ProviderRequest, threads: int | None = None,
-                 vae_tiling: str = "auto"):
-        _check_vae_tiling(vae_tiling)
+                 vae_tiling: str = "auto", vae_tile_size: int | None = None):
+        _check_vae_tiling(vae_tiling, vae_tile_size)
         self.vae_tiling = vae_tiling
         self.package = package
         self.provider = provider
@@ -104,7 +110,9 @@ class GlmImageOnnxPipeline:
         self.latents_std = np.asarray(vae["latents_std"], np.float32).reshape(1, -1, 1, 1)
         # diffusers' tile sizes: tile_sample_min_size = sample_size (1024 in the published VAE config,
         # the default for packages exported before it was recorded), the latent tile that / scale.
-        self.vae_tile_sample = int(vae.get("sample_size", 1024))
+        self.vae_tile_sample = vae_tile_size or int(vae.get("sample_size", 1024))
+        if vae_tile_size is None and self.io_device("vae_decoder")[0] == "cpu":
+            self.vae_tile_sample = min(self.vae_tile_sample, CPU_VAE_TILE)
         self.vae_tile_latent = int(self.vae_tile_sample / self.vae_scale)
         dit = package.graph_config("dit_decoder")
         self.patch_size = int(dit["patch_size"])
@@ -114,7 +122,7 @@ class GlmImageOnnxPipeline:
     @classmethod
     def from_package(cls, path: Path | str, provider: str = "cpu", provider_options: dict[str, Any] | None = None,
                      strict: bool = False, verify_files: bool | str = True, threads: int | None = None,
-                     vae_tiling: str = "auto") -> "GlmImageOnnxPipeline":
+                     vae_tiling: str = "auto", vae_tile_size: int | None = None) -> "GlmImageOnnxPipeline":
         """Open an exported package on "cpu", "cuda" or "cann" (see runtime.providers).
 
         verify_files: "cached" (or True) checks each file's sha256 once and then trusts an
@@ -122,12 +130,13 @@ class GlmImageOnnxPipeline:
 
         vae_tiling: "auto" decodes / encodes in diffusers' VAE tiles when the image is larger than
         one tile (bounded memory at 2048x2048), "on" always, "off" never (whole-image VAE calls,
-        as diffusers without `enable_tiling()`)."""
-        _check_vae_tiling(vae_tiling)  # before opening (and verifying) the package
+        as diffusers without `enable_tiling()`). vae_tile_size: the tile side in pixels (diffusers'
+        `tile_sample_min_size`); default the VAE's sample_size, at most CPU_VAE_TILE on the CPU."""
+        _check_vae_tiling(vae_tiling, vae_tile_size)  # before opening (and verifying) the package
         request = ProviderRequest(provider, dict(provider_options or {}), strict)
         if verify_mode(verify_files) == "off":
             log.warning("%s: file checksums not verified (--no-verify)", path)
-        return cls(Package.open(path, verify_files=verify_files), request, threads, vae_tiling)
+        return cls(Package.open(path, verify_files=verify_files), request, threads, vae_tiling, vae_tile_size)
 
     def io_device(self, graph: str) -> tuple[str, int]:
         """Where a graph's buffers live between calls: on the GPU when CUDA really runs the session

@@ -46,6 +46,7 @@ class ServerConfig:
     threads: int | None = None
     verify_files: bool | str = True  # "cached" (True), "full" or "off" (False): runtime.package
     vae_tiling: str = "auto"  # "auto" | "on" | "off": see GlmImageOnnxPipeline.from_package
+    vae_tile_size: int | None = None
     max_concurrency: int = 1
     max_queue: int = 64
     max_batch_size: int = 8
@@ -66,7 +67,8 @@ def load_models(config: ServerConfig, metrics: Metrics) -> dict[str, Model]:
     pipeline = GlmImageOnnxPipeline.from_package(config.package, provider=config.provider,
                                                  provider_options=config.provider_options, strict=config.strict,
                                                  verify_files=config.verify_files, threads=config.threads,
-                                                 vae_tiling=config.vae_tiling)
+                                                 vae_tiling=config.vae_tiling,
+                                                 vae_tile_size=config.vae_tile_size)
     models: dict[str, Model] = {"glm_image": GlmImageModel(pipeline, config.limits)}
     if config.components:
         batching = BatchingOptions(config.max_batch_size, config.max_queue_delay_us)

@@ -300,10 +300,12 @@ def tiled_vae(tiny_checkpoint):
 def tiled_pipe(tiny_package):
     from glm_image_onnx.runtime import GlmImageOnnxPipeline
 
-    pipe = GlmImageOnnxPipeline.from_package(tiny_package, verify_files=False, vae_tiling="auto")
-    assert pipe.config["vae"]["sample_size"] == 1024  # recorded by the export from the VAE config
-    assert (pipe.vae_tile_sample, pipe.vae_tile_latent) == (1024, 128)
-    pipe.vae_tile_sample, pipe.vae_tile_latent = _TILE_SAMPLE, _TILE_LATENT
+    default = GlmImageOnnxPipeline.from_package(tiny_package, verify_files=False)
+    assert default.config["vae"]["sample_size"] == 1024  # recorded by the export from the VAE config
+    assert (default.vae_tile_sample, default.vae_tile_latent) == (512, 64)  # the CPU's cap
+    pipe = GlmImageOnnxPipeline.from_package(tiny_package, verify_files=False, vae_tiling="auto",
+                                             vae_tile_size=_TILE_SAMPLE)
+    assert (pipe.vae_tile_sample, pipe.vae_tile_latent) == (_TILE_SAMPLE, _TILE_LATENT)
     return pipe
 
 
@@ -350,3 +352,5 @@ def test_vae_tiling_option(tiny_package):
 
     with pytest.raises(ValueError, match="vae_tiling"):
         GlmImageOnnxPipeline.from_package(tiny_package, verify_files=False, vae_tiling="bogus")
+    with pytest.raises(ValueError, match="vae_tile_size"):
+        GlmImageOnnxPipeline.from_package(tiny_package, verify_files=False, vae_tile_size=100)
