@@ -195,6 +195,14 @@ def _run(session: Any, spec: GraphSpec, feed: dict[str, np.ndarray]) -> list[np.
 def verify(spec: GraphSpec, path: Path, seed: int = 0, providers: tuple[str, ...] = ("CPUExecutionProvider",),
            limit: float = MAX_RELATIVE_ERROR) -> dict[str, Any]:
     """Run the graph in onnxruntime against PyTorch on `spec.verify_inputs`; worst error per output."""
+    cases = spec.verify_inputs(torch.Generator().manual_seed(seed))
+    return compare(spec, cases, run_onnx(spec, path, cases, providers), limit)
+
+
+def run_onnx(spec: GraphSpec, path: Path, cases: list[dict[str, torch.Tensor]],
+             providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> list[list[np.ndarray]]:
+    """onnxruntime's outputs of the graph at `path` for each of `cases` (the session is closed after:
+    `compare` may then load the PyTorch model without both being in memory at once)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -204,22 +212,29 @@ def verify(spec: GraphSpec, path: Path, seed: int = 0, providers: tuple[str, ...
     from ..runtime.providers import input_types
 
     feed_types = input_types(session)  # the graph's own dtypes: a half-precision graph takes its cache in fp16
+    outputs = []
+    for inputs in cases:
+        feed = {k: v.numpy().astype(feed_types[k], copy=False) for k, v in inputs.items() if k in feed_types}
+        outputs.append(_run(session, spec, feed))
+    del session
+    return outputs
+
+
+def compare(spec: GraphSpec, cases: list[dict[str, torch.Tensor]], outputs: list[list[np.ndarray]],
+            limit: float = MAX_RELATIVE_ERROR) -> dict[str, Any]:
+    """`spec.module` (PyTorch) on `cases` against the graph's `outputs` (run_onnx); worst error per output."""
     worst: dict[str, dict[str, float]] = {}
     shapes = []
-    cases = spec.verify_inputs(torch.Generator().manual_seed(seed))
-    for inputs in cases:
+    for inputs, got in zip(cases, outputs):
         with torch.no_grad():
             ref = spec.module(*inputs.values())
         ref = ref if isinstance(ref, (tuple, list)) else (ref,)
-        feed = {k: v.numpy().astype(feed_types[k], copy=False) for k, v in inputs.items() if k in feed_types}
-        got = _run(session, spec, feed)
         shapes.append({k: list(v.shape) for k, v in inputs.items()})
         for name, r, g in zip(spec.output_names, ref, got):
             e = _errors(r.detach().numpy(), g)
             w = worst.setdefault(name, {"max_abs": 0.0, "max_rel": 0.0})
             w["max_abs"] = max(w["max_abs"], e["max_abs"])
             w["max_rel"] = max(w["max_rel"], e["max_rel"])
-    del session
     return {"cases": len(cases), "input_shapes": shapes, "outputs": worst,
             "max_rel": max((w["max_rel"] for w in worst.values()), default=0.0),
             "limit": limit, "passed": all(w["max_rel"] <= limit for w in worst.values())}
@@ -233,37 +248,56 @@ def share_external_data(paths: list[Path], data_name: str, min_bytes: int = 1024
     exporter named or folded differently simply gets its own slot. Offsets are page aligned so
     that onnxruntime can map the file.
     """
-    from onnx import external_data_helper, numpy_helper
+    from .precision import set_external
 
     folder = Path(paths[0]).parent
     data_path = folder / data_name
     tmp_path = data_path.with_name(data_path.name + ".tmp")
-    slots: dict[tuple[str, tuple[int, ...], str], tuple[int, int]] = {}
+    slots: dict[tuple[int, tuple[int, ...], str], tuple[int, int]] = {}
     old_files: set[Path] = set()
     with open(tmp_path, "wb") as f:
         for path in paths:
             old_files.update(p for p in onnx_files(path)[1:])
-            model = onnx.load(str(path))  # with its external data
+            # Without its external data: tensors are read one at a time (memory stays one tensor).
+            model = onnx.load(str(path), load_external_data=False)
             for tensor in all_initializers(model.graph):
-                array = numpy_helper.to_array(tensor)
-                raw = array.tobytes()
-                if len(raw) < min_bytes:
+                raw = _tensor_bytes(tensor, Path(path).parent)
+                external = tensor.data_location == onnx.TensorProto.EXTERNAL
+                if len(raw) < min_bytes:  # kept inline (a small external one is brought in)
+                    if external:
+                        del tensor.external_data[:]
+                        tensor.raw_data = raw
+                        tensor.data_location = onnx.TensorProto.DEFAULT
                     continue
-                key = (str(array.dtype), tuple(array.shape), hashlib.sha256(raw).hexdigest())
+                key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(raw).hexdigest())
                 if key not in slots:
                     f.write(b"\0" * (-f.tell() % align))
                     slots[key] = (f.tell(), len(raw))
                     f.write(raw)
-                offset, length = slots[key]
-                for data_field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                del raw
+                # The bytes never enter the proto: protobuf keeps a cleared field's memory until the
+                # whole message goes, which would hold every weight.
+                for data_field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                                   "raw_data"):
                     tensor.ClearField(data_field)
-                del tensor.external_data[:]
-                tensor.raw_data = raw  # set_external_data insists on raw_data being present
-                external_data_helper.set_external_data(tensor, data_name, offset, length)
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
+                set_external(tensor, data_name, *slots[key])
             onnx.save(model, str(path))
+            del model
     for old in old_files - {data_path}:
         old.unlink(missing_ok=True)
     os.replace(tmp_path, data_path)
     return data_path
+
+
+def _tensor_bytes(tensor: onnx.TensorProto, folder: Path) -> bytes:
+    """A tensor's little-endian bytes, from its proto or read from its external-data file."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in tensor.external_data}
+        with open(folder / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            return f.read(int(info["length"])) if "length" in info else f.read()
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(tensor).tobytes()

@@ -8,6 +8,7 @@ looks complete.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib
 import json
@@ -16,6 +17,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -60,6 +62,12 @@ class ExportOptions:
     jobs: int | None = None  # parallel component exports; None = default_jobs()
     target: str = "cpu"  # glm_image_onnx.targets: the provider the package is built for
     dtype: str | None = None  # None: the target's default (cpu fp32, cuda bf16)
+    # Trace weightless models and stream each weight from the checkpoint's safetensors into the
+    # graph (export.streaming), the same graphs as without; fp16 / bf16 are converted from that fp32
+    # graph tensor by tensor (precision.convert(low_memory=True)). One component at a time; --verify
+    # runs onnxruntime first, then loads the fp32 PyTorch model, never both in memory together.
+    # None: on for checkpoints of LARGE_CHECKPOINT bytes or more (the real one), off below.
+    low_memory: bool | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -143,11 +151,19 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# Above this many bytes of safetensors a checkpoint exports one component at a time, streaming its
+# weights (ExportOptions.low_memory): several fully loaded components would not fit beside each other.
+LARGE_CHECKPOINT = 2_000_000_000
+
+
+def checkpoint_bytes(info: CheckpointInfo) -> int:
+    return sum(p.stat().st_size for p in info.root.rglob("*.safetensors"))
+
+
 def default_jobs(info: CheckpointInfo) -> int:
     """Components export in parallel processes only while several fit in memory at once: a small
     checkpoint on a multi-core machine gets 2 workers, a real 9B/7B one exports one at a time."""
-    weights = sum(p.stat().st_size for p in info.root.rglob("*.safetensors"))
-    return 2 if (os.cpu_count() or 1) >= 2 and weights < 2_000_000_000 else 1
+    return 2 if (os.cpu_count() or 1) >= 2 and checkpoint_bytes(info) < LARGE_CHECKPOINT else 1
 
 
 def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptions | None = None,
@@ -158,6 +174,8 @@ def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptio
     if unknown:
         raise ExportError(f"unknown component {unknown[0]!r}; choose from {', '.join(GRAPHS)}")
     info = inspect_checkpoint(checkpoint)
+    if options.low_memory is None:
+        options = dataclasses.replace(options, low_memory=checkpoint_bytes(info) >= LARGE_CHECKPOINT)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not options.overwrite:
@@ -167,6 +185,8 @@ def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptio
     jobs = [(folder, [g for g in selected if GRAPHS[g] == folder]) for folder in EXPORT_MODULES]
     jobs = [(folder, wanted) for folder, wanted in jobs if wanted]
     workers = min(options.jobs or default_jobs(info), len(jobs)) or 1
+    if options.low_memory:
+        workers = 1  # parallel workers would each hold a component
     t_start = time.perf_counter()
     with staged_package(out) as tmp:
         steps = {g: f"[{i + 1}/{len(selected)}]" for i, g in enumerate(selected)}
@@ -315,6 +335,8 @@ def _export_component(folder: str, wanted: list[str], root: Path, tmp: Path, opt
     """Load one checkpoint component once and export (and verify) the wanted graphs of it."""
     from . import graph as graph_mod
 
+    if options.low_memory:
+        return _export_component_streamed(folder, wanted, root, tmp, options, steps, log)
     log(f"loading {folder} from {root / folder}")
     model = _load_component(folder, root / folder)
     entries: dict[str, Any] = {}
@@ -327,6 +349,76 @@ def _export_component(folder: str, wanted: list[str], root: Path, tmp: Path, opt
     gc.collect()
     _share_component_weights(folder, entries, tmp, log)
     return entries
+
+
+def _export_component_streamed(folder: str, wanted: list[str], root: Path, tmp: Path, options: ExportOptions,
+                               steps: dict[str, str], log: Callable[[str], None]) -> dict[str, Any]:
+    """`_export_component` without loading the weights (export.streaming); with --verify, each
+    graph's onnxruntime outputs are computed first, then the PyTorch model is loaded to compare."""
+    from functools import partial
+
+    from . import graph as graph_mod
+    from . import streaming
+
+    log(f"tracing {folder} without weights, streaming them from {root / folder}")
+    try:
+        specs, prov, reader = streaming.component_specs(folder, root, options.target, _graph_specs)
+    except KeyError as e:
+        raise ExportError(f"--low-memory: {e.args[0]}") from None
+    # A graph to convert keeps every weight in its data file, so that the conversion can stream them.
+    export = partial(streaming.export_streamed, prov=prov, reader=reader,
+                     external=True if options.dtype != "fp32" else None)
+    entries: dict[str, Any] = {}
+    io: dict[str, Any] = {}  # what verifying needs of each spec: its inputs, output names, in-place buffers
+    for spec in specs:
+        if spec.name in wanted:
+            entries[spec.name] = _export_one(spec, tmp, options, steps[spec.name], log, graph_mod,
+                                             export=export, verify_now=False)
+            io[spec.name] = SimpleNamespace(verify_inputs=spec.verify_inputs, output_names=spec.output_names,
+                                            shared_buffers=spec.shared_buffers)
+    del specs, prov, reader, export
+    gc.collect()
+    if options.verify:
+        _verify_streamed(folder, entries, io, root, tmp, options, steps, log, graph_mod)
+    _share_component_weights(folder, entries, tmp, log)
+    return entries
+
+
+def _verify_streamed(folder: str, entries: dict[str, Any], io: dict[str, Any], root: Path, tmp: Path,
+                     options: ExportOptions, steps: dict[str, str], log: Callable[[str], None],
+                     graph_mod: Any) -> None:
+    """--verify for low-memory exports, on the plain export's inputs and limit: onnxruntime on every
+    case of every graph (one session at a time, outputs kept), then the fp32 PyTorch model, loaded
+    once, on the same cases. Peak: the larger of one session and the model, not their sum."""
+    import torch
+
+    t0 = time.perf_counter()
+    if options.dtype in graph_mod.UNVERIFIED_DTYPES:
+        for name, entry in entries.items():
+            entry["verify"] = {options.dtype: graph_mod.UNVERIFIED_DTYPES[options.dtype]}
+            log(f"{steps[name]} {name}: not verified (not run on CPU: {graph_mod.UNVERIFIED_DTYPES[options.dtype]})")
+        return
+    cases = {name: spec.verify_inputs(torch.Generator().manual_seed(options.seed)) for name, spec in io.items()}
+    outputs = {name: graph_mod.run_onnx(spec, tmp / entries[name]["file"], cases[name]) for name, spec in io.items()}
+    gc.collect()
+    log(f"loading {folder} from {root / folder} to verify")
+    model = _load_component(folder, root / folder)
+    # the graph as written (fp16: converted, at that dtype's limit; the fp32 one was not kept)
+    limit = graph_mod.MAX_RELATIVE_ERROR_BY_DTYPE.get(options.dtype, graph_mod.MAX_RELATIVE_ERROR)
+    for spec in _graph_specs(folder, model, root, options.target):
+        if spec.name not in entries:
+            continue
+        result = graph_mod.compare(spec, cases[spec.name], outputs.pop(spec.name), limit)
+        result["seconds"] = round(time.perf_counter() - t0, 3)
+        result["order"] = "low-memory: onnxruntime on every case first, then PyTorch"
+        if not result["passed"]:
+            worst = max(result["outputs"].items(), key=lambda kv: kv[1]["max_rel"])
+            raise ExportError(f"{spec.name}: output {worst[0]!r} differs from PyTorch by "
+                              f"{worst[1]['max_rel']:.2e} relative (limit {limit:.0e})")
+        entries[spec.name]["verify"] = result
+        log(f"{steps[spec.name]} {spec.name}: verified on {result['cases']} shapes: max rel error {result['max_rel']:.2e}")
+    del model
+    gc.collect()
 
 
 def _share_component_weights(folder: str, entries: dict[str, Any], tmp: Path, log: Callable[[str], None]) -> None:
@@ -348,19 +440,23 @@ def _share_component_weights(folder: str, entries: dict[str, Any], tmp: Path, lo
 
 
 def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
-                log: Callable[[str], None], graph_mod: Any) -> dict[str, Any]:
+                log: Callable[[str], None], graph_mod: Any, export: Callable[..., dict[str, int]] | None = None,
+                verify_now: bool = True) -> dict[str, Any]:
     path = tmp / f"{spec.name}.onnx"
     t0 = time.perf_counter()
     log(f"{step} {spec.name}: exporting")
     target = get_target(options.target)
-    fusions = graph_mod.export_onnx(spec, path, opset=options.opset, basic_ops=target.static_shapes)
+    streamed_half = options.low_memory and options.dtype != "fp32"
+    # a low-memory fp16 / bf16 export writes the fp32 graph where the conversion reads it (no move)
+    export_path = path.with_name(path.stem + ".fp32.onnx") if streamed_half else path
+    fusions = (export or graph_mod.export_onnx)(spec, export_path, opset=options.opset, basic_ops=target.static_shapes)
     if spec.flash_mask_input and fusions and target.provider == "cpu":
         from .attention import flash_when_unmasked
 
         fusions["FlashWhenUnmasked"] = flash_when_unmasked(path, spec.flash_mask_input)
     msg = ""
     verify: dict[str, Any] = {}
-    if options.verify:  # the fp32 graph against PyTorch, always: a conversion below starts from it
+    if options.verify and verify_now:  # the fp32 graph against PyTorch, always: a conversion below starts from it
         verify = _verified(spec, path, graph_mod, options.seed, graph_mod.MAX_RELATIVE_ERROR)
         msg += f", verified on {verify['cases']} shapes: max rel error {verify['max_rel']:.2e}"
     config = dict(spec.config)
@@ -369,10 +465,11 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
         from . import precision
 
         fp32 = path.with_name(path.stem + ".fp32.onnx")
-        _move_graph(path, fp32, graph_mod)
+        if export_path != fp32:
+            _move_graph(path, fp32, graph_mod)
         try:
             precision_info = precision.convert(fp32, path, options.dtype, native_io=_cache_io(spec),
-                                               provider=target.provider)
+                                               provider=target.provider, low_memory=options.low_memory)
         except precision.PrecisionError as e:
             raise ExportError(str(e)) from None
         for f in graph_mod.onnx_files(fp32):
@@ -387,7 +484,9 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
                 + (f"; {over} weights beyond +-65504 clamped" if over else "") + ")")
         if "falls_back" in precision_info:
             msg += f"; WARNING, still not all on {options.target}: {precision_info['falls_back']}"
-        if options.verify and options.dtype in graph_mod.MAX_RELATIVE_ERROR_BY_DTYPE:
+        if not verify_now:
+            pass  # _verify_streamed, after the component's graphs
+        elif options.verify and options.dtype in graph_mod.MAX_RELATIVE_ERROR_BY_DTYPE:
             converted = _verified(spec, path, graph_mod, options.seed,
                                   graph_mod.MAX_RELATIVE_ERROR_BY_DTYPE[options.dtype])
             verify = {**converted, "fp32": verify}

@@ -28,6 +28,8 @@ from onnx import numpy_helper
 from .onnx_info import EXTERNAL_DATA_THRESHOLD, all_initializers, save_model, tensor_nbytes
 
 FP16_MAX = 65504.0
+# convert(low_memory=True) writes a graph whose weights exceed this with a data file.
+LOW_MEMORY_INLINE_BYTES = 256_000_000
 FP16_MIN_POSITIVE = 5.96e-08  # the smallest fp16 subnormal
 
 # Kept in fp32: normalisations, softmax, and the reductions/powers of the decomposed RMSNorm
@@ -47,12 +49,17 @@ class PrecisionError(RuntimeError):
 
 
 def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[str] = (),
-            keep_fp32_ops: Sequence[str] = KEEP_FP32_OPS, provider: str | None = None) -> dict[str, Any]:
+            keep_fp32_ops: Sequence[str] = KEEP_FP32_OPS, provider: str | None = None,
+            low_memory: bool = False) -> dict[str, Any]:
     """Write `src` converted to `dtype` ("fp16" or "bf16") at `dst`; returns what was done.
 
     With `provider` (runtime.placement's name, e.g. "cuda"), a node whose op that provider has no
     kernel for in `dtype` (the CUDA EP has no bfloat16 Conv, Resize or Einsum, no float16 GridSample)
-    stays float32 too, found by the placement check on the converted graph and converted again."""
+    stays float32 too, found by the placement check on the converted graph and converted again.
+
+    `low_memory`: the graph is converted without its external data (the converter only retypes
+    those initializers), then each one is read, converted and written on its own: the same result,
+    in the memory of one tensor."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -62,22 +69,24 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
 
     if dtype not in ("fp16", "bf16"):
         raise PrecisionError(f"dtype must be fp16 or bf16, got {dtype!r}")
-    model = onnx.load(str(src))
+    model = onnx.load(str(src), load_external_data=not low_memory)
+    external = {t.name: t.data_type for t in all_initializers(model.graph)
+                if t.data_location == onnx.TensorProto.EXTERNAL} if low_memory else {}
     io = [v.name for v in (*model.graph.input, *model.graph.output)
           if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
     unknown = sorted(set(native_io) - set(io))
     if unknown:
         raise PrecisionError(f"{Path(src).name}: {unknown[0]!r} is not a float32 input or output of the graph")
-    originals = {t.name: t for t in all_initializers(model.graph) if t.data_type == onnx.TensorProto.FLOAT} \
-        if dtype == "bf16" else {}
-    overflow = fp16_range_report(model) if dtype == "fp16" else None
+    originals = {t.name: t for t in all_initializers(model.graph)
+                 if t.data_type == onnx.TensorProto.FLOAT and t.name not in external} if dtype == "bf16" else {}
+    overflow = fp16_range_report(model, Path(src).parent if low_memory else None) if dtype == "fp16" else None
     blocked = angle_nodes(model) | norm_statistic_nodes(model)
     large = sum(tensor_nbytes(t) for t in all_initializers(model.graph)) > EXTERNAL_DATA_THRESHOLD
     kept = sum(1 for n in model.graph.node if n.op_type in set(keep_fp32_ops)) + len(blocked)
     for_kernels: dict[str, int] = {}
     report = None
     for _ in range(4):  # each round keeps fp32 the nodes the last one left without a kernel
-        with _quiet_converter():
+        with _quiet_converter(), _weightless_converter(low_memory):
             converted = convert_float_to_float16(
                 _copy(model), min_positive_val=FP16_MIN_POSITIVE, max_finite_val=FP16_MAX,
                 keep_io_types=[n for n in io if n not in set(native_io)], disable_shape_infer=large,
@@ -98,7 +107,10 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
     # The converter inserts Casts after the graph inputs without re-sorting; ONNX needs topological order.
     wrapped = OnnxModel(converted)
     wrapped.topological_sort()
-    save_model(wrapped.model, dst)
+    if low_memory:
+        _save_streamed(wrapped.model, Path(dst), Path(src).parent, external)
+    else:
+        save_model(wrapped.model, dst)
     restore_node_order(dst)  # that sort ignores what an If's branches read
     try:
         onnx.checker.check_model(str(dst))  # by path: external data allowed
@@ -139,6 +151,9 @@ def _fp16_to_bf16(graph: onnx.GraphProto, originals: dict[str, onnx.TensorProto]
     def retype(tensor: onnx.TensorProto) -> None:
         if tensor.data_type != f16:
             return
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:  # low_memory: _save_streamed converts it
+            tensor.data_type = bf16
+            return
         source = originals.get(tensor.name)
         values = numpy_helper.to_array(source) if source is not None else numpy_helper.to_array(tensor)
         tensor.CopyFrom(_bf16_tensor(values.reshape(tuple(tensor.dims)), tensor.name))
@@ -159,13 +174,17 @@ def _fp16_to_bf16(graph: onnx.GraphProto, originals: dict[str, onnx.TensorProto]
                 attr.i = bf16
 
 
-def fp16_range_report(model: onnx.ModelProto) -> dict[str, Any]:
-    """Float weights that float16 cannot hold: beyond +-65504 (clamped) or so small they flush to 0."""
+def fp16_range_report(model: onnx.ModelProto, base_dir: Path | None = None) -> dict[str, Any]:
+    """Float weights that float16 cannot hold: beyond +-65504 (clamped) or so small they flush to 0.
+    `base_dir`: external data not loaded, read one tensor at a time from there."""
     over, under, max_abs, worst = 0, 0, 0.0, []
     for t in all_initializers(model.graph):
         if t.data_type != onnx.TensorProto.FLOAT:
             continue
-        a = np.abs(numpy_helper.to_array(t))
+        if base_dir is not None and t.data_location == onnx.TensorProto.EXTERNAL:
+            a = np.abs(_read_external(t, base_dir, onnx.TensorProto.FLOAT))
+        else:
+            a = np.abs(numpy_helper.to_array(t))
         if not a.size:
             continue
         n_over = int(np.count_nonzero(a > FP16_MAX))
@@ -221,3 +240,96 @@ def _quiet_converter() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _weightless_converter(active: bool) -> Iterator[None]:
+    """The converter takes each converted initializer's shape from its values; without external data
+    loaded, from its dims."""
+    if not active:
+        yield
+        return
+    from onnx import helper
+    from onnxruntime.transformers import float16
+
+    original = float16.make_value_info_from_tensor
+    float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    try:
+        yield
+    finally:
+        float16.make_value_info_from_tensor = original
+
+
+_NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+             onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
+             onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
+             onnx.TensorProto.BOOL: np.bool_}
+
+
+def _external_bytes(t: onnx.TensorProto, base_dir: Path) -> bytes:
+    info = {e.key: e.value for e in t.external_data}
+    with open(base_dir / info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        return f.read(int(info["length"])) if "length" in info else f.read()
+
+
+def _read_external(t: onnx.TensorProto, base_dir: Path, data_type: int) -> np.ndarray:
+    return np.frombuffer(_external_bytes(t, base_dir), dtype=_NP_TYPES[data_type]).reshape(tuple(t.dims))
+
+
+def set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Point `tensor` at `length` bytes at `offset` of `location` (onnx's set_external_data wants the
+    bytes in raw_data first)."""
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _save_streamed(model: onnx.ModelProto, dst: Path, src_dir: Path, src_types: dict[str, int],
+                   align: int = 4096) -> None:
+    """Save a graph converted without its external data: each such initializer is read from `src_dir`
+    in its original dtype, converted to the dtype the converter gave it, and written to dst's own
+    data file (inline when the whole graph is small enough, as save_model would)."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    tensors = [t for t in all_initializers(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    # Inline only when small: an inline save holds the weights two or three times over (proto and
+    # serialised bytes); a bigger graph gets its data file even below the 1.8 GB protobuf limit.
+    inline = sum(tensor_nbytes(t) for t in all_initializers(model.graph)) <= min(EXTERNAL_DATA_THRESHOLD,
+                                                                               LOW_MEMORY_INLINE_BYTES)
+    data_name = dst.name + ".data"
+
+    def converted(t: onnx.TensorProto) -> bytes:
+        src_type = src_types[t.name]
+        if t.data_type == src_type:
+            return _external_bytes(t, src_dir)
+        values = _read_external(t, src_dir, src_type)
+        if src_type != onnx.TensorProto.FLOAT:
+            raise PrecisionError(f"{t.name}: unexpected retype from {src_type} to {t.data_type}")
+        if t.data_type == onnx.TensorProto.FLOAT16:
+            return convert_np_to_float16(values, FP16_MIN_POSITIVE, FP16_MAX).tobytes()
+        if t.data_type == onnx.TensorProto.BFLOAT16:
+            import ml_dtypes
+
+            return values.astype(ml_dtypes.bfloat16).tobytes()
+        raise PrecisionError(f"{t.name}: cannot convert float32 to data type {t.data_type}")
+
+    if inline:
+        for t in tensors:
+            raw = converted(t)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = raw
+        onnx.save(model, str(dst))
+        return
+    with open(dst.parent / data_name, "wb") as f:
+        for t in tensors:
+            raw = converted(t)
+            f.write(b"\0" * (-f.tell() % align))
+            offset = f.tell()
+            f.write(raw)
+            set_external(t, data_name, offset, len(raw))  # the bytes never enter the proto
+            del raw
+    onnx.save(model, str(dst))

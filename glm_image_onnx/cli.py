@@ -229,10 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
     p.add_argument("--jobs", type=int, help="parallel export processes, one graph per task (default: 2 for "
                                              "checkpoints under 2 GB on a multi-core machine, else 1)")
-    p.add_argument("--low-memory", action="store_true",
+    p.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="trace without weights and stream each one from the checkpoint's safetensors "
-                        "into the graph: the same graphs in a fraction of the memory (fp32 for now; "
-                        "one component at a time; --verify loads the PyTorch model after the export)")
+                        "into the graph: the same graphs within 1.25x the largest component + 2 GB, one "
+                        "component at a time; --verify loads the PyTorch model after the export "
+                        "(default: on for checkpoints of 2 GB or more)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate an image from an ONNX package (no torch needed)")

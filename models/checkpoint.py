@@ -23,8 +23,9 @@ def scheduler_config() -> dict:
     ).config)
 
 
-def write_checkpoint(preset: Preset, out: Path, seed: int = 0) -> Path:
-    """Build every component with `seed` and save it under `out` (written whole or not at all)."""
+def write_checkpoint(preset: Preset, out: Path, seed: int = 0, dtype: str = "fp32") -> Path:
+    """Build every component with `seed` and save it under `out` (written whole or not at all).
+    `dtype` "bf16" / "fp16" saves the weights in that dtype (the published checkpoint is bf16)."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -32,6 +33,7 @@ def write_checkpoint(preset: Preset, out: Path, seed: int = 0) -> Path:
     from .tokenizer import save_tokenizers
 
     out = Path(out)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output folder {out} exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -48,6 +50,8 @@ def write_checkpoint(preset: Preset, out: Path, seed: int = 0) -> Path:
         for i, (folder, build) in enumerate(builders.items()):
             torch.manual_seed(seed * 1000 + i)
             model = build(preset)
+            if torch_dtype != torch.float32:
+                model = model.to(torch_dtype)
             model.save_pretrained(tmp / folder)
             del model
         FlowMatchEulerDiscreteScheduler.from_config(scheduler_config()).save_pretrained(tmp / "scheduler")
