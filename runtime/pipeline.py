@@ -111,7 +111,8 @@ class GlmImageOnnxPipeline:
         # diffusers' tile sizes: tile_sample_min_size = sample_size (1024 in the published VAE config,
         # the default for packages exported before it was recorded), the latent tile that / scale.
         self.vae_tile_sample = vae_tile_size or int(vae.get("sample_size", 1024))
-        if vae_tile_size is None and self.io_device("vae_decoder")[0] == "cpu":
+        # A static-shapes (cann) package keeps the VAE's own tile: every new tile shape would compile.
+        if vae_tile_size is None and self.io_device("vae_decoder")[0] == "cpu" and not self.buckets.static:
             self.vae_tile_sample = min(self.vae_tile_sample, CPU_VAE_TILE)
         self.vae_tile_latent = int(self.vae_tile_sample / self.vae_scale)
         dit = package.graph_config("dit_decoder")
