@@ -248,7 +248,7 @@ def share_external_data(paths: list[Path], data_name: str, min_bytes: int = 1024
     exporter named or folded differently simply gets its own slot. Offsets are page aligned so
     that onnxruntime can map the file.
     """
-    from .precision import set_external
+    from .precision import external_bytes, set_external
 
     folder = Path(paths[0]).parent
     data_path = folder / data_name
@@ -261,8 +261,8 @@ def share_external_data(paths: list[Path], data_name: str, min_bytes: int = 1024
             # Without its external data: tensors are read one at a time (memory stays one tensor).
             model = onnx.load(str(path), load_external_data=False)
             for tensor in all_initializers(model.graph):
-                raw = _tensor_bytes(tensor, Path(path).parent)
                 external = tensor.data_location == onnx.TensorProto.EXTERNAL
+                raw = external_bytes(tensor, Path(path).parent) if external else _inline_bytes(tensor)
                 if len(raw) < min_bytes:  # kept inline (a small external one is brought in)
                     if external:
                         del tensor.external_data[:]
@@ -289,13 +289,8 @@ def share_external_data(paths: list[Path], data_name: str, min_bytes: int = 1024
     return data_path
 
 
-def _tensor_bytes(tensor: onnx.TensorProto, folder: Path) -> bytes:
-    """A tensor's little-endian bytes, from its proto or read from its external-data file."""
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        info = {e.key: e.value for e in tensor.external_data}
-        with open(folder / info["location"], "rb") as f:
-            f.seek(int(info.get("offset", 0)))
-            return f.read(int(info["length"])) if "length" in info else f.read()
+def _inline_bytes(tensor: onnx.TensorProto) -> bytes:
+    """An inline tensor's little-endian bytes."""
     if tensor.HasField("raw_data"):
         return tensor.raw_data
     from onnx import numpy_helper

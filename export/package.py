@@ -411,11 +411,7 @@ def _verify_streamed(folder: str, entries: dict[str, Any], io: dict[str, Any], r
         result = graph_mod.compare(spec, cases[spec.name], outputs.pop(spec.name), limit)
         result["seconds"] = round(time.perf_counter() - t0, 3)
         result["order"] = "low-memory: onnxruntime on every case first, then PyTorch"
-        if not result["passed"]:
-            worst = max(result["outputs"].items(), key=lambda kv: kv[1]["max_rel"])
-            raise ExportError(f"{spec.name}: output {worst[0]!r} differs from PyTorch by "
-                              f"{worst[1]['max_rel']:.2e} relative (limit {limit:.0e})")
-        entries[spec.name]["verify"] = result
+        entries[spec.name]["verify"] = _passed(spec.name, result, limit)
         log(f"{steps[spec.name]} {spec.name}: verified on {result['cases']} shapes: max rel error {result['max_rel']:.2e}")
     del model
     gc.collect()
@@ -453,7 +449,7 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
     if spec.flash_mask_input and fusions and target.provider == "cpu":
         from .attention import flash_when_unmasked
 
-        fusions["FlashWhenUnmasked"] = flash_when_unmasked(path, spec.flash_mask_input)
+        fusions["FlashWhenUnmasked"] = flash_when_unmasked(export_path, spec.flash_mask_input)
     msg = ""
     verify: dict[str, Any] = {}
     if options.verify and verify_now:  # the fp32 graph against PyTorch, always: a conversion below starts from it
@@ -484,14 +480,13 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
                 + (f"; {over} weights beyond +-65504 clamped" if over else "") + ")")
         if "falls_back" in precision_info:
             msg += f"; WARNING, still not all on {options.target}: {precision_info['falls_back']}"
-        if not verify_now:
-            pass  # _verify_streamed, after the component's graphs
-        elif options.verify and options.dtype in graph_mod.MAX_RELATIVE_ERROR_BY_DTYPE:
+        # (verify_now False: _verify_streamed checks the converted graph after the component's graphs)
+        if verify_now and options.verify and options.dtype in graph_mod.MAX_RELATIVE_ERROR_BY_DTYPE:
             converted = _verified(spec, path, graph_mod, options.seed,
                                   graph_mod.MAX_RELATIVE_ERROR_BY_DTYPE[options.dtype])
             verify = {**converted, "fp32": verify}
             msg += f" verified: max rel error {converted['max_rel']:.2e}"
-        elif options.verify:
+        elif verify_now and options.verify:
             verify = {**verify, options.dtype: graph_mod.UNVERIFIED_DTYPES[options.dtype]}
             msg += f" (not run on CPU: {graph_mod.UNVERIFIED_DTYPES[options.dtype]})"
     elif target.name != "cpu":  # no conversion ran the placement check: run it here
@@ -530,9 +525,14 @@ def _verified(spec: Any, path: Path, graph_mod: Any, seed: int, limit: float) ->
     t1 = time.perf_counter()
     result = graph_mod.verify(spec, path, seed=seed, limit=limit)
     result["seconds"] = round(time.perf_counter() - t1, 3)
+    return _passed(spec.name, result, limit)
+
+
+def _passed(name: str, result: dict[str, Any], limit: float) -> dict[str, Any]:
+    """`result` (graph.verify / graph.compare); ExportError naming the worst output above `limit`."""
     if not result["passed"]:
         worst = max(result["outputs"].items(), key=lambda kv: kv[1]["max_rel"])
-        raise ExportError(f"{spec.name}: output {worst[0]!r} differs from PyTorch by "
+        raise ExportError(f"{name}: output {worst[0]!r} differs from PyTorch by "
                           f"{worst[1]['max_rel']:.2e} relative (limit {limit:.0e})")
     return result
 

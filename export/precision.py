@@ -266,7 +266,8 @@ _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.fl
              onnx.TensorProto.BOOL: np.bool_}
 
 
-def _external_bytes(t: onnx.TensorProto, base_dir: Path) -> bytes:
+def external_bytes(t: onnx.TensorProto, base_dir: Path) -> bytes:
+    """An external-data tensor's bytes, read from its file under `base_dir`."""
     info = {e.key: e.value for e in t.external_data}
     with open(base_dir / info["location"], "rb") as f:
         f.seek(int(info.get("offset", 0)))
@@ -274,7 +275,7 @@ def _external_bytes(t: onnx.TensorProto, base_dir: Path) -> bytes:
 
 
 def _read_external(t: onnx.TensorProto, base_dir: Path, data_type: int) -> np.ndarray:
-    return np.frombuffer(_external_bytes(t, base_dir), dtype=_NP_TYPES[data_type]).reshape(tuple(t.dims))
+    return np.frombuffer(external_bytes(t, base_dir), dtype=_NP_TYPES[data_type]).reshape(tuple(t.dims))
 
 
 def set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
@@ -304,7 +305,7 @@ def _save_streamed(model: onnx.ModelProto, dst: Path, src_dir: Path, src_types: 
     def converted(t: onnx.TensorProto) -> bytes:
         src_type = src_types[t.name]
         if t.data_type == src_type:
-            return _external_bytes(t, src_dir)
+            return external_bytes(t, src_dir)
         values = _read_external(t, src_dir, src_type)
         if src_type != onnx.TensorProto.FLOAT:
             raise PrecisionError(f"{t.name}: unexpected retype from {src_type} to {t.data_type}")

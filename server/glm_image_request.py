@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import dataclasses
+import io
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
