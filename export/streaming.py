@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-FP16_MAX = 65504.0
+from .precision import FP16_MAX
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
               "U8": torch.uint8, "BOOL": torch.bool}
