@@ -63,8 +63,9 @@ class ExportOptions:
     target: str = "cpu"  # glm_image_onnx.targets: the provider the package is built for
     dtype: str | None = None  # None: the target's default (cpu fp32, cuda bf16)
     # Trace weightless models and stream each weight from the checkpoint's safetensors into the
-    # graph (export.streaming), the same graphs as without; fp16 / bf16 are converted from that fp32
-    # graph tensor by tensor (precision.convert(low_memory=True)). One component at a time; --verify
+    # graph (export.streaming), the same graphs as without; fp16 / bf16 convert the weightless fp32
+    # graph, each weight read from the checkpoint as it is written (precision.convert(weights=...),
+    # no fp32 weights on disk). One component at a time; --verify
     # runs onnxruntime first, then loads the fp32 PyTorch model, never both in memory together.
     # None: on for checkpoints of LARGE_CHECKPOINT bytes or more (the real one), off below.
     low_memory: bool | None = None
@@ -443,9 +444,12 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
     log(f"{step} {spec.name}: exporting")
     target = get_target(options.target)
     streamed_half = options.low_memory and options.dtype != "fp32"
-    # a low-memory fp16 / bf16 export writes the fp32 graph where the conversion reads it (no move)
+    # A low-memory fp16 / bf16 export writes the fp32 graph without weights where the conversion
+    # reads it, which takes each weight from the checkpoint through its loader in `weights`.
     export_path = path.with_name(path.stem + ".fp32.onnx") if streamed_half else path
-    fusions = (export or graph_mod.export_onnx)(spec, export_path, opset=options.opset, basic_ops=target.static_shapes)
+    weights: dict[str, Callable[[], Any]] = {}
+    fusions = (export or graph_mod.export_onnx)(spec, export_path, opset=options.opset, basic_ops=target.static_shapes,
+                                                **({"weights": weights} if streamed_half else {}))
     if spec.flash_mask_input and fusions and target.provider == "cpu":
         from .attention import flash_when_unmasked
 
@@ -465,11 +469,12 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
             _move_graph(path, fp32, graph_mod)
         try:
             precision_info = precision.convert(fp32, path, options.dtype, native_io=_cache_io(spec),
-                                               provider=target.provider, low_memory=options.low_memory)
+                                               provider=target.provider, low_memory=options.low_memory,
+                                               weights=weights)
         except precision.PrecisionError as e:
             raise ExportError(str(e)) from None
         for f in graph_mod.onnx_files(fp32):
-            f.unlink()
+            f.unlink(missing_ok=True)  # a weightless graph's `.unwritten` never existed
         if "kv_cache" in config:
             config["kv_cache"] = {**config["kv_cache"], "dtype": ELEMENT_TYPE[options.dtype]}
         extra = precision_info.get("kept_fp32_for_kernels", {}).get("ops")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -50,7 +50,8 @@ class PrecisionError(RuntimeError):
 
 def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[str] = (),
             keep_fp32_ops: Sequence[str] = KEEP_FP32_OPS, provider: str | None = None,
-            low_memory: bool = False) -> dict[str, Any]:
+            low_memory: bool = False, weights: Mapping[str, Callable[[], np.ndarray]] | None = None
+            ) -> dict[str, Any]:
     """Write `src` converted to `dtype` ("fp16" or "bf16") at `dst`; returns what was done.
 
     With `provider` (runtime.placement's name, e.g. "cuda"), a node whose op that provider has no
@@ -59,7 +60,10 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
 
     `low_memory`: the graph is converted without its external data (the converter only retypes
     those initializers), then each one is read, converted and written on its own: the same result,
-    in the memory of one tensor."""
+    in the memory of one tensor. `weights` (with low_memory): loaders by initializer name for the
+    external tensors whose data was never written (export --low-memory's weightless graph: the
+    weights go from the checkpoint straight into the converted graph); the others are read from
+    their data files beside `src`."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -79,7 +83,12 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
         raise PrecisionError(f"{Path(src).name}: {unknown[0]!r} is not a float32 input or output of the graph")
     originals = {t.name: t for t in all_initializers(model.graph)
                  if t.data_type == onnx.TensorProto.FLOAT and t.name not in external} if dtype == "bf16" else {}
-    overflow = fp16_range_report(model, Path(src).parent if low_memory else None) if dtype == "fp16" else None
+    def read(t: onnx.TensorProto, data_type: int) -> np.ndarray:
+        if weights is not None and t.name in weights:
+            return np.asarray(weights[t.name]())
+        return _read_external(t, Path(src).parent, data_type)
+
+    overflow = fp16_range_report(model, read if low_memory else None) if dtype == "fp16" else None
     blocked = angle_nodes(model) | norm_statistic_nodes(model)
     large = sum(tensor_nbytes(t) for t in all_initializers(model.graph)) > EXTERNAL_DATA_THRESHOLD
     kept = sum(1 for n in model.graph.node if n.op_type in set(keep_fp32_ops)) + len(blocked)
@@ -108,7 +117,7 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
     wrapped = OnnxModel(converted)
     wrapped.topological_sort()
     if low_memory:
-        _save_streamed(wrapped.model, Path(dst), Path(src).parent, external)
+        _save_streamed(wrapped.model, Path(dst), read, external)
     else:
         save_model(wrapped.model, dst)
     restore_node_order(dst)  # that sort ignores what an If's branches read
@@ -174,24 +183,24 @@ def _fp16_to_bf16(graph: onnx.GraphProto, originals: dict[str, onnx.TensorProto]
                 attr.i = bf16
 
 
-def fp16_range_report(model: onnx.ModelProto, base_dir: Path | None = None) -> dict[str, Any]:
+def fp16_range_report(model: onnx.ModelProto, read: WeightReader | None = None) -> dict[str, Any]:
     """Float weights that float16 cannot hold: beyond +-65504 (clamped) or so small they flush to 0.
-    `base_dir`: external data not loaded, read one tensor at a time from there."""
+    `read`: external data not loaded, read one tensor at a time with it."""
     over, under, max_abs, worst = 0, 0, 0.0, []
     for t in all_initializers(model.graph):
         if t.data_type != onnx.TensorProto.FLOAT:
             continue
-        if base_dir is not None and t.data_location == onnx.TensorProto.EXTERNAL:
-            a = np.abs(_read_external(t, base_dir, onnx.TensorProto.FLOAT))
+        if read is not None and t.data_location == onnx.TensorProto.EXTERNAL:
+            values = read(t, onnx.TensorProto.FLOAT)
         else:
-            a = np.abs(numpy_helper.to_array(t))
-        if not a.size:
-            continue
-        n_over = int(np.count_nonzero(a > FP16_MAX))
-        n_under = int(np.count_nonzero((a > 0) & (a < FP16_MIN_POSITIVE)))
+            values = numpy_helper.to_array(t)
+        n_over = 0
+        for part in _chunks(values):  # |x| and the masks of one chunk at a time, not of a whole embedding
+            a = np.abs(part)
+            n_over += int(np.count_nonzero(a > FP16_MAX))
+            under += int(np.count_nonzero((a > 0) & (a < FP16_MIN_POSITIVE)))
+            max_abs = max(max_abs, float(a.max()))
         over += n_over
-        under += n_under
-        max_abs = max(max_abs, float(a.max()))
         if n_over:
             worst.append(t.name)
     return {"overflow_values": over, "underflow_values": under, "max_abs_weight": max_abs,
@@ -274,6 +283,20 @@ def external_bytes(t: onnx.TensorProto, base_dir: Path) -> bytes:
         return f.read(int(info["length"])) if "length" in info else f.read()
 
 
+CHUNK_ELEMENTS = 16 << 20  # 64 MB of fp32: what a streamed conversion holds besides the tensor itself
+
+
+def _chunks(values: np.ndarray) -> Iterator[np.ndarray]:
+    """Views of consecutive CHUNK_ELEMENTS-element pieces of `values`, flattened."""
+    flat = values.reshape(-1)
+    for start in range(0, flat.size, CHUNK_ELEMENTS):
+        yield flat[start:start + CHUNK_ELEMENTS]
+
+
+# Reads one external-data initializer of a graph loaded without its weights, as that data type.
+WeightReader = Callable[[onnx.TensorProto, int], np.ndarray]
+
+
 def _read_external(t: onnx.TensorProto, base_dir: Path, data_type: int) -> np.ndarray:
     return np.frombuffer(external_bytes(t, base_dir), dtype=_NP_TYPES[data_type]).reshape(tuple(t.dims))
 
@@ -288,9 +311,9 @@ def set_external(tensor: onnx.TensorProto, location: str, offset: int, length: i
     tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
-def _save_streamed(model: onnx.ModelProto, dst: Path, src_dir: Path, src_types: dict[str, int],
+def _save_streamed(model: onnx.ModelProto, dst: Path, read: WeightReader, src_types: dict[str, int],
                    align: int = 4096) -> None:
-    """Save a graph converted without its external data: each such initializer is read from `src_dir`
+    """Save a graph converted without its external data: each such initializer is read with `read`
     in its original dtype, converted to the dtype the converter gave it, and written to dst's own
     data file (inline when the whole graph is small enough, as save_model would)."""
     from onnxruntime.transformers.float16 import convert_np_to_float16
@@ -302,24 +325,28 @@ def _save_streamed(model: onnx.ModelProto, dst: Path, src_dir: Path, src_types: 
                                                                                LOW_MEMORY_INLINE_BYTES)
     data_name = dst.name + ".data"
 
-    def converted(t: onnx.TensorProto) -> bytes:
+    def converted(t: onnx.TensorProto) -> Iterator[bytes]:
+        """The tensor's bytes in its new dtype, a chunk at a time (a whole fp32 embedding and its
+        converted copies would be several times the tensor)."""
         src_type = src_types[t.name]
-        if t.data_type == src_type:
-            return external_bytes(t, src_dir)
-        values = _read_external(t, src_dir, src_type)
-        if src_type != onnx.TensorProto.FLOAT:
+        values = read(t, src_type)
+        if t.data_type != src_type and src_type != onnx.TensorProto.FLOAT:
             raise PrecisionError(f"{t.name}: unexpected retype from {src_type} to {t.data_type}")
-        if t.data_type == onnx.TensorProto.FLOAT16:
-            return convert_np_to_float16(values, FP16_MIN_POSITIVE, FP16_MAX).tobytes()
-        if t.data_type == onnx.TensorProto.BFLOAT16:
-            import ml_dtypes
+        for part in _chunks(values):
+            if t.data_type == src_type:
+                yield part.tobytes()
+            elif t.data_type == onnx.TensorProto.FLOAT16:
+                yield convert_np_to_float16(part, FP16_MIN_POSITIVE, FP16_MAX).tobytes()
+            elif t.data_type == onnx.TensorProto.BFLOAT16:
+                import ml_dtypes
 
-            return values.astype(ml_dtypes.bfloat16).tobytes()
-        raise PrecisionError(f"{t.name}: cannot convert float32 to data type {t.data_type}")
+                yield part.astype(ml_dtypes.bfloat16).tobytes()
+            else:
+                raise PrecisionError(f"{t.name}: cannot convert float32 to data type {t.data_type}")
 
     if inline:
         for t in tensors:
-            raw = converted(t)
+            raw = b"".join(converted(t))
             del t.external_data[:]
             t.data_location = onnx.TensorProto.DEFAULT
             t.raw_data = raw
@@ -327,10 +354,9 @@ def _save_streamed(model: onnx.ModelProto, dst: Path, src_dir: Path, src_types: 
         return
     with open(dst.parent / data_name, "wb") as f:
         for t in tensors:
-            raw = converted(t)
             f.write(b"\0" * (-f.tell() % align))
             offset = f.tell()
-            f.write(raw)
-            set_external(t, data_name, offset, len(raw))  # the bytes never enter the proto
-            del raw
+            for raw in converted(t):
+                f.write(raw)
+            set_external(t, data_name, offset, f.tell() - offset)  # the bytes never enter the proto
     onnx.save(model, str(dst))

@@ -11,6 +11,11 @@ the plain export's (ops and initializer contents; tests/test_export_streaming.py
 
 Peak memory of one graph export is the traced program plus a few tensors in flight, not the
 component's weights. See `export.package` for how verification runs at that size.
+
+An fp16 / bf16 export writes no fp32 weights at all: the fp32 graph is saved weightless (every
+streamed weight an external reference to a file never written, `export_streamed(weights=...)`), and
+precision.convert reads each weight from the checkpoint through its loader while it writes the
+converted graph: the checkpoint's tensors go straight into the graph in the export dtype.
 """
 
 from __future__ import annotations
@@ -295,8 +300,13 @@ def _no_big_fold(node: Any) -> bool | None:
 
 
 def export_streamed(spec: Any, path: Path, prov: Provenance, reader: ShardReader, opset: int = 18,
-                    basic_ops: bool = False, external: bool | None = None) -> dict[str, int]:
-    """export.graph.export_onnx for a spec of a fake model: the same graph, weights streamed in."""
+                    basic_ops: bool = False, external: bool | None = None,
+                    weights: dict[str, Callable[[], Any]] | None = None) -> dict[str, int]:
+    """export.graph.export_onnx for a spec of a fake model: the same graph, weights streamed in.
+
+    With `weights` (a dict to fill), the streamed weights are not written: the graph is saved with
+    each one as an external reference to `<graph>.unwritten` and its loader put in `weights`
+    under the initializer's name, for precision.convert(weights=...)."""
     import gc
 
     import onnx_ir as ir
@@ -337,7 +347,15 @@ def export_streamed(spec: Any, path: Path, prov: Provenance, reader: ShardReader
         weight_bytes = sum(p.numel() * p.element_size() for p in spec.module.parameters())
         weight_bytes += sum(b.numel() * b.element_size() for b in spec.module.buffers())
         external = weight_bytes > graph_mod.EXTERNAL_DATA_THRESHOLD
-    if external:
+    if weights is not None:
+        for value in model.graph.initializers.values():
+            lazy = value.const_value
+            if isinstance(lazy, ir.LazyTensor):
+                weights[value.name] = lazy.numpy
+                value.const_value = ir.ExternalTensor(path.name + ".unwritten", 0, lazy.nbytes, lazy.dtype,
+                                                      shape=lazy.shape, name=value.name)
+        ir.save(model, str(path))
+    elif external:
         ir.save(model, str(path), external_data=path.name + ".data", max_workers=1)
     else:
         ir.save(model, str(path))

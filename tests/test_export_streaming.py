@@ -119,12 +119,22 @@ def test_sharded_bf16_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("dtype,graphs", [("fp16", ("ar_planner", "dit_decoder")), ("bf16", ("vae_decoder",))])
 def test_half_precision_same_as_plain(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       dtype: str, graphs: tuple[str, ...]) -> None:
-    """fp16 / bf16: the streamed fp32 graph converted tensor by tensor equals precision.convert's
-    graph (the fp32 graphs keep their weights in data files, so that the conversion streams them);
-    the AR planner's KV cache stays native half, as in the plain export."""
+    """fp16 / bf16: the weightless fp32 graph converted with each weight read from the checkpoint
+    equals precision.convert's graph of the plain export; no fp32 weights are ever written (with
+    the threshold at 0 they would be, in data files); the AR planner's KV cache stays native half, as in the plain export."""
     from glm_image_onnx.export import graph as graph_mod
+    from glm_image_onnx.export import precision
 
     monkeypatch.setattr(graph_mod, "EXTERNAL_DATA_THRESHOLD", 0)
+    seen: list[tuple[str, int, list[str]]] = []
+    convert = precision.convert
+
+    def observed(src, dst, dtype, **kw):  # the real conversion; records what it was given
+        files = [f.name for f in graph_mod.onnx_files(src)[1:] if f.exists()]
+        seen.append((Path(src).name, len(kw.get("weights") or {}), files))
+        return convert(src, dst, dtype, **kw)
+
+    monkeypatch.setattr(precision, "convert", observed)
     pkgs = {}
     for low in (False, True):
         pkgs[low] = tmp_path / f"{dtype}-{low}"
@@ -140,3 +150,6 @@ def test_half_precision_same_as_plain(tiny_checkpoint: Path, tmp_path: Path, mon
         if dtype == "fp16":
             assert b["verify"]["passed"], name
     _assert_same_graphs(pkgs[False], pkgs[True], list(graphs))
+    plain_runs, low_runs = seen[:len(graphs)], seen[len(graphs):]
+    assert not any(n for _, n, _ in plain_runs), plain_runs  # the plain export converts what it wrote
+    assert low_runs and all(n and not files for _, n, files in low_runs), low_runs  # loaders, no files
