@@ -351,7 +351,8 @@ def test_i2i_write_read_equals_kv_cache(tiny_models, tiny_graphs) -> None:
 
 def test_cpu_package_attention_takes_flash_when_unmasked(tiny_package: Path) -> None:
     """Each biased attention of a cpu package's DiT is an If (export.attention): unpadded text runs the
-    flash branch, padded text the masked one, and both give the same step."""
+    flash branch, padded text the masked one, and both give the same step. The expanded
+    [batch, 1, queries, keys] bias is built inside the masked branch only."""
     import json
 
     entry = json.loads((tiny_package / "manifest.json").read_text())["graphs"]["dit_decoder"]
@@ -360,6 +361,9 @@ def test_cpu_package_attention_takes_flash_when_unmasked(tiny_package: Path) -> 
     model = onnx.load(str(tiny_package / "dit_decoder.onnx"), load_external_data=False)
     branches = [n for n in model.graph.node if n.op_type == "If"]
     assert len(branches) == layers
+    for node in branches:
+        ops = {a.name: [n.op_type for n in a.g.node] for a in node.attribute}
+        assert ops == {"then_branch": ["MultiHeadAttention"], "else_branch": ["Expand", "MultiHeadAttention"]}
     assert not [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
     session = _session(tiny_package / "dit_decoder.onnx")
     cfg = entry["config"]

@@ -1,0 +1,89 @@
+"""Memory of one `dit_decoder` call at real token counts: resident bytes above the loaded session.
+
+One unpadded CFG row (the runtime's call at large sizes, so the flash attention path), sampled every
+10 ms in this process: total RSS and anonymous RSS (`/proc/self/status` RssAnon), which leaves out
+weight pages that onnxruntime maps from external data and touches during the first run.
+
+    python benchmarks/bench_dit_memory.py PKG/dit_decoder.onnx --size 2048 [--no-arena]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+
+import numpy as np
+import onnxruntime as ort
+import psutil
+
+GiB = 1 << 30
+
+
+def rss_anon() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def feeds(session: ort.InferenceSession, size: int, text_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    layers, _, _, heads, head_dim = shapes["condition_keys"]
+    channels, text_dim = shapes["hidden_states"][1], shapes["encoder_hidden_states"][2]
+    rng = np.random.default_rng(seed)
+    side = size // 8  # latent pixels; 2x2 patches make side // 2 squared image tokens
+    n = (side // 2) ** 2
+    empty = np.zeros((layers, 1, 0, heads, head_dim), np.float32)
+    return {
+        "hidden_states": rng.standard_normal((1, channels, side, side), np.float32),
+        "encoder_hidden_states": rng.standard_normal((1, text_len, text_dim), np.float32),
+        "prior_token_id": rng.integers(0, 16384, (1, n), dtype=np.int64),
+        "prior_token_drop": np.zeros((1, n), bool),
+        "timestep": np.array([500.0], np.float32),
+        "target_size": np.array([[size, size]], np.float32),
+        "crop_coords": np.zeros((1, 2), np.float32),
+        "encoder_attention_mask": np.ones((1, text_len), np.int64),
+        "condition_keys": empty,
+        "condition_values": empty,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("graph", help="a cpu package's dit_decoder.onnx")
+    parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    parser.add_argument("--text-len", type=int, default=64, help="glyph tokens")
+    parser.add_argument("--no-arena", action="store_true", help="onnxruntime's CPU arena off")
+    args = parser.parse_args()
+
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = not args.no_arena
+    session = ort.InferenceSession(args.graph, options, providers=["CPUExecutionProvider"])
+    feed = feeds(session, args.size, args.text_len)
+    proc = psutil.Process()
+    base, base_anon = proc.memory_info().rss, rss_anon()
+    peak, peak_anon, done = base, base_anon, False
+
+    def sample() -> None:
+        nonlocal peak, peak_anon
+        while not done:
+            peak, peak_anon = max(peak, proc.memory_info().rss), max(peak_anon, rss_anon())
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    t0 = time.perf_counter()
+    session.run(None, feed)
+    seconds = time.perf_counter() - t0
+    done = True
+    sampler.join()
+    print(json.dumps({"tokens": feed["prior_token_id"].shape[1] + args.text_len, "arena": not args.no_arena,
+                      "seconds": round(seconds, 2), "weights_gib": round(base / GiB, 3),
+                      "above_gib": round((peak - base) / GiB, 3),
+                      "anon_above_gib": round((peak_anon - base_anon) / GiB, 3)}))
+
+
+if __name__ == "__main__":
+    main()
