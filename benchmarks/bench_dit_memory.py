@@ -4,7 +4,7 @@ One unpadded CFG row (the runtime's call at large sizes, so the flash attention 
 10 ms in this process: total RSS and anonymous RSS (`/proc/self/status` RssAnon), which leaves out
 weight pages that onnxruntime maps from external data and touches during the first run.
 
-    python benchmarks/bench_dit_memory.py PKG/dit_decoder.onnx --size 2048 [--no-arena]
+    python benchmarks/bench_dit_memory.py PKG --size 2048 [--no-arena]
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 
+from glm_image_onnx.runtime.package import Package
+
 GiB = 1 << 30
 
 
@@ -28,18 +30,17 @@ def rss_anon() -> int:
     return 0
 
 
-def feeds(session: ort.InferenceSession, size: int, text_len: int, seed: int = 0) -> dict[str, np.ndarray]:
-    shapes = {i.name: i.shape for i in session.get_inputs()}
-    layers, _, _, heads, head_dim = shapes["condition_keys"]
-    channels, text_dim = shapes["hidden_states"][1], shapes["encoder_hidden_states"][2]
+def feeds(package: Package, size: int, text_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """One unpadded text-to-image row at size x size, shapes from the manifest."""
+    cfg = package.graphs["dit_decoder"]["config"]
     rng = np.random.default_rng(seed)
-    side = size // 8  # latent pixels; 2x2 patches make side // 2 squared image tokens
-    n = (side // 2) ** 2
-    empty = np.zeros((layers, 1, 0, heads, head_dim), np.float32)
+    side = size // package.pipeline["vae"]["scale_factor"]  # latent pixels
+    n = (side // cfg["patch_size"]) ** 2  # image tokens
+    empty = np.zeros((cfg["num_layers"], 1, 0, cfg["num_heads"], cfg["head_dim"]), np.float32)
     return {
-        "hidden_states": rng.standard_normal((1, channels, side, side), np.float32),
-        "encoder_hidden_states": rng.standard_normal((1, text_len, text_dim), np.float32),
-        "prior_token_id": rng.integers(0, 16384, (1, n), dtype=np.int64),
+        "hidden_states": rng.standard_normal((1, cfg["in_channels"], side, side), np.float32),
+        "encoder_hidden_states": rng.standard_normal((1, text_len, cfg["text_embed_dim"]), np.float32),
+        "prior_token_id": rng.integers(0, cfg["prior_codebook_size"], (1, n), dtype=np.int64),
         "prior_token_drop": np.zeros((1, n), bool),
         "timestep": np.array([500.0], np.float32),
         "target_size": np.array([[size, size]], np.float32),
@@ -52,7 +53,7 @@ def feeds(session: ort.InferenceSession, size: int, text_len: int, seed: int = 0
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("graph", help="a cpu package's dit_decoder.onnx")
+    parser.add_argument("package", help="a cpu package (its dit_decoder is run)")
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
     parser.add_argument("--text-len", type=int, default=64, help="glyph tokens")
     parser.add_argument("--no-arena", action="store_true", help="onnxruntime's CPU arena off")
@@ -60,8 +61,10 @@ def main() -> None:
 
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = not args.no_arena
-    session = ort.InferenceSession(args.graph, options, providers=["CPUExecutionProvider"])
-    feed = feeds(session, args.size, args.text_len)
+    package = Package.open(args.package, verify_files="off")
+    session = ort.InferenceSession(str(package.graph_path("dit_decoder")), options,
+                                   providers=["CPUExecutionProvider"])
+    feed = feeds(package, args.size, args.text_len)
     proc = psutil.Process()
     base, base_anon = proc.memory_info().rss, rss_anon()
     peak, peak_anon, done = base, base_anon, False

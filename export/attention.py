@@ -59,9 +59,10 @@ def flash_when_unmasked(path: Path, mask_input: str) -> int:
         j = producer.get(graph.node[i].input[ATTENTION_BIAS])
         if j is not None and graph.node[j].op_type == "Expand" and readers[graph.node[j].output[0]] == 1:
             own_expand[i] = j
+    moved = set(own_expand.values())
     nodes = list(prologue)
     for i, node in enumerate(graph.node):
-        if i in own_expand.values():
+        if i in moved:
             continue
         if i not in biased:
             nodes.append(node)
