@@ -4,7 +4,7 @@ One unpadded CFG row (the runtime's call at large sizes, so the flash attention 
 10 ms in this process: total RSS and anonymous RSS (`/proc/self/status` RssAnon), which leaves out
 weight pages that onnxruntime maps from external data and touches during the first run.
 
-    python benchmarks/bench_dit_memory.py PKG --size 2048 [--no-arena]
+    python benchmarks/bench_dit_memory.py PKG --size 2048 [--arena] [--mem-reuse]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import onnxruntime as ort
 import psutil
 
 from glm_image_onnx.runtime.package import Package
+from glm_image_onnx.runtime.providers import session_options
 
 GiB = 1 << 30
 
@@ -56,11 +57,13 @@ def main() -> None:
     parser.add_argument("package", help="a cpu package (its dit_decoder is run)")
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
     parser.add_argument("--text-len", type=int, default=64, help="glyph tokens")
-    parser.add_argument("--no-arena", action="store_true", help="onnxruntime's CPU arena off")
+    parser.add_argument("--arena", action="store_true", help="onnxruntime's CPU arena on (the runtime's DiT has none)")
+    parser.add_argument("--mem-reuse", action="store_true",
+                        help="onnxruntime's buffer-reuse planner on (the runtime turns it off)")
     args = parser.parse_args()
 
-    options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = not args.no_arena
+    options = session_options("cpu", arena=args.arena)  # the runtime's, with the two switches compared here
+    options.enable_mem_reuse = args.mem_reuse
     package = Package.open(args.package, verify_files="off")
     session = ort.InferenceSession(str(package.graph_path("dit_decoder")), options,
                                    providers=["CPUExecutionProvider"])
@@ -82,7 +85,8 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     done = True
     sampler.join()
-    print(json.dumps({"tokens": feed["prior_token_id"].shape[1] + args.text_len, "arena": not args.no_arena,
+    print(json.dumps({"tokens": feed["prior_token_id"].shape[1] + args.text_len, "arena": args.arena,
+                      "mem_reuse": args.mem_reuse,
                       "seconds": round(seconds, 2), "weights_gib": round(base / GiB, 3),
                       "above_gib": round((peak - base) / GiB, 3),
                       "anon_above_gib": round((peak_anon - base_anon) / GiB, 3)}))

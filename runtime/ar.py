@@ -65,7 +65,7 @@ class ArPlanner:
                               for t in (config["present_key_template"], config["present_value_template"])]
         self.cache_dtype, self.static = cache_contract(config)
         self.buckets = buckets or ShapeBuckets()
-        self.release = release_arena()
+        self.release = release_arena(session, device, device_id)
         if self.static and not self.buckets.static:
             raise PackageError("ar_planner: a bucketed kv_cache needs target.shape_buckets in the manifest")
         self.device, self.device_id = device, device_id

@@ -40,6 +40,10 @@ BATCHED_CFG_MAX_SCORES = 1 << 30
 T2I_GRAPHS = ("ar_planner", "glyph_encoder", "dit_decoder", "vae_decoder")
 I2I_GRAPHS = ("vision_tokenizer", "vae_encoder", "dit_condition_write")
 VAE_TILING = ("auto", "on", "off")
+# CPU sessions run without onnxruntime's arena (providers.session_options) except the VAE's: without
+# it a session's first tile of each shape took 40 s instead of 24-26 s (a 512 px tile of the
+# published VAE); with it, released after every tile, no tile did and nothing is held between tiles.
+ARENA_GRAPHS = ("vae_decoder", "vae_encoder")
 # The CPU's largest default VAE tile (pixels). The published VAE's 1024x1024 decode peaks at 15.2 GB
 # on onnxruntime's CPU (its 3x3 convolutions' im2col buffers at 512 channels), a 512 tile at 3.8 GB
 # (benchmarks/README.md, bench_scale): the bounded-memory default; --vae-tile-size overrides it.
@@ -81,7 +85,8 @@ class GlmImageOnnxPipeline:
         self.provider = provider
         self.config = package.pipeline
         wanted = T2I_GRAPHS + tuple(g for g in I2I_GRAPHS if package.has(g))
-        self.sessions = {g: create_session(package.graph_path(g), provider, threads) for g in wanted}
+        self.sessions = {g: create_session(package.graph_path(g), provider, threads, arena=g in ARENA_GRAPHS)
+                         for g in wanted}
         # Where the provider could not start at all, the fallback report has said so; where it runs,
         # a package built for another target is worth one line.
         if any(provider.ort_name in s.get_providers() for s in self.sessions.values()):
@@ -92,7 +97,8 @@ class GlmImageOnnxPipeline:
         except ValueError as e:
             raise PackageError(f"{package.root}: {e}") from None
         ar_cfg = package.graph_config("ar_planner")
-        self.release = release_arena()  # the last run of each stage frees its arena's memory
+        # The last run of each stage frees its arenas' memory.
+        self.release = {g: release_arena(s, *self.io_device(g)) for g, s in self.sessions.items()}
         self.ar = ArPlanner(self.sessions["ar_planner"], ar_cfg, *self.io_device("ar_planner"), buckets=self.buckets)
         self.prompts = PromptBuilder.from_package(package.root)
         self.glyph_tokenizer = glyphs.ByteTokenizer.from_dir(package.file("tokenizer"))
@@ -254,8 +260,8 @@ class GlmImageOnnxPipeline:
         grids, ids = [], []
         for img in sources:
             pixels, (gh, gw) = self.image_processor.preprocess_one(img)
-            out = session.run(None, {"pixel_values": pixels,
-                                     "image_grid_thw": np.array([[1, gh, gw]], np.int64)}, self.release)[0]
+            out = session.run(None, {"pixel_values": pixels, "image_grid_thw": np.array([[1, gh, gw]], np.int64)},
+                              self.release["vision_tokenizer"])[0]
             grids.append((gh, gw))
             ids.append(out.astype(np.int64).reshape(-1))
         return _Condition(grids=grids, ids=ids)
@@ -273,7 +279,7 @@ class GlmImageOnnxPipeline:
             latent = self.encode(images.vae_preprocess(img, h, w, self.vae_scale))
             k, v = self.sessions["dit_condition_write"].run(None, {
                 "hidden_states": latent, "prior_token_id": prior,
-                "target_size": np.array([[h, w]], np.float32)}, self.release)
+                "target_size": np.array([[h, w]], np.float32)}, self.release["dit_condition_write"])
             keys.append(k)
             values.append(v)
         condition.keys = np.concatenate(keys, axis=2)
@@ -318,10 +324,10 @@ class GlmImageOnnxPipeline:
                     padded_mask = np.zeros((1, width), np.int64)
                     padded_ids[0, : ids.shape[1]], padded_mask[0, : ids.shape[1]] = row_ids, row_mask
                     hidden = session.run(None, {"input_ids": padded_ids, "attention_mask": padded_mask},
-                                         self.release)[0]
+                                         self.release["glyph_encoder"])[0]
                     rows.append(glyphs.gather_rows(hidden, padded_mask))
                 return np.concatenate(rows, axis=1).astype(np.float32)
-            hidden = session.run(None, {"input_ids": ids, "attention_mask": mask}, self.release)[0]
+            hidden = session.run(None, {"input_ids": ids, "attention_mask": mask}, self.release["glyph_encoder"])[0]
             return glyphs.gather_rows(hidden, mask).astype(np.float32)
 
         return encode(glyphs.glyph_texts(prompt)), encode([])
@@ -371,7 +377,8 @@ class GlmImageOnnxPipeline:
         for i, t in enumerate(timesteps):
             t0 = time.perf_counter()
             last = i == len(timesteps) - 1
-            preds = [branch(latents, t - 1, self.release if last else None) for branch in branches]  # feeds t - 1
+            release = self.release["dit_decoder"] if last else None
+            preds = [branch(latents, t - 1, release) for branch in branches]  # feeds t - 1
             if batch_cfg:
                 noise = cfg_mix(preds[0][:1], preds[0][1:], scale)
             elif use_cfg:
@@ -392,7 +399,7 @@ class GlmImageOnnxPipeline:
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """VAE-encode an image [B, C, H, W] in [-1, 1] -> normalised latents (the mode, (x - mean) / std)."""
         def run(sample: np.ndarray) -> np.ndarray:
-            return self.sessions["vae_encoder"].run(None, {"sample": sample}, self.release)[0]
+            return self.sessions["vae_encoder"].run(None, {"sample": sample}, self.release["vae_encoder"])[0]
 
         if self._vae_tiles(pixels.shape[2], pixels.shape[3], self.vae_tile_sample):
             latent = images.tiled_encode(run, pixels, self.vae_tile_sample, self.vae_tile_latent)
@@ -405,7 +412,7 @@ class GlmImageOnnxPipeline:
         z = (latents * self.latents_std + self.latents_mean).astype(np.float32)
 
         def run(tile: np.ndarray) -> np.ndarray:
-            return self.sessions["vae_decoder"].run(None, {"latents": tile}, self.release)[0]
+            return self.sessions["vae_decoder"].run(None, {"latents": tile}, self.release["vae_decoder"])[0]
 
         if self._vae_tiles(z.shape[2], z.shape[3], self.vae_tile_latent):
             sample = images.tiled_decode(run, z, self.vae_tile_latent, self.vae_tile_sample)

@@ -204,27 +204,35 @@ def physical_cores() -> int:
 DEFAULT_SPIN_US = 100
 
 
-def release_arena() -> ort.RunOptions:
-    """Run options that hand the CPU arena's free memory back at the end of the run.
+def release_arena(session: ort.InferenceSession, device: str, device_id: int = 0) -> ort.RunOptions | None:
+    """Run options that hand the session's arenas' free memory back at the end of the run, or None
+    where it has none.
 
     An arena keeps its largest allocation for ever: each session would hold its worst step's
-    buffers (the DiT's at 16K tokens, a VAE tile's) while the next stage allocates its own, and a
-    2048x2048 generation would need the sum of every stage's peak. Passed to the last run of each
-    stage (a graph run once, the final denoising step, the last AR token), so that steps of one
-    stage still reuse the arena's memory. Measured in benchmarks/README.md (bench_scale)."""
+    buffers while the next stage allocates its own. Passed to the last run of each stage (a graph
+    run once, the final denoising step, the last AR token, the last VAE tile), so that the runs of
+    one stage still reuse the arena's memory. `device` is the session's (device_of): a CUDA session
+    also shrinks its GPU arena; onnxruntime shrinks only "cpu" and "gpu" arenas, so a CANN session
+    keeps its NPU arena. onnxruntime rejects a run that names an arena the session does not have."""
+    arenas = ["cpu:0"] if session.get_session_options().enable_cpu_mem_arena else []
+    if device == "cuda":
+        arenas.append(f"gpu:{device_id}")
+    if not arenas:
+        return None
     options = ort.RunOptions()
-    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", ";".join(arenas))
     return options
 
 
-def session_options(provider: str, threads: int | None = None) -> ort.SessionOptions:
+def session_options(provider: str, threads: int | None = None, arena: bool = False) -> ort.SessionOptions:
+    """`arena`: keep onnxruntime's CPU memory arena (CPU sessions; other providers keep theirs)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     if provider == "cpu":
         # One op at a time on all cores: these graphs are chains of large MatMuls. The thread count
         # is set explicitly (0 would let onnxruntime pick it and also pin threads to cores, which
-        # hurts on a shared machine); memory arena and memory patterns stay on (both measured).
+        # hurts on a shared machine); memory patterns stay on (measured).
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.intra_op_num_threads = threads or int(os.environ.get("GLM_IMAGE_ONNX_THREADS", 0)) or physical_cores()
         so.inter_op_num_threads = 1
@@ -234,6 +242,14 @@ def session_options(provider: str, threads: int | None = None) -> ort.SessionOpt
         else:
             so.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
             so.add_session_config_entry("session.intra_op.spin_backoff_max", "8")
+        # Memory follows onnxruntime's own frees, so a graph's working set does not grow with its
+        # layers. The buffer-reuse planner hands a freed buffer to a later value of the same
+        # symbolic size, and in the DiT that kept each block's intermediates alive into the next;
+        # the arena, growing in powers of two, kept more per layer. One 2048 px DiT call above its
+        # weights: 1 layer 4.13 -> 3.29 GiB, 2 layers 7.67 -> 3.54 GiB; the DiT call and the AR
+        # decode step take the same time (benchmarks/README.md, "Real scale").
+        so.enable_mem_reuse = False
+        so.enable_cpu_mem_arena = arena
     return so
 
 
@@ -265,21 +281,23 @@ def _session(path: Path | str, so: ort.SessionOptions, providers: list[Any]) -> 
     return ort.InferenceSession(str(path), so, providers=providers, enable_fallback=0)
 
 
-def _cpu_session(path: Path | str, threads: int | None) -> ort.InferenceSession:
+def _cpu_session(path: Path | str, threads: int | None, arena: bool) -> ort.InferenceSession:
     try:
-        return _session(path, session_options("cpu", threads), ["CPUExecutionProvider"])
+        return _session(path, session_options("cpu", threads, arena), ["CPUExecutionProvider"])
     except Exception as e:  # a broken graph: name the file
         raise ProviderError(f"{Path(path).name}: cannot create a session on CPUExecutionProvider: {e}") from e
 
 
-def create_session(path: Path | str, request: ProviderRequest, threads: int | None = None) -> ort.InferenceSession:
-    """An InferenceSession on the requested provider; a fallback to CPU is reported (or raised if strict)."""
+def create_session(path: Path | str, request: ProviderRequest, threads: int | None = None,
+                   arena: bool = False) -> ort.InferenceSession:
+    """An InferenceSession on the requested provider; a fallback to CPU is reported (or raised if strict).
+    `arena`: on CPU, keep onnxruntime's memory arena (session_options)."""
     if request.name == "cpu" or not check_available(request):
-        return _cpu_session(path, threads)
+        return _cpu_session(path, threads, arena)
     try:
         session = _session(path, session_options(request.name, threads), request.providers())
     except Exception as e:  # the provider failed at session creation, or the graph is broken
-        cpu = _cpu_session(path, threads)  # raises if the graph itself is the problem
+        cpu = _cpu_session(path, threads, arena)  # raises if the graph itself is the problem
         msg = fallback_message(path, request, cpu.get_providers(), e)
         if request.strict:
             raise ProviderError(msg) from e

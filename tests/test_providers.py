@@ -54,6 +54,8 @@ def test_cpu_session_runs(graph: Path, spy: list[dict[str, Any]]) -> None:
     assert session.get_providers() == ["CPUExecutionProvider"]
     assert spy[0]["providers"] == ["CPUExecutionProvider"]
     assert spy[0]["kwargs"].get("enable_fallback") == 0  # onnxruntime's own silent fallback is off
+    options = session.get_session_options()  # what bounds the DiT's memory
+    assert not options.enable_mem_reuse and not options.enable_cpu_mem_arena
     inp = session.get_inputs()[0]  # latents [batch, C, h, w]
     out = session.run(None, {inp.name: np.zeros((1, inp.shape[1], 4, 4), np.float32)})[0]
     assert out.shape[:2] == (1, 3) and np.isfinite(out).all()
@@ -98,6 +100,17 @@ def test_cann_gets_graph_mode_origin_dtypes_and_no_model_dumps_unless_told() -> 
                                                      "dump_om_model": "0"}
     assert ProviderRequest("cann", {"dump_om_model": True}).ort_options()["dump_om_model"] == "1"
     assert ProviderRequest("cuda").ort_options() == {}
+
+
+def test_release_names_only_the_arenas_a_session_has(graph: Path) -> None:
+    key = "memory.enable_memory_arena_shrinkage"
+    plain, arena = (P.create_session(graph, ProviderRequest("cpu"), arena=a) for a in (False, True))
+    assert plain.get_session_options().enable_cpu_mem_arena is False
+    assert P.release_arena(plain, "cpu") is None  # onnxruntime rejects a run naming a missing arena
+    assert P.release_arena(arena, "cuda", 1).get_run_config_entry(key) == "cpu:0;gpu:1"
+    assert P.release_arena(arena, "cann", 1).get_run_config_entry(key) == "cpu:0"  # cpu and gpu only
+    inp = arena.get_inputs()[0]
+    arena.run(None, {inp.name: np.zeros((1, inp.shape[1], 4, 4), np.float32)}, P.release_arena(arena, "cpu"))
 
 
 def test_options_are_passed_as_strings() -> None:
