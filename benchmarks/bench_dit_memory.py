@@ -1,10 +1,10 @@
 """Memory of one `dit_decoder` call at real token counts: resident bytes above the loaded session.
 
-One unpadded CFG row (the runtime's call at large sizes, so the flash attention path), sampled every
-10 ms in this process: total RSS and anonymous RSS (`/proc/self/status` RssAnon), which leaves out
-weight pages that onnxruntime maps from external data and touches during the first run.
+Unpadded CFG rows one call at a time (the runtime's calls at large sizes, so the flash attention
+path), each call's peak sampled every 10 ms in this process: total RSS and anonymous RSS
+(`/proc/self/status` RssAnon), which leaves out weight pages that onnxruntime maps from external data and touches during the first run.
 
-    python benchmarks/bench_dit_memory.py PKG --size 2048 [--arena] [--mem-reuse]
+    python benchmarks/bench_dit_memory.py PKG --size 2048 [--memory exact|pattern|arena] [--mem-reuse] [--calls 2]
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import onnxruntime as ort
 import psutil
 
 from glm_image_onnx.runtime.package import Package
-from glm_image_onnx.runtime.providers import session_options
+from glm_image_onnx.runtime.pipeline import MEMORY
+from glm_image_onnx.runtime.providers import MEMORY_MODES, session_options
 
 GiB = 1 << 30
 
@@ -57,12 +58,14 @@ def main() -> None:
     parser.add_argument("package", help="a cpu package (its dit_decoder is run)")
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
     parser.add_argument("--text-len", type=int, default=64, help="glyph tokens")
-    parser.add_argument("--arena", action="store_true", help="onnxruntime's CPU arena on (the runtime's DiT has none)")
+    parser.add_argument("--memory", choices=MEMORY_MODES, default=MEMORY["dit_decoder"],
+                        help="providers.MEMORY_MODES (default: the runtime's for the DiT)")
     parser.add_argument("--mem-reuse", action="store_true",
                         help="onnxruntime's buffer-reuse planner on (the runtime turns it off)")
+    parser.add_argument("--calls", type=int, default=2, help="calls in a row (a CFG step at large sizes: 2)")
     args = parser.parse_args()
 
-    options = session_options("cpu", arena=args.arena)  # the runtime's, with the two switches compared here
+    options = session_options("cpu", memory=args.memory)  # the runtime's, with the switches compared here
     options.enable_mem_reuse = args.mem_reuse
     package = Package.open(args.package, verify_files="off")
     session = ort.InferenceSession(str(package.graph_path("dit_decoder")), options,
@@ -80,16 +83,18 @@ def main() -> None:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    t0 = time.perf_counter()
-    session.run(None, feed)
-    seconds = time.perf_counter() - t0
+    calls = []
+    for _ in range(args.calls):  # the first call also records onnxruntime's memory pattern
+        peak, peak_anon = proc.memory_info().rss, rss_anon()
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        calls.append({"seconds": round(time.perf_counter() - t0, 2), "above_gib": round((peak - base) / GiB, 3),
+                      "anon_above_gib": round((peak_anon - base_anon) / GiB, 3)})
     done = True
     sampler.join()
-    print(json.dumps({"tokens": feed["prior_token_id"].shape[1] + args.text_len, "arena": args.arena,
+    print(json.dumps({"tokens": feed["prior_token_id"].shape[1] + args.text_len, "memory": args.memory,
                       "mem_reuse": args.mem_reuse,
-                      "seconds": round(seconds, 2), "weights_gib": round(base / GiB, 3),
-                      "above_gib": round((peak - base) / GiB, 3),
-                      "anon_above_gib": round((peak_anon - base_anon) / GiB, 3)}))
+                      "weights_gib": round(base / GiB, 3), "calls": calls}))
 
 
 if __name__ == "__main__":

@@ -40,10 +40,10 @@ BATCHED_CFG_MAX_SCORES = 1 << 30
 T2I_GRAPHS = ("ar_planner", "glyph_encoder", "dit_decoder", "vae_decoder")
 I2I_GRAPHS = ("vision_tokenizer", "vae_encoder", "dit_condition_write")
 VAE_TILING = ("auto", "on", "off")
-# CPU sessions run without onnxruntime's arena (providers.session_options) except the VAE's: without
-# it a session's first tile of each shape took 40 s instead of 24-26 s (a 512 px tile of the
-# published VAE); with it, released after every tile, no tile did and nothing is held between tiles.
-ARENA_GRAPHS = ("vae_decoder", "vae_encoder")
+# How each graph's CPU session allocates (providers.MEMORY_MODES); the others: "pattern". The VAE
+# without its arena: a session's first tile of each shape took 40 s instead of 24-26 s (a 512 px
+# tile of the published VAE); with it, released after every tile, none did.
+MEMORY = {"vae_decoder": "arena", "vae_encoder": "arena", "dit_decoder": "exact", "dit_condition_write": "exact"}
 # The CPU's largest default VAE tile (pixels). The published VAE's 1024x1024 decode peaks at 15.2 GB
 # on onnxruntime's CPU (its 3x3 convolutions' im2col buffers at 512 channels), a 512 tile at 3.8 GB
 # (benchmarks/README.md, bench_scale): the bounded-memory default; --vae-tile-size overrides it.
@@ -85,7 +85,7 @@ class GlmImageOnnxPipeline:
         self.provider = provider
         self.config = package.pipeline
         wanted = T2I_GRAPHS + tuple(g for g in I2I_GRAPHS if package.has(g))
-        self.sessions = {g: create_session(package.graph_path(g), provider, threads, arena=g in ARENA_GRAPHS)
+        self.sessions = {g: create_session(package.graph_path(g), provider, threads, MEMORY.get(g, "pattern"))
                          for g in wanted}
         # Where the provider could not start at all, the fallback report has said so; where it runs,
         # a package built for another target is worth one line.

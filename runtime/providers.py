@@ -224,8 +224,22 @@ def release_arena(session: ort.InferenceSession, device: str, device_id: int = 0
     return options
 
 
-def session_options(provider: str, threads: int | None = None, arena: bool = False) -> ort.SessionOptions:
-    """`arena`: keep onnxruntime's CPU memory arena (CPU sessions; other providers keep theirs)."""
+# How a CPU session allocates (session_options), chosen per graph by the runtime; measured in
+# benchmarks/README.md, "Real scale". onnxruntime's buffer-reuse planner is off in all three.
+MEMORY_MODES = {
+    # onnxruntime's arena and memory patterns: a graph run again and again at one large shape (VAE
+    # tiles), whose first run would otherwise fault in every tensor's pages; released per stage.
+    "arena": (True, True),
+    # memory patterns without the arena: many small runs (AR decode steps), one block per run.
+    "pattern": (False, True),
+    # neither: memory follows the graph's own frees exactly, for working sets that grow with the
+    # image (the DiT: a pattern's block, laid out first-fit, was a third above the live peak).
+    "exact": (False, False),
+}
+
+
+def session_options(provider: str, threads: int | None = None, memory: str = "pattern") -> ort.SessionOptions:
+    """`memory`: a MEMORY_MODES key (CPU sessions; other providers keep onnxruntime's defaults)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
@@ -242,14 +256,13 @@ def session_options(provider: str, threads: int | None = None, arena: bool = Fal
         else:
             so.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
             so.add_session_config_entry("session.intra_op.spin_backoff_max", "8")
-        # Memory follows onnxruntime's own frees, so a graph's working set does not grow with its
-        # layers. The buffer-reuse planner hands a freed buffer to a later value of the same
-        # symbolic size, and in the DiT that kept each block's intermediates alive into the next;
-        # the arena, growing in powers of two, kept more per layer. One 2048 px DiT call above its
-        # weights: 1 layer 4.13 -> 3.29 GiB, 2 layers 7.67 -> 3.54 GiB; the DiT call and the AR
-        # decode step take the same time (benchmarks/README.md, "Real scale").
+        # A graph's working set must not grow with its layers. The buffer-reuse planner hands a
+        # freed buffer to a later value of the same symbolic size, and in the DiT that kept each
+        # block's intermediates alive into the next; the arena, growing in powers of two, kept more
+        # per layer. One 2048 px DiT call above its weights: 1 layer 4.13 -> 3.29 GiB, 2 layers
+        # 7.67 -> 3.54 GiB, at the same speed (the AR decode step too).
         so.enable_mem_reuse = False
-        so.enable_cpu_mem_arena = arena
+        so.enable_cpu_mem_arena, so.enable_mem_pattern = MEMORY_MODES[memory]
     return so
 
 
@@ -281,23 +294,23 @@ def _session(path: Path | str, so: ort.SessionOptions, providers: list[Any]) -> 
     return ort.InferenceSession(str(path), so, providers=providers, enable_fallback=0)
 
 
-def _cpu_session(path: Path | str, threads: int | None, arena: bool) -> ort.InferenceSession:
+def _cpu_session(path: Path | str, threads: int | None, memory: str) -> ort.InferenceSession:
     try:
-        return _session(path, session_options("cpu", threads, arena), ["CPUExecutionProvider"])
+        return _session(path, session_options("cpu", threads, memory), ["CPUExecutionProvider"])
     except Exception as e:  # a broken graph: name the file
         raise ProviderError(f"{Path(path).name}: cannot create a session on CPUExecutionProvider: {e}") from e
 
 
 def create_session(path: Path | str, request: ProviderRequest, threads: int | None = None,
-                   arena: bool = False) -> ort.InferenceSession:
+                   memory: str = "pattern") -> ort.InferenceSession:
     """An InferenceSession on the requested provider; a fallback to CPU is reported (or raised if strict).
-    `arena`: on CPU, keep onnxruntime's memory arena (session_options)."""
+    `memory`: how it allocates on CPU (MEMORY_MODES)."""
     if request.name == "cpu" or not check_available(request):
-        return _cpu_session(path, threads, arena)
+        return _cpu_session(path, threads, memory)
     try:
         session = _session(path, session_options(request.name, threads), request.providers())
     except Exception as e:  # the provider failed at session creation, or the graph is broken
-        cpu = _cpu_session(path, threads, arena)  # raises if the graph itself is the problem
+        cpu = _cpu_session(path, threads, memory)  # raises if the graph itself is the problem
         msg = fallback_message(path, request, cpu.get_providers(), e)
         if request.strict:
             raise ProviderError(msg) from e

@@ -54,8 +54,8 @@ def test_cpu_session_runs(graph: Path, spy: list[dict[str, Any]]) -> None:
     assert session.get_providers() == ["CPUExecutionProvider"]
     assert spy[0]["providers"] == ["CPUExecutionProvider"]
     assert spy[0]["kwargs"].get("enable_fallback") == 0  # onnxruntime's own silent fallback is off
-    options = session.get_session_options()  # what bounds the DiT's memory
-    assert not options.enable_mem_reuse and not options.enable_cpu_mem_arena
+    options = session.get_session_options()  # "pattern" (providers.MEMORY_MODES)
+    assert not options.enable_mem_reuse and not options.enable_cpu_mem_arena and options.enable_mem_pattern
     inp = session.get_inputs()[0]  # latents [batch, C, h, w]
     out = session.run(None, {inp.name: np.zeros((1, inp.shape[1], 4, 4), np.float32)})[0]
     assert out.shape[:2] == (1, 3) and np.isfinite(out).all()
@@ -104,13 +104,22 @@ def test_cann_gets_graph_mode_origin_dtypes_and_no_model_dumps_unless_told() -> 
 
 def test_release_names_only_the_arenas_a_session_has(graph: Path) -> None:
     key = "memory.enable_memory_arena_shrinkage"
-    plain, arena = (P.create_session(graph, ProviderRequest("cpu"), arena=a) for a in (False, True))
-    assert plain.get_session_options().enable_cpu_mem_arena is False
+    plain, arena = (P.create_session(graph, ProviderRequest("cpu"), memory=m) for m in ("exact", "arena"))
+    assert not plain.get_session_options().enable_cpu_mem_arena and not plain.get_session_options().enable_mem_pattern
     assert P.release_arena(plain, "cpu") is None  # onnxruntime rejects a run naming a missing arena
     assert P.release_arena(arena, "cuda", 1).get_run_config_entry(key) == "cpu:0;gpu:1"
     assert P.release_arena(arena, "cann", 1).get_run_config_entry(key) == "cpu:0"  # cpu and gpu only
     inp = arena.get_inputs()[0]
     arena.run(None, {inp.name: np.zeros((1, inp.shape[1], 4, 4), np.float32)}, P.release_arena(arena, "cpu"))
+
+
+def test_pipeline_sessions_allocate_as_their_graph_needs(tiny_package: Path) -> None:
+    pipe = GlmImageOnnxPipeline.from_package(tiny_package, verify_files="off")
+    options = {g: s.get_session_options() for g, s in pipe.sessions.items()}
+    assert all(not o.enable_mem_reuse for o in options.values())
+    assert options["vae_decoder"].enable_cpu_mem_arena and options["vae_decoder"].enable_mem_pattern
+    assert not options["dit_decoder"].enable_cpu_mem_arena and not options["dit_decoder"].enable_mem_pattern
+    assert not options["ar_planner"].enable_cpu_mem_arena and options["ar_planner"].enable_mem_pattern
 
 
 def test_options_are_passed_as_strings() -> None:
