@@ -246,7 +246,7 @@ def session_options(provider: str, threads: int | None = None, memory: str = "pa
     if provider == "cpu":
         # One op at a time on all cores: these graphs are chains of large MatMuls. The thread count
         # is set explicitly (0 would let onnxruntime pick it and also pin threads to cores, which
-        # hurts on a shared machine); memory patterns stay on (measured).
+        # hurts on a shared machine).
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.intra_op_num_threads = threads or int(os.environ.get("GLM_IMAGE_ONNX_THREADS", 0)) or physical_cores()
         so.inter_op_num_threads = 1
