@@ -1,8 +1,9 @@
-"""Memory of one `dit_decoder` call at real token counts: resident bytes above the loaded session.
+"""Memory of `dit_decoder` calls at real token counts: resident bytes above the loaded session.
 
 Unpadded CFG rows one call at a time (the runtime's calls at large sizes, so the flash attention
 path), each call's peak sampled every 10 ms in this process: total RSS and anonymous RSS
-(`/proc/self/status` RssAnon), which leaves out weight pages that onnxruntime maps from external data and touches during the first run.
+(`/proc/self/status` RssAnon), which leaves out weight pages that onnxruntime maps from external
+data and touches during the first run.
 
     python benchmarks/bench_dit_memory.py PKG --size 2048 [--memory exact|pattern|arena] [--mem-reuse] [--calls 2]
 """
