@@ -42,6 +42,7 @@ class ArResult:
     prefill_s: float
     decode_s: float
     per_token_s: list[float] = field(default_factory=list)
+    batch_rows: int = 1  # the most rows a decode step of this generation had (runtime.ar_batch)
 
 
 # Cache element types: numpy's where numpy has one, else ONNX's TensorProto number (bfloat16 = 16),
@@ -70,103 +71,147 @@ class ArPlanner:
             raise PackageError("ar_planner: a bucketed kv_cache needs target.shape_buckets in the manifest")
         self.device, self.device_id = device, device_id
 
-    def _cache_buffers(self, shape: list[int]) -> list[ort.OrtValue]:
-        """One cache buffer per past/present pair, in the package's cache dtype, on the device
-        that computes the graph."""
-        element = CACHE_ELEMENT_TYPES[self.cache_dtype]
-        if self.static:
-            # Zeros: the static graph's MatMul reads every slot (masked after the product), and
-            # uninitialised memory may hold NaN, which no mask removes.
-            # One array each: on the host an OrtValue wraps its array's memory rather than copying it.
-            return [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, element), self.device, self.device_id)
-                    for _ in self.past_names]
-        return [ort.OrtValue.ortvalue_from_shape_and_type(shape, element, self.device, self.device_id)
-                for _ in self.past_names]
+    def new_cache(self, rows: int, capacity: int) -> "KvCache":
+        return KvCache(self, rows, capacity)
 
-    def _length_inputs(self, batch: int, seq: int) -> dict[str, np.ndarray]:
+    def capacity_for(self, prompt_len: int, num_tokens: int) -> int:
+        """Cache positions a generation needs: a static-shapes package's bucket (KV_CAPACITY_*)."""
+        padded, _ = self.buckets.prefill(prompt_len)
+        return self.buckets.pad("capacity", max(padded, prompt_len + num_tokens))
+
+    def length_inputs(self, batch: int, seq: int) -> dict[str, np.ndarray]:
         """The inputs saying where a call's `seq` tokens go, as buffers bound once per phase."""
         if self.static:
             return {"cache_position": np.zeros((batch, seq), np.int64)}
         return {"seqlens_k": np.zeros(batch, np.int32), "total_sequence_length": np.zeros((), np.int32)}
 
-    def _set_lengths(self, buffers: dict[str, np.ndarray], start: int, seq: int) -> None:
-        """A call writes its `seq` tokens at cache positions start .. start + seq - 1."""
+    def set_lengths(self, buffers: dict[str, np.ndarray], starts: np.ndarray | int, seq: int) -> None:
+        """Row b's call writes its `seq` tokens at cache positions starts[b] .. starts[b] + seq - 1."""
+        starts = np.asarray(starts, np.int64).reshape(-1, 1)
         if self.static:
-            buffers["cache_position"][:] = start + np.arange(seq)
+            buffers["cache_position"][:] = starts + np.arange(seq)
             return
-        buffers["seqlens_k"][:] = start + seq - 1  # the valid length after the call, minus 1
-        buffers["total_sequence_length"][()] = start + seq
+        buffers["seqlens_k"][:] = starts[:, 0] + seq - 1  # the valid length after the call, minus 1
+        buffers["total_sequence_length"][()] = starts.max() + seq
+
+    def bind_host(self, io: ort.IOBinding, arrays: dict[str, np.ndarray], logits: np.ndarray) -> None:
+        """Bind host buffers by pointer: a call only rewrites their contents."""
+        for name, arr in arrays.items():
+            io.bind_input(name, "cpu", 0, arr.dtype.type, list(arr.shape), arr.ctypes.data)
+        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+
+    def prefill(self, cache: "KvCache", row: int, input_ids: np.ndarray, positions: np.ndarray,
+                release: bool = True) -> np.ndarray:
+        """Run the prompt input_ids [1, S] (positions [3, 1, S]) into cache row `row`; the logits
+        [1, vocab] of its last position. Static shapes: the prompt padded on the right to its bucket,
+        or prefilled in chunks past the largest one (the pads write cache slots that decoding
+        overwrites before reading them)."""
+        prompt_len = input_ids.shape[1]
+        padded, chunk = self.buckets.prefill(prompt_len)
+        i64 = np.int64
+        # The pads repeat the last token and position: any valid id and position would do (never read).
+        ids = np.empty((1, padded), i64)
+        ids[:, :prompt_len], ids[:, prompt_len:] = input_ids, input_ids[:, -1:]
+        pos = np.empty((3, 1, padded), i64)
+        pos[:, :, :prompt_len], pos[:, :, prompt_len:] = positions, positions[:, :, -1:]
+        chunk_ids, chunk_pos = np.empty((1, chunk), i64), np.empty((3, 1, chunk), i64)
+        chunk_logits = np.empty((1, chunk, self.vocab), dtype=np.float32)
+        lengths = self.length_inputs(1, chunk)
+        io = self.session.io_binding()
+        cache.bind(io, row, 1)
+        self.bind_host(io, {"input_ids": chunk_ids, "position_ids": chunk_pos, **lengths}, chunk_logits)
+        for start in range(0, padded, chunk):
+            chunk_ids[:], chunk_pos[:] = ids[:, start:start + chunk], pos[:, :, start:start + chunk]
+            self.set_lengths(lengths, start, chunk)
+            # The prefill's [prompt x capacity] temporaries are not needed by the decode steps.
+            last = start + chunk >= padded
+            self.session.run_with_iobinding(io, self.release if last and release else None)
+            if start <= prompt_len - 1 < start + chunk:
+                logits = chunk_logits[:, prompt_len - 1 - start, :].copy()
+        return logits
 
     def generate(self, input_ids: np.ndarray, prefill_positions: np.ndarray, decode_positions: np.ndarray,
                  num_tokens: int, sampler: TokenSampler, progress: Progress | None = None) -> ArResult:
         """input_ids [1, S]; prefill_positions [3, 1, S]; decode_positions [1, 3, L] (mrope.rope_index)."""
-        batch, prompt_len = input_ids.shape
-        f32, i64 = np.float32, np.int64
+        prompt_len = input_ids.shape[1]
+        i64 = np.int64
         if num_tokens - 1 > decode_positions.shape[-1]:
             raise IndexError(f"{num_tokens} tokens need {num_tokens - 1} decode positions, "
                              f"{decode_positions.shape[-1]} were precomputed")
-        # Static shapes: the prompt padded on the right to its bucket, or prefilled in chunks past the
-        # largest one (the pads write cache slots that decoding overwrites before reading them), the
-        # cache at a capacity bucket for the whole generation.
-        padded, chunk = self.buckets.prefill(prompt_len)
-        capacity = self.buckets.pad("capacity", max(padded, prompt_len + num_tokens))  # KV_CAPACITY_*
-        cache = self._cache_buffers([batch, self.kv_heads, capacity, self.head_dim])  # held: binding keeps pointers
-        io = self.session.io_binding()
-        for past, present, buf in zip(self.past_names, self.present_names, cache):
-            io.bind_ortvalue_input(past, buf)
-            io.bind_ortvalue_output(present, buf)  # the same buffer: written in place
-
-        def bind(ids: np.ndarray, positions: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
-            lengths = self._length_inputs(batch, ids.shape[1])
-            for name, arr in {"input_ids": ids, "position_ids": positions, **lengths}.items():
-                io.bind_input(name, "cpu", 0, arr.dtype.type, list(arr.shape), arr.ctypes.data)
-            io.bind_output("logits", "cpu", 0, f32, list(logits.shape), logits.ctypes.data)
-            return lengths
-
+        cache = self.new_cache(1, self.capacity_for(prompt_len, num_tokens))
         t0 = time.perf_counter()
-        # The pads repeat the last token and position: any valid id and position would do (never read).
-        ids = np.empty((batch, padded), i64)
-        ids[:, :prompt_len], ids[:, prompt_len:] = input_ids, input_ids[:, -1:]
-        positions = np.empty((3, batch, padded), i64)
-        positions[:, :, :prompt_len], positions[:, :, prompt_len:] = prefill_positions, prefill_positions[:, :, -1:]
-        chunk_ids, chunk_positions = np.empty((batch, chunk), i64), np.empty((3, batch, chunk), i64)
-        chunk_logits = np.empty((batch, chunk, self.vocab), dtype=f32)
-        prefill_lengths = bind(chunk_ids, chunk_positions, chunk_logits)  # held: the binding keeps only pointers
-        for start in range(0, padded, chunk):
-            chunk_ids[:], chunk_positions[:] = ids[:, start:start + chunk], positions[:, :, start:start + chunk]
-            self._set_lengths(prefill_lengths, start, chunk)
-            # The prefill's [prompt x capacity] temporaries are not needed by the decode steps.
-            self.session.run_with_iobinding(io, self.release if start + chunk >= padded else None)
-            if start <= prompt_len - 1 < start + chunk:
-                logits = chunk_logits[:, prompt_len - 1 - start, :].copy()
+        logits = self.prefill(cache, 0, input_ids, prefill_positions)
         prefill_s = time.perf_counter() - t0
 
         # Decode: every per-token input is a preallocated buffer bound once; a step only rewrites
         # the token, its positions and where it goes.
-        token_buf = np.zeros((batch, 1), dtype=i64)
-        pos_buf = np.zeros((3, batch, 1), dtype=i64)
-        step_logits = np.empty((batch, 1, self.vocab), dtype=f32)
-        positions_by_step = np.ascontiguousarray(decode_positions.transpose(2, 1, 0))  # [L, 3, B]
-        lengths = bind(token_buf, pos_buf, step_logits)
+        token_buf = np.zeros((1, 1), dtype=i64)
+        pos_buf = np.zeros((3, 1, 1), dtype=i64)
+        step_logits = np.empty((1, 1, self.vocab), dtype=np.float32)
+        positions_by_step = np.ascontiguousarray(decode_positions.transpose(2, 1, 0))  # [L, 3, 1]
+        lengths = self.length_inputs(1, 1)
+        io = self.session.io_binding()
+        cache.bind(io, 0, 1)
+        self.bind_host(io, {"input_ids": token_buf, "position_ids": pos_buf, **lengths}, step_logits)
 
-        tokens = np.empty((batch, num_tokens), dtype=i64)
+        tokens = np.empty(num_tokens, dtype=i64)
         per_token: list[float] = []
         t_decode = time.perf_counter()
         for step in range(num_tokens):
             t1 = time.perf_counter()
-            tokens[:, step] = sampler(logits)
+            tokens[step] = sampler(logits)[0]
             if progress is not None:
                 progress("ar", step + 1, num_tokens)
             if step == num_tokens - 1:
                 break  # the last token needs no forward pass
-            token_buf[:, 0] = tokens[:, step]
+            token_buf[0, 0] = tokens[step]
             pos_buf[:, :, 0] = positions_by_step[step]
-            self._set_lengths(lengths, prompt_len + step, 1)  # this token's cache position
+            self.set_lengths(lengths, prompt_len + step, 1)  # this token's cache position
             self.session.run_with_iobinding(io, self.release if step == num_tokens - 2 else None)
             logits = step_logits[:, -1, :]
             per_token.append(time.perf_counter() - t1)
-        return ArResult(tokens=tokens[0] if batch == 1 else tokens, prefill_s=prefill_s,
+        return ArResult(tokens=tokens, prefill_s=prefill_s,
                         decode_s=time.perf_counter() - t_decode, per_token_s=per_token)
+
+
+class KvCache:
+    """The AR planner's cache as `rows` rows of [kv_heads, capacity, head_dim] per past/present
+    pair, in the package's cache dtype, on the device that computes the graph. A call binds a run
+    of consecutive rows (one row for a prefill, the active rows for a batched decode step) as both
+    `past_key_values.*` and `present.*`: the graph writes each token's keys/values in place."""
+
+    def __init__(self, planner: ArPlanner, rows: int, capacity: int):
+        self.rows, self.capacity = rows, capacity
+        self.names = list(zip(planner.past_names, planner.present_names))
+        self.device, self.device_id = planner.device, planner.device_id
+        shape = [rows, planner.kv_heads, capacity, planner.head_dim]
+        self.element = CACHE_ELEMENT_TYPES[planner.cache_dtype]
+        self.row_shape = shape[1:]
+        if self.device == "cpu" and not isinstance(self.element, int):
+            # Zeros (calloc: pages are touched only when a row is written): the static graph's
+            # MatMul reads every slot (masked after the product), and uninitialised memory may hold
+            # NaN, which no mask removes.
+            self.buffers = [np.zeros(shape, self.element) for _ in self.names]
+            self._ptrs = [a.ctypes.data for a in self.buffers]
+            self.row_bytes = self.buffers[0].strides[0] if self.buffers else 0
+        else:
+            if planner.static:
+                values = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.element), self.device,
+                                                           self.device_id) for _ in self.names]
+            else:
+                values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.element, self.device, self.device_id)
+                          for _ in self.names]
+            self.buffers = values  # held: a binding keeps only pointers
+            self._ptrs = [v.data_ptr() for v in values]
+            itemsize = 2 if isinstance(self.element, int) else np.dtype(self.element).itemsize
+            self.row_bytes = int(np.prod(self.row_shape)) * itemsize
+
+    def bind(self, io: ort.IOBinding, first_row: int, n: int) -> None:
+        shape = [n, *self.row_shape]
+        for (past, present), ptr in zip(self.names, self._ptrs):
+            address = ptr + first_row * self.row_bytes
+            io.bind_input(past, self.device, self.device_id, self.element, shape, address)
+            io.bind_output(present, self.device, self.device_id, self.element, shape, address)
 
 
 def cache_contract(config: dict[str, Any]) -> tuple[str, bool]:

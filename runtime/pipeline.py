@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,6 +24,7 @@ from glm_image_onnx.targets import manifest_target
 
 from . import glyphs, images, mrope
 from .ar import ArPlanner
+from .ar_batch import ArBatchEngine, ArBatching
 from .package import Package, PackageError, verify_mode
 from .prompt import PromptBuilder
 from .providers import ProviderRequest, check_target, create_session, device_of, input_types, release_arena
@@ -64,6 +67,11 @@ class GlmImageOutput:
     prior_token_ids: np.ndarray  # the target grid upsampled 2x, int64 [1, N]: what the DiT saw
     timings: dict[str, float] = field(default_factory=dict)
     seed: int | None = None
+    seeds: list[int] = field(default_factory=list)  # one per image (a batch); [seed] for one image
+
+    def __post_init__(self) -> None:
+        if not self.seeds and self.seed is not None:
+            self.seeds = [int(self.seed)]
 
 
 @dataclass
@@ -78,7 +86,8 @@ class _Condition:
 
 class GlmImageOnnxPipeline:
     def __init__(self, package: Package, provider: ProviderRequest, threads: int | None = None,
-                 vae_tiling: str = "auto", vae_tile_size: int | None = None):
+                 vae_tiling: str = "auto", vae_tile_size: int | None = None,
+                 ar_batching: ArBatching = ArBatching()):
         _check_vae_tiling(vae_tiling, vae_tile_size)
         self.vae_tiling = vae_tiling
         self.package = package
@@ -100,6 +109,11 @@ class GlmImageOnnxPipeline:
         # The last run of each stage frees its arenas' memory.
         self.release = {g: release_arena(s, *self.io_device(g)) for g, s in self.sessions.items()}
         self.ar = ArPlanner(self.sessions["ar_planner"], ar_cfg, *self.io_device("ar_planner"), buckets=self.buckets)
+        self.ar_batching = ar_batching
+        self.ar_engine = ArBatchEngine(self.ar, ar_batching) if ar_batching.enabled else None
+        # The other graphs run one generation at a time: each call already uses every core (or
+        # the whole GPU stream), and concurrent CPU calls would only oversubscribe the cores.
+        self._compute = threading.Lock()
         self.prompts = PromptBuilder.from_package(package.root)
         self.glyph_tokenizer = glyphs.ByteTokenizer.from_dir(package.file("tokenizer"))
         self.schedule = FlowMatchSchedule.from_config(self.config["scheduler"])
@@ -129,7 +143,8 @@ class GlmImageOnnxPipeline:
     @classmethod
     def from_package(cls, path: Path | str, provider: str = "cpu", provider_options: dict[str, Any] | None = None,
                      strict: bool = False, verify_files: bool | str = True, threads: int | None = None,
-                     vae_tiling: str = "auto", vae_tile_size: int | None = None) -> "GlmImageOnnxPipeline":
+                     vae_tiling: str = "auto", vae_tile_size: int | None = None,
+                     ar_batching: ArBatching = ArBatching()) -> "GlmImageOnnxPipeline":
         """Open an exported package on "cpu", "cuda" or "cann" (see runtime.providers).
 
         verify_files: "cached" (or True) checks each file's sha256 once and then trusts an
@@ -138,29 +153,89 @@ class GlmImageOnnxPipeline:
         vae_tiling: "auto" decodes / encodes in diffusers' VAE tiles when the image is larger than
         one tile (bounded memory at 2048x2048), "on" always, "off" never (whole-image VAE calls,
         as diffusers without `enable_tiling()`). vae_tile_size: the tile side in pixels (diffusers'
-        `tile_sample_min_size`); default the VAE's sample_size, at most CPU_VAE_TILE on the CPU."""
+        `tile_sample_min_size`); default the VAE's sample_size, at most CPU_VAE_TILE on the CPU.
+
+        ar_batching: concurrent calls (threads, a batch of prompts) share the AR planner's decode
+        steps (runtime.ar_batch); `ArBatching(enabled=False)` decodes each generation alone."""
         _check_vae_tiling(vae_tiling, vae_tile_size)  # before opening (and verifying) the package
         request = ProviderRequest(provider, dict(provider_options or {}), strict)
         if verify_mode(verify_files) == "off":
             log.warning("%s: file checksums not verified (--no-verify)", path)
-        return cls(Package.open(path, verify_files=verify_files), request, threads, vae_tiling, vae_tile_size)
+        return cls(Package.open(path, verify_files=verify_files), request, threads, vae_tiling, vae_tile_size,
+                   ar_batching)
 
     def io_device(self, graph: str) -> tuple[str, int]:
         """Where a graph's buffers live between calls: on the GPU when CUDA really runs the session
         (the AR cache, the DiT's glyphs, priors and condition K/V stay there), else on the host."""
         return device_of(self.sessions[graph], self.provider)
 
+    def close(self) -> None:
+        """Stop the AR batch engine's thread (generations still running fail)."""
+        if self.ar_engine is not None:
+            self.ar_engine.close()
+
     @property
     def providers(self) -> list[str]:
         return self.sessions["dit_decoder"].get_providers()
 
     # ------------------------------------------------------------------------------------ call
-    def __call__(self, prompt: str, height: int | None = None, width: int | None = None,
+    def __call__(self, prompt: str | Sequence[str], height: int | None = None, width: int | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 seed: int | None = None, latents: np.ndarray | None = None, do_sample: bool | None = None,
-                 temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                 image: Image.Image | Sequence[Image.Image] | None = None,
-                 progress: Progress | None = None) -> GlmImageOutput:
+                 seed: int | Sequence[int] | None = None, latents: np.ndarray | None = None,
+                 do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None, image: Image.Image | Sequence[Image.Image] | None = None,
+                 progress: Progress | None = None, num_images_per_prompt: int = 1) -> GlmImageOutput:
+        """One image per prompt and `num_images_per_prompt` (diffusers' order: each prompt's images
+        together). Image i takes seeds[i] (default: `seed` + i), so image 0 of a batch is the image
+        the same call gives for one prompt; with AR batching on, the images' AR planning shares its
+        decode steps. A batch's `tokens` / `prior_token_ids` are stacked [B, N], `timings` are the
+        first image's (`total_s`: the whole call)."""
+        t_start = time.perf_counter()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt: give at least one prompt")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != len(prompts):
+                raise ValueError(f"seed: {len(seed)} seeds for {len(prompts)} images")
+            seeds: list[int | None] = [int(s) for s in seed]
+        else:
+            if seed is None and len(prompts) > 1:
+                seed = int(np.random.SeedSequence().entropy % (2 ** 62))
+            seeds = [None if seed is None else int(seed) + i for i in range(len(prompts))]
+        if latents is not None and len(prompts) > 1:
+            if np.shape(latents)[0] != len(prompts):
+                raise ValueError(f"latents: {np.shape(latents)[0]} rows for {len(prompts)} images")
+            rows: list[np.ndarray | None] = [latents[i: i + 1] for i in range(len(prompts))]
+        else:
+            rows = [latents] * len(prompts)
+        settings = dict(height=height, width=width, num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                        top_k=top_k, image=image, progress=progress)
+        if len(prompts) == 1:
+            return self.generate_one(prompts[0], seed=seeds[0], latents=rows[0], **settings)
+        # One thread per image: their AR planning joins the engine's decode steps, then each takes
+        # its turn at the DiT and VAE (which already use every core: measured, batching them across
+        # images gained nothing on the CPU; benchmarks/README.md).
+        workers = len(prompts) if self.ar_engine is not None else 1
+        with ThreadPoolExecutor(workers, thread_name_prefix="glm-image-batch") as pool:
+            outs = list(pool.map(lambda i: self.generate_one(prompts[i], seed=seeds[i], latents=rows[i], **settings),
+                                 range(len(prompts))))
+        return GlmImageOutput(images=[im for o in outs for im in o.images],
+                              tokens=np.stack([o.tokens for o in outs]),
+                              prior_token_ids=np.concatenate([o.prior_token_ids for o in outs]),
+                              timings={**outs[0].timings, "total_s": time.perf_counter() - t_start},
+                              seed=outs[0].seed, seeds=[int(o.seed) for o in outs])
+
+    def generate_one(self, prompt: str, height: int | None = None, width: int | None = None,
+                     num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                     seed: int | None = None, latents: np.ndarray | None = None, do_sample: bool | None = None,
+                     temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                     image: Image.Image | Sequence[Image.Image] | None = None,
+                     progress: Progress | None = None) -> GlmImageOutput:
+        """One image; safe to call from several threads at once (the server does)."""
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
         sources = self._source_images(image)
@@ -178,33 +253,35 @@ class GlmImageOnnxPipeline:
             seed = int(np.random.SeedSequence().entropy % (2 ** 63))
         ar_seed, latent_seed = np.random.SeedSequence(seed).spawn(2)
 
-        t = time.perf_counter()
-        condition = self.tokenize_sources(sources) if sources else None
-        timings["vision_tokenizer_s"] = time.perf_counter() - t
+        with self._compute:
+            t = time.perf_counter()
+            condition = self.tokenize_sources(sources) if sources else None
+            timings["vision_tokenizer_s"] = time.perf_counter() - t
 
         tokens, prior_ids, ar_timings = self.generate_prior_tokens(
             prompt, height, width, condition, TokenSampler(sampling, self.codebook_size, ar_seed), progress)
         timings.update(ar_timings)
 
-        t = time.perf_counter()
-        cond_embeds, uncond_embeds = self.encode_glyphs(prompt)
-        timings["glyph_s"] = time.perf_counter() - t
-
-        if condition is not None:
+        with self._compute:
             t = time.perf_counter()
-            self.write_condition(sources, condition)
-            timings["condition_s"] = time.perf_counter() - t
+            cond_embeds, uncond_embeds = self.encode_glyphs(prompt)
+            timings["glyph_s"] = time.perf_counter() - t
 
-        latents = self.prepare_latents(height, width, latents, latent_seed)
-        t = time.perf_counter()
-        latents, per_step = self.denoise(latents, cond_embeds, uncond_embeds, prior_ids, height, width,
-                                         steps, scale, condition, progress)
-        timings["dit_s"] = time.perf_counter() - t
-        timings["dit_per_step_s"] = float(np.median(per_step)) if per_step else 0.0
+            if condition is not None:
+                t = time.perf_counter()
+                self.write_condition(sources, condition)
+                timings["condition_s"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        pixels = self.decode(latents)
-        timings["vae_s"] = time.perf_counter() - t
+            latents = self.prepare_latents(height, width, latents, latent_seed)
+            t = time.perf_counter()
+            latents, per_step = self.denoise(latents, cond_embeds, uncond_embeds, prior_ids, height, width,
+                                             steps, scale, condition, progress)
+            timings["dit_s"] = time.perf_counter() - t
+            timings["dit_per_step_s"] = float(np.median(per_step)) if per_step else 0.0
+
+            t = time.perf_counter()
+            pixels = self.decode(latents)
+            timings["vae_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t_start
         return GlmImageOutput(images=images.to_pil(pixels), tokens=tokens, prior_token_ids=prior_ids,
                               timings=timings, seed=seed)
@@ -302,12 +379,13 @@ class GlmImageOnnxPipeline:
                                            image_grid_thw=built["image_grid_thw"])
         th, tw = built["target_grid"]
         num_tokens = built["max_new_tokens"] - 1  # every grid token; the end token is not needed
-        result = self.ar.generate(input_ids, prefill, decode, num_tokens, sampler, progress)
+        planner = self.ar_engine or self.ar
+        result = planner.generate(input_ids, prefill, decode, num_tokens, sampler, progress)
         offset = built["target_offset"]
         target = result.tokens[offset: offset + th * tw]
         timings = {"ar_prefill_s": result.prefill_s, "ar_decode_s": result.decode_s,
                    "ar_per_token_s": float(np.median(result.per_token_s)) if result.per_token_s else 0.0,
-                   "ar_tokens": float(num_tokens)}
+                   "ar_tokens": float(num_tokens), "ar_batch_rows": float(result.batch_rows)}
         return result.tokens, images.upsample_prior_ids(target, th, tw), timings
 
     # ------------------------------------------------------------------------------------ glyphs

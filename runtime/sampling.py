@@ -9,6 +9,7 @@ real model (which diffusers' pipeline would choke on) is never produced.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -37,22 +38,43 @@ class TokenSampler:
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         """logits [batch, vocab] -> token ids [batch] (int64), each < codebook_size."""
-        logits = np.asarray(logits, dtype=np.float32)[:, : self.codebook_size]
-        cfg = self.config
-        greedy = not cfg.do_sample or cfg.top_k == 1
-        if greedy:
-            return np.argmax(logits, axis=-1).astype(np.int64)
-        scores = logits / np.float32(cfg.temperature)
-        if cfg.top_k is not None and cfg.top_k < scores.shape[-1]:
-            kth = np.partition(scores, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]
-            scores = np.where(scores < kth, -np.inf, scores)
-        if cfg.top_p < 1.0:
-            scores = _top_p(scores, cfg.top_p)
-        probs = _softmax(scores)
-        # Inverse-CDF draw: one uniform number per row.
-        cdf = np.cumsum(probs, axis=-1)
-        u = self.rng.random((probs.shape[0], 1)) * cdf[:, -1:]
-        return np.minimum((cdf < u).sum(axis=-1), probs.shape[-1] - 1).astype(np.int64)
+        return _choose(self.config, self.codebook_size, logits, lambda rows: self.rng.random((rows, 1)))
+
+
+def sample_rows(samplers: list[TokenSampler], logits: np.ndarray) -> np.ndarray:
+    """One token per row of logits [rows, vocab], row i with samplers[i] (its config and generator).
+
+    Rows with the same config are sampled in one vectorised pass; every operation works along the
+    vocabulary axis of a C-contiguous row, and each row draws from its own generator, so a row's
+    token is the one `samplers[i](logits[i:i + 1])` gives alone."""
+    out = np.empty(len(samplers), np.int64)
+    groups: dict[tuple[SamplingConfig, int], list[int]] = {}
+    for i, s in enumerate(samplers):
+        groups.setdefault((s.config, s.codebook_size), []).append(i)
+    for (config, codebook), rows in groups.items():
+        def draws(n: int, rows: list[int] = rows) -> np.ndarray:
+            return np.concatenate([samplers[i].rng.random((1, 1)) for i in rows])
+        out[rows] = _choose(config, codebook, logits[rows], draws)
+    return out
+
+
+def _choose(cfg: SamplingConfig, codebook_size: int, logits: np.ndarray,
+            uniforms: Callable[[int], np.ndarray]) -> np.ndarray:
+    logits = np.ascontiguousarray(logits[:, :codebook_size], dtype=np.float32)
+    greedy = not cfg.do_sample or cfg.top_k == 1
+    if greedy:
+        return np.argmax(logits, axis=-1).astype(np.int64)
+    scores = logits / np.float32(cfg.temperature)
+    if cfg.top_k is not None and cfg.top_k < scores.shape[-1]:
+        kth = np.partition(scores, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]
+        scores = np.where(scores < kth, -np.inf, scores)
+    if cfg.top_p < 1.0:
+        scores = _top_p(scores, cfg.top_p)
+    probs = _softmax(scores)
+    # Inverse-CDF draw: one uniform number per row.
+    cdf = np.cumsum(probs, axis=-1)
+    u = uniforms(probs.shape[0]) * cdf[:, -1:]
+    return np.minimum((cdf < u).sum(axis=-1), probs.shape[-1] - 1).astype(np.int64)
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:

@@ -150,9 +150,10 @@ def test_runtime_allocates_the_cache_in_the_manifests_dtype(tiny_package: Path, 
     for dtype in ("float16", "bfloat16"):
         edited = {**config, "kv_cache": {**config["kv_cache"], "dtype": dtype}}
         planner = ArPlanner(session, edited)
-        buffers = planner._cache_buffers([1, planner.kv_heads, 8, planner.head_dim])
+        buffers = planner.new_cache(1, 8).buffers  # numpy arrays where numpy has the dtype, else OrtValues
         assert len(buffers) == 2 * planner.num_layers
-        assert {b.data_type() for b in buffers} == {f"tensor({dtype})"}
+        assert {b.data_type() if isinstance(b, ort.OrtValue) else f"tensor({b.dtype})" for b in buffers} == {
+            f"tensor({dtype})"}
     with pytest.raises(PackageError, match="kv_cache.dtype 'int8'"):
         ArPlanner(session, {**config, "kv_cache": {**config["kv_cache"], "dtype": "int8"}})
     with pytest.raises(PackageError, match="kv_cache.capacity"):
