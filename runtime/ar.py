@@ -43,6 +43,7 @@ class ArResult:
     decode_s: float
     per_token_s: list[float] = field(default_factory=list)
     batch_rows: int = 1  # the most rows a decode step of this generation had (runtime.ar_batch)
+    queue_s: float = 0.0  # waiting for a free cache row (runtime.ar_batch)
 
 
 # Cache element types: numpy's where numpy has one, else ONNX's TensorProto number (bfloat16 = 16),

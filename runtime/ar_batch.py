@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from .ar import ArPlanner, ArResult, KvCache, Progress
-from .sampling import TokenSampler, sample_rows
+from .sampling import Sampler, sample_rows
 
 log = logging.getLogger("glm_image_onnx.runtime")
 
@@ -52,8 +52,8 @@ class ArBatching:
             raise ValueError(f"ar join_wait_ms must be >= 0, got {self.join_wait_ms}")
 
 
-OnStep = Callable[[int, float], None]
-"""on_step(rows, seconds): called after every batched decode call (metrics)."""
+OnStep = Callable[[str, int, float], None]
+"""on_step(kind, rows, seconds): after every AR planner call, kind "prefill" (1 row) or "decode"."""
 
 
 @dataclass
@@ -62,14 +62,16 @@ class _Row:
     prefill_positions: np.ndarray
     positions_by_step: np.ndarray  # [L, 3, 1]
     num_tokens: int
-    sampler: TokenSampler
+    sampler: Sampler
     progress: Progress | None
     capacity: int
     future: Future = field(default_factory=Future)
+    t_submit: float = field(default_factory=time.perf_counter)
     slot: int = -1
     tokens: np.ndarray | None = None
     done: int = 0  # tokens sampled so far
     prefill_s: float = 0.0
+    queue_s: float = 0.0
     t_decode: float = 0.0
     per_token: list[float] = field(default_factory=list)
     max_rows: int = 1  # the most rows of a decode step it shared
@@ -106,12 +108,12 @@ class ArBatchEngine:
 
     # ----------------------------------------------------------------------------------- API
     def generate(self, input_ids: np.ndarray, prefill_positions: np.ndarray, decode_positions: np.ndarray,
-                 num_tokens: int, sampler: TokenSampler, progress: Progress | None = None) -> ArResult:
+                 num_tokens: int, sampler: Sampler, progress: Progress | None = None) -> ArResult:
         """ArPlanner.generate, decoded together with whatever else is running (blocks until done)."""
         return self.submit(input_ids, prefill_positions, decode_positions, num_tokens, sampler, progress).result()
 
     def submit(self, input_ids: np.ndarray, prefill_positions: np.ndarray, decode_positions: np.ndarray,
-               num_tokens: int, sampler: TokenSampler, progress: Progress | None = None) -> Future:
+               num_tokens: int, sampler: Sampler, progress: Progress | None = None) -> Future:
         if num_tokens - 1 > decode_positions.shape[-1]:
             raise IndexError(f"{num_tokens} tokens need {num_tokens - 1} decode positions, "
                              f"{decode_positions.shape[-1]} were precomputed")
@@ -180,7 +182,11 @@ class ArBatchEngine:
                     break
                 capacity = max(row.capacity, self._cache.capacity if self._cache else 0)
                 self._cache, self._steps = None, {}  # the old buffers go before the new ones come
-                self._cache = self.planner.new_cache(self.max_rows, capacity)
+                try:
+                    self._cache = self.planner.new_cache(self.max_rows, capacity)
+                except Exception as e:  # noqa: BLE001 - e.g. out of device memory: this generation fails
+                    self._pending.popleft().future.set_exception(e)
+                    continue
             self._pending.popleft()
             row.slot = free.pop(0)
             joiners.append(row)
@@ -189,9 +195,12 @@ class ArBatchEngine:
 
     def _join(self, row: _Row) -> None:
         t0 = time.perf_counter()
+        row.queue_s = t0 - row.t_submit
         try:
             logits = self.planner.prefill(self._cache, row.slot, row.input_ids, row.prefill_positions, release=False)
             row.prefill_s = time.perf_counter() - t0
+            if self.on_step is not None:
+                self.on_step("prefill", 1, row.prefill_s)
             row.tokens = np.empty(row.num_tokens, np.int64)
             row.t_decode = time.perf_counter()
             self._accept(row, row.sampler(logits)[0])
@@ -215,7 +224,8 @@ class ArBatchEngine:
         else:
             row.future.set_result(ArResult(tokens=row.tokens, prefill_s=row.prefill_s,
                                            decode_s=time.perf_counter() - row.t_decode,
-                                           per_token_s=row.per_token, batch_rows=row.max_rows))
+                                           per_token_s=row.per_token, batch_rows=row.max_rows,
+                                           queue_s=row.queue_s))
 
     def _step(self) -> None:
         rows = sorted(self._rows.values(), key=lambda r: r.slot)
@@ -241,7 +251,12 @@ class ArBatchEngine:
             return
         seconds = time.perf_counter() - t0
         slots = [r.slot for r in rows]
-        tokens = sample_rows([r.sampler for r in rows], buf.logits[slots, -1, :])
+        try:
+            tokens = sample_rows([r.sampler for r in rows], buf.logits[slots, -1, :])
+        except BaseException as e:  # noqa: BLE001 - a sampler's failure: the rows of the call fail with it
+            for row in rows:
+                self._leave(row, e)
+            return
         for row, token in zip(rows, tokens):
             row.max_rows = max(row.max_rows, len(rows))
             row.per_token.append(seconds)
@@ -250,4 +265,4 @@ class ArBatchEngine:
             except BaseException as e:  # noqa: BLE001 - this row leaves; the others go on
                 self._leave(row, e)
         if self.on_step is not None:
-            self.on_step(len(rows), seconds)
+            self.on_step("decode", len(rows), seconds)

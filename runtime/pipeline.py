@@ -385,7 +385,8 @@ class GlmImageOnnxPipeline:
         target = result.tokens[offset: offset + th * tw]
         timings = {"ar_prefill_s": result.prefill_s, "ar_decode_s": result.decode_s,
                    "ar_per_token_s": float(np.median(result.per_token_s)) if result.per_token_s else 0.0,
-                   "ar_tokens": float(num_tokens), "ar_batch_rows": float(result.batch_rows)}
+                   "ar_tokens": float(num_tokens), "ar_batch_rows": float(result.batch_rows),
+                   "ar_queue_s": result.queue_s}
         return result.tokens, images.upsample_prior_ids(target, th, tw), timings
 
     # ------------------------------------------------------------------------------------ glyphs

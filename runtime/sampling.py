@@ -41,16 +41,24 @@ class TokenSampler:
         return _choose(self.config, self.codebook_size, logits, lambda rows: self.rng.random((rows, 1)))
 
 
-def sample_rows(samplers: list[TokenSampler], logits: np.ndarray) -> np.ndarray:
+Sampler = Callable[[np.ndarray], np.ndarray]
+"""logits [rows, vocab] -> token ids [rows]: a TokenSampler, or any callable (the quantiser's)."""
+
+
+def sample_rows(samplers: list[Sampler], logits: np.ndarray) -> np.ndarray:
     """One token per row of logits [rows, vocab], row i with samplers[i] (its config and generator).
 
-    Rows with the same config are sampled in one vectorised pass; every operation works along the
-    vocabulary axis of a C-contiguous row, and each row draws from its own generator, so a row's
-    token is the one `samplers[i](logits[i:i + 1])` gives alone."""
+    TokenSampler rows with the same config are sampled in one vectorised pass; every operation
+    works along the vocabulary axis of a C-contiguous row, and each row draws from its own
+    generator, so a row's token is the one `samplers[i](logits[i:i + 1])` gives alone. Other
+    callables are called row by row."""
     out = np.empty(len(samplers), np.int64)
     groups: dict[tuple[SamplingConfig, int], list[int]] = {}
     for i, s in enumerate(samplers):
-        groups.setdefault((s.config, s.codebook_size), []).append(i)
+        if isinstance(s, TokenSampler):
+            groups.setdefault((s.config, s.codebook_size), []).append(i)
+        else:
+            out[i] = s(logits[i: i + 1])[0]
     for (config, codebook), rows in groups.items():
         def draws(n: int, rows: list[int] = rows) -> np.ndarray:
             return np.concatenate([samplers[i].rng.random((1, 1)) for i in rows])

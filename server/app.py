@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from ..runtime.ar_batch import ArBatching
 from .glm_image_model import GlmImageModel, Limits
 from .kserve import InferenceService
 from .metrics import Metrics
@@ -51,6 +52,7 @@ class ServerConfig:
     max_queue: int = 64
     max_batch_size: int = 8
     max_queue_delay_us: int = 0
+    ar_batching: ArBatching = field(default_factory=ArBatching)  # glm_image generations share AR steps
     components: bool = True  # serve every graph of the package as a plain model too
     metrics_port: int | None = None
     limits: Limits = field(default_factory=Limits)
@@ -68,8 +70,9 @@ def load_models(config: ServerConfig, metrics: Metrics) -> dict[str, Model]:
                                                  provider_options=config.provider_options, strict=config.strict,
                                                  verify_files=config.verify_files, threads=config.threads,
                                                  vae_tiling=config.vae_tiling,
-                                                 vae_tile_size=config.vae_tile_size)
-    models: dict[str, Model] = {"glm_image": GlmImageModel(pipeline, config.limits)}
+                                                 vae_tile_size=config.vae_tile_size,
+                                                 ar_batching=config.ar_batching)
+    models: dict[str, Model] = {"glm_image": GlmImageModel(pipeline, config.limits, metrics)}
     if config.components:
         batching = BatchingOptions(config.max_batch_size, config.max_queue_delay_us)
         for name, graph in pipeline.package.graphs.items():

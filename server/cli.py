@@ -30,7 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from ..runtime import Package, PackageError, ProviderError
+    from ..runtime import ArBatching, Package, PackageError, ProviderError
     from .app import GlmImageServer, LoadError, ServerConfig
     from .glm_image_model import Limits
     from .models import ComponentLimits
@@ -41,6 +41,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise _cli_error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_queue < 0 or args.max_queue_delay_us < 0:
         raise _cli_error("--max-queue and --max-queue-delay-us must be >= 0")
+    if args.ar_max_rows < 1 or not args.ar_join_wait_ms >= 0:
+        raise _cli_error(f"--ar-max-rows must be >= 1 and --ar-join-wait-ms >= 0, got {args.ar_max_rows} and "
+                         f"{args.ar_join_wait_ms}")
+    ar_batching = ArBatching(enabled=not args.no_ar_batching, max_rows=args.ar_max_rows,
+                             join_wait_ms=args.ar_join_wait_ms)
     for flag in ("max_steps", "max_prompt_bytes", "max_image_mb", "max_source_pixels",
                  "max_tensor_elements", "max_axis_size", "max_message_mb"):
         if getattr(args, flag) < 1:
@@ -69,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(package=Path(args.package), host=args.host, port=args.port, **providers,
                           max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                           max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-                          components=not args.no_components, metrics_port=args.metrics_port, limits=limits,
+                          ar_batching=ar_batching, components=not args.no_components, metrics_port=args.metrics_port, limits=limits,
                           max_message_bytes=args.max_message_mb << 20, drain_timeout_s=args.drain_timeout,
                           security=security, component_limits=component_limits)
     try:
@@ -126,6 +131,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="rows per execution of a dynamically batched component model (1: no batching; default 8)")
     p.add_argument("--max-queue-delay-us", type=int, default=0,
                    help="how long a component batch waits for more requests (default 0: never waits)")
+    p.add_argument("--no-ar-batching", action="store_true",
+                   help="decode each glm_image generation alone (default: concurrent generations share the "
+                        "AR planner's decode steps)")
+    p.add_argument("--ar-max-rows", type=int, default=16,
+                   help="glm_image generations running at once, sharing AR decode steps; more wait (default 16)")
+    p.add_argument("--ar-join-wait-ms", type=float, default=0.0,
+                   help="how long an AR decode step waits for new generations to join (default 0: never waits)")
     p.add_argument("--no-components", action="store_true", help="serve only glm_image, not every graph")
     p.add_argument("--max-side", type=int,
                    help="largest height/width a request may ask (default: from the package's processor config, "

@@ -27,6 +27,7 @@ class RequestContext:
         self.t_received = time.perf_counter()
         self.t_admitted = self.t_started = self.t_finished = None  # perf_counter stamps
         self.input_s = self.output_s = 0.0
+        self.ar_rows: int | None = None  # glm_image: the most generations it shared an AR step with
         self._lock = threading.Lock()
         self._error: RequestError | None = None
         self._callbacks: list[Callable[[], None]] = []

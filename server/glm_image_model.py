@@ -9,7 +9,7 @@ denoising steps.
 from __future__ import annotations
 
 import dataclasses
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from glm_image_onnx.targets import manifest_target
 from . import glm_image_request as glm
 from .context import RequestContext
 from .glm_image_request import Limits
+from .metrics import Metrics
 from .models import Model, Prepared, Progress, Result
 from .scheduler import Scheduler
 
@@ -30,9 +31,19 @@ class GlmImageModel(Model):
     platform = "glm_image_onnx"
     backend = "glm_image_onnx"
 
-    def __init__(self, pipeline: Any, limits: Limits = Limits()):
+    def __init__(self, pipeline: Any, limits: Limits = Limits(), metrics: Metrics | None = None):
         super().__init__()
         self.pipeline = pipeline
+        self.metrics = metrics
+        # With AR batching, up to max_rows generations run at once (their AR steps shared, the other
+        # graphs one at a time: GlmImageOnnxPipeline), each on a worker of this pool; admission
+        # (max-concurrency + max-queue) still counts them. Without it they take the server's workers.
+        self.batching = pipeline.ar_batching
+        self.executor: ThreadPoolExecutor | None = None
+        if pipeline.ar_engine is not None:
+            self.executor = ThreadPoolExecutor(self.batching.max_rows, thread_name_prefix="glm-image-generation")
+            if metrics is not None:
+                pipeline.ar_engine.on_step = metrics.ar_call
         self.limits = limits.for_package(pipeline.image_processor)
         self.inputs = list(glm.INPUTS)
         self.outputs = list(glm.OUTPUTS)
@@ -51,6 +62,8 @@ class GlmImageModel(Model):
         cfg.parameters["target"].string_value = self.target
         for name, value in dataclasses.asdict(self.limits).items():  # every bound of a request
             cfg.parameters[name].string_value = str(value)
+        for name, value in dataclasses.asdict(self.batching).items():  # ar_enabled, ar_max_rows, ar_join_wait_ms
+            cfg.parameters[f"ar_{name}"].string_value = str(value).lower()
         return cfg
 
     def prepare(self, inputs: dict[str, np.ndarray], params: dict[str, Any], requested: list[str]) -> Prepared:
@@ -67,6 +80,17 @@ class GlmImageModel(Model):
         def work() -> Result:
             out = glm.run(self.pipeline, prepared.inputs["request"], prepared.outputs, self.limits, on_progress)
             self.stats.execution_done(1, out.timings.get("total", 0.0))
+            ctx.ar_rows = int(out.parameters["ar_batch_rows"])
+            if self.metrics is not None:
+                self.metrics.ar_queue_seconds.observe(out.ar_queue_s)
+                if self.pipeline.ar_engine is None:  # the engine reports each of its calls itself
+                    self.metrics.ar_tokens.inc(out.ar_tokens)
+                    self.metrics.ar_busy_seconds.inc(out.timings.get("ar_prefill", 0.0) + out.timings.get("ar_decode", 0.0))
             return Result(out.outputs, out.parameters, out.timings)
 
-        return scheduler.run(ctx, work)
+        return scheduler.run(ctx, work, self.executor)
+
+    def close(self) -> None:
+        self.pipeline.close()
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)

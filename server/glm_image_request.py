@@ -17,7 +17,8 @@ Inputs (each also accepted as a request parameter of the same name; a tensor win
 | `top_k` | INT32 [1] | AR sampling |
 
 Outputs (those requested, or all): `image_png` BYTES [1], `image` UINT8 [H, W, 3], `tokens` INT64 [N].
-Response parameters: `seed` (the one used) and `total_s`.
+Response parameters: `seed` (the one used), `total_s` and `ar_batch_rows` (the most generations
+that shared one of its AR decode steps; 1 when it decoded alone).
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ class GlmImageResult:
     outputs: list[tuple[str, np.ndarray, str]]  # (name, array, KServe datatype), in the requested order
     parameters: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    ar_queue_s: float = 0.0  # waiting for a free AR cache row (not compute)
+    ar_tokens: int = 0
 
 
 def requested_outputs(requested: list[str]) -> list[str]:
@@ -292,5 +295,8 @@ def run(pipeline: Any, r: GlmImageRequest, outputs: list[str], limits: Limits,
         elif name == "tokens":
             result.append((name, np.asarray(out.tokens, np.int64).reshape(-1), "INT64"))
     stages = {k[:-2]: float(v) for k, v in out.timings.items()
-              if k.endswith("_s") and not k.startswith(("dit_per", "ar_per"))}
-    return GlmImageResult(result, {"seed": int(out.seed), "total_s": float(out.timings.get("total_s", 0.0))}, stages)
+              if k.endswith("_s") and not k.startswith(("dit_per", "ar_per", "ar_queue"))}
+    parameters = {"seed": int(out.seed), "total_s": float(out.timings.get("total_s", 0.0)),
+                  "ar_batch_rows": int(out.timings.get("ar_batch_rows", 1))}
+    return GlmImageResult(result, parameters, stages, float(out.timings.get("ar_queue_s", 0.0)),
+                          int(out.timings.get("ar_tokens", 0)))

@@ -222,7 +222,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                                          ctx.output_s, rows)
             queued = ctx.queue_s() if ctx.t_started is not None else None
             state.metrics.request_done(request.model_name if model else "unknown", status, total, queued)
-            log.info("infer model=%s id=%s peer=%s status=%s queue_ms=%.1f compute_ms=%.1f total_ms=%.1f",
+            log.info("infer model=%s id=%s peer=%s status=%s queue_ms=%.1f compute_ms=%.1f total_ms=%.1f%s",
                      request.model_name, ctx.label, ctx.peer, status, ctx.queue_s() * 1e3, ctx.compute_s() * 1e3,
-                     total * 1e3)
+                     total * 1e3, "" if ctx.ar_rows is None else f" ar_rows={ctx.ar_rows}")
 

@@ -2,7 +2,8 @@
 
 Names start with `glm_image_`; the `model` label is the served model name, `stage` the pipeline
 stage (`ar_prefill`, `ar_decode`, `glyph`, `condition`, `dit`, `vae`, `total`) or `infer` for a
-component graph.
+component graph. `glm_image_ar_*`: the AR planner's throughput (tokens per busy second) and, with
+AR batching, how many generations share a decode call and how long they wait for a cache row.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ class Metrics:
         self.in_flight = Gauge("glm_image_requests_in_flight", "Admitted requests queued or running", registry=r)
         self.batch_size = Histogram("glm_image_batch_size", "Rows per execution of a dynamically batched model",
                                     ["model"], buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.ar_step_rows = Histogram("glm_image_ar_step_rows", "Generations sharing one AR planner decode call",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.ar_tokens = Counter("glm_image_ar_tokens", "Image tokens the AR planner generated", registry=r)
+        self.ar_busy_seconds = Counter("glm_image_ar_busy_seconds",
+                                       "Time the AR planner spent in calls (prefill and decode)", registry=r)
+        self.ar_queue_seconds = Histogram("glm_image_ar_queue_duration_seconds",
+                                          "Time a generation waited for a free AR cache row", buckets=_TIME_BUCKETS,
+                                          registry=r)
         self.ready = Gauge("glm_image_server_ready", "1 when the models are loaded and the server is not draining",
                            registry=r)
         self._http = None
@@ -45,6 +54,13 @@ class Metrics:
     def execution(self, model: str, rows: int, seconds: float) -> None:
         self.batch_size.labels(model).observe(rows)
         self.compute_seconds.labels(model, "infer").observe(seconds)
+
+    def ar_call(self, kind: str, rows: int, seconds: float) -> None:
+        """One AR planner call of the batch engine (runtime.ar_batch's on_step)."""
+        if kind == "decode":
+            self.ar_step_rows.observe(rows)
+        self.ar_tokens.inc(rows)  # a prefill yields the first token
+        self.ar_busy_seconds.inc(seconds)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

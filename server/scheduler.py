@@ -67,8 +67,9 @@ class Scheduler:
         future.add_done_callback(lambda _: self.release())
         return future
 
-    def run(self, ctx: RequestContext, fn: Callable[[], Any]) -> Future:
-        """Run `fn` on a worker once one is free; a request cancelled while queued never starts."""
+    def run(self, ctx: RequestContext, fn: Callable[[], Any], executor: ThreadPoolExecutor | None = None) -> Future:
+        """Run `fn` on a worker once one is free (of `executor`, else the server's pool); a request
+        cancelled while queued never starts."""
 
         def task() -> Any:
             ctx.t_started = time.perf_counter()
@@ -78,7 +79,7 @@ class Scheduler:
             finally:
                 ctx.t_finished = time.perf_counter()
 
-        return self.executor.submit(task)
+        return (executor or self.executor).submit(task)
 
     def drain(self) -> None:
         with self._cond:
