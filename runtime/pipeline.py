@@ -75,6 +75,19 @@ class GlmImageOutput:
 
 
 @dataclass
+class ArInputs:
+    """What ArPlanner.generate / ArBatchEngine.submit take for one generation, and where its
+    target grid lies among the generated tokens."""
+
+    input_ids: np.ndarray  # [1, S]
+    prefill_positions: np.ndarray  # [3, 1, S]
+    decode_positions: np.ndarray  # [1, 3, L]
+    num_tokens: int
+    target_grid: tuple[int, int]
+    target_offset: int
+
+
+@dataclass
 class _Condition:
     """Image-to-image state: source VQ ids for the prompt and the DiT's condition K/V."""
 
@@ -363,10 +376,8 @@ class GlmImageOnnxPipeline:
         condition.values = np.concatenate(values, axis=2)
 
     # ------------------------------------------------------------------------------- AR planner
-    def generate_prior_tokens(self, prompt: str, height: int, width: int, condition: _Condition | None,
-                              sampler: TokenSampler, progress: Progress | None = None
-                              ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        """AR planning: (all generated tokens, the target grid upsampled 2x [1, N], timings)."""
+    def ar_inputs(self, prompt: str, height: int, width: int, condition: _Condition | None = None) -> ArInputs:
+        """The AR planner's inputs for one generation: prompt ids, mRoPE positions, token count."""
         built = self.prompts.build(prompt, height, width, condition.grids if condition else None)
         input_ids = built["input_ids"]
         if condition is not None:
@@ -377,15 +388,23 @@ class GlmImageOnnxPipeline:
         prefill, decode = mrope.rope_index(input_ids, image_start_token_id=self.image_start_id,
                                            image_end_token_id=self.image_end_id,
                                            image_grid_thw=built["image_grid_thw"])
-        th, tw = built["target_grid"]
-        num_tokens = built["max_new_tokens"] - 1  # every grid token; the end token is not needed
+        # every grid token; the end token is not needed
+        return ArInputs(input_ids, prefill, decode, built["max_new_tokens"] - 1, tuple(built["target_grid"]),
+                        int(built["target_offset"]))
+
+    def generate_prior_tokens(self, prompt: str, height: int, width: int, condition: _Condition | None,
+                              sampler: TokenSampler, progress: Progress | None = None
+                              ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """AR planning: (all generated tokens, the target grid upsampled 2x [1, N], timings)."""
+        a = self.ar_inputs(prompt, height, width, condition)
         planner = self.ar_engine or self.ar
-        result = planner.generate(input_ids, prefill, decode, num_tokens, sampler, progress)
-        offset = built["target_offset"]
-        target = result.tokens[offset: offset + th * tw]
+        result = planner.generate(a.input_ids, a.prefill_positions, a.decode_positions, a.num_tokens, sampler,
+                                  progress)
+        th, tw = a.target_grid
+        target = result.tokens[a.target_offset: a.target_offset + th * tw]
         timings = {"ar_prefill_s": result.prefill_s, "ar_decode_s": result.decode_s,
                    "ar_per_token_s": float(np.median(result.per_token_s)) if result.per_token_s else 0.0,
-                   "ar_tokens": float(num_tokens), "ar_batch_rows": float(result.batch_rows),
+                   "ar_tokens": float(a.num_tokens), "ar_batch_rows": float(result.batch_rows),
                    "ar_queue_s": result.queue_s}
         return result.tokens, images.upsample_prior_ids(target, th, tw), timings
 
