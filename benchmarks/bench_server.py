@@ -8,8 +8,15 @@ tritonclient:
    almost no compute): target p50 < 2 ms, p99 < 10 ms of added latency;
 2. throughput (requests/s) at 1, 4 and 16 concurrent clients, for a component model whose compute
    dominates (glyph_encoder, 256 bytes) and for glm_image (64x64, 2 steps);
-3. dynamic batching: that component model's throughput with --max-batch-size 8 against 1.
+3. dynamic batching: that component model's throughput with --max-batch-size 8 against 1;
+4. AR batching (`--ar-package`, the bench preset by default: 256x256, 8 steps): glm_image at 1, 4
+   and 16 concurrent clients, each point on a fresh server with AR batching on and one with it off
+   (--no-ar-batching): images/s, latency, and the AR planner's tokens per busy second (the
+   server's glm_image_ar_tokens_total / glm_image_ar_busy_seconds_total). Targets on a 2-core CPU:
+   at 16 clients AR tokens/s >= 6x and images/s >= 1.7x the unbatched server; at 1 client the
+   latency within 5%.
 Without --package, the tiny preset is built and exported first (needs the export extra, ~1 min).
+`--only ar-batching` runs section 4 alone (~10 min on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -97,6 +104,86 @@ def _glm_inputs():
     return build_inputs("a lighthouse at dusk", height=64, width=64, steps=2, seed=1)
 
 
+BENCH_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "glm-image-onnx" / "bench"
+AR_REQUEST = dict(height=256, width=256, steps=8, guidance=1.5)
+
+
+def ensure_bench_package(package: Path) -> Path:
+    """The bench preset's package (bench_runtime.py's), built where missing."""
+    if not (package / "manifest.json").exists():
+        cli = [sys.executable, "-m", "glm_image_onnx"]
+        checkpoint = package.parent / "checkpoint"
+        if not (checkpoint / "model_index.json").exists():
+            subprocess.run(cli + ["init-checkpoint", "--preset", "bench", "--seed", "0", str(checkpoint)], check=True)
+        print(f"exporting the bench preset to {package} (about 2 minutes) ...", file=sys.stderr)
+        subprocess.run(cli + ["export", str(checkpoint), str(package)], check=True)
+    return package
+
+
+def _ar_counters(metrics_url: str) -> tuple[float, float]:
+    """(AR tokens, AR busy seconds) from the server's Prometheus text."""
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith(("glm_image_ar_tokens_total", "glm_image_ar_busy_seconds_total"))}
+    return values["glm_image_ar_tokens_total"], values["glm_image_ar_busy_seconds_total"]
+
+
+def ar_batching(package: Path, clients: tuple[int, ...], requests_per_client: int) -> list[dict]:
+    """glm_image at each client count, AR batching on and off, each point on a fresh server."""
+    from glm_image_onnx.server.client import build_inputs
+
+    def inputs():
+        return None, build_inputs("a sign that says 'OPEN' above a bakery door", seed=1, **AR_REQUEST)
+
+    rows = []
+    for c in clients:
+        for mode, flags in (("on", ()), ("off", ("--no-ar-batching",))):
+            metrics_port = _free_port()
+            server = Server(package, "--max-queue", "64", "--metrics-port", str(metrics_port), "--no-components",
+                            *flags)
+            try:
+                metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+                # each client warms up with one request outside the timed part (throughput does)
+                r = throughput(server.url, "glm_image", inputs, c, c * requests_per_client,
+                               before_timed=lambda: _ar_counters(metrics_url))
+                tokens1, busy1 = _ar_counters(metrics_url)
+                tokens0, busy0 = r.pop("before")
+                r.update(mode=mode, images_per_s=r["throughput_rps"],
+                         ar_tokens_per_s=(tokens1 - tokens0) / max(busy1 - busy0, 1e-9))
+            finally:
+                server.stop()
+            rows.append(r)
+            print(f"  {mode:<4} {c:>3} clients: {r['images_per_s']:.3f} images/s, p50 {r['p50_ms'] / 1e3:.2f} s, "
+                  f"AR {r['ar_tokens_per_s']:.0f} tokens/s, errors {r['errors']}", file=sys.stderr, flush=True)
+    return rows
+
+
+def ar_batching_report(rows: list[dict]) -> dict:
+    by = {(r["mode"], r["clients"]): r for r in rows}
+    clients = sorted({r["clients"] for r in rows})
+    print(f"\nglm_image, bench preset {AR_REQUEST['height']}x{AR_REQUEST['width']}, {AR_REQUEST['steps']} steps: "
+          "AR batching on vs off (--no-ar-batching)")
+    print(f"{'clients':>8}{'on img/s':>10}{'off img/s':>11}{'ratio':>7}{'on p50 s':>10}{'off p50 s':>11}{'ratio':>7}"
+          f"{'on AR tok/s':>13}{'off AR tok/s':>14}{'ratio':>7}")
+    summary = {}
+    for c in clients:
+        on, off = by[("on", c)], by[("off", c)]
+        img, lat, tok = (on["images_per_s"] / off["images_per_s"], on["p50_ms"] / off["p50_ms"],
+                         on["ar_tokens_per_s"] / off["ar_tokens_per_s"])
+        summary[c] = {"images_ratio": img, "latency_ratio": lat, "ar_tokens_ratio": tok}
+        print(f"{c:>8}{on['images_per_s']:>10.3f}{off['images_per_s']:>11.3f}{img:>7.2f}{on['p50_ms'] / 1e3:>10.2f}"
+              f"{off['p50_ms'] / 1e3:>11.2f}{lat:>7.2f}{on['ar_tokens_per_s']:>13.0f}{off['ar_tokens_per_s']:>14.0f}"
+              f"{tok:>7.2f}")
+    hi, lo = max(clients), min(clients)
+    targets = {f"ar_tokens_{hi}_clients>=6x": summary[hi]["ar_tokens_ratio"] >= 6,
+               f"images_{hi}_clients>=1.7x": summary[hi]["images_ratio"] >= 1.7,
+               f"latency_{lo}_client<=1.05x": summary[lo]["latency_ratio"] <= 1.05}
+    print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
+    return {"points": rows, "ratios": summary, "targets": targets}
+
+
 def overhead(package: Path, url: str, n: int) -> dict:
     import onnxruntime as ort
     import tritonclient.grpc as grpcclient
@@ -131,9 +218,10 @@ def overhead(package: Path, url: str, n: int) -> dict:
     return result
 
 
-def throughput(url: str, model: str, make_inputs, clients: int, total: int) -> dict:
+def throughput(url: str, model: str, make_inputs, clients: int, total: int, before_timed=None) -> dict:
     """`total` requests shared by `clients` closed-loop clients (each sends its next request when the
-    previous one returns); throughput = total / wall time."""
+    previous one returns); throughput = total / wall time. `before_timed()`'s value, taken after
+    the warm-up, is returned as "before"."""
     import tritonclient.grpc as grpcclient
 
     latencies: list[float] = []
@@ -166,11 +254,12 @@ def throughput(url: str, model: str, make_inputs, clients: int, total: int) -> d
     for t in threads:
         t.start()
     start_barrier.wait()
+    before = before_timed() if before_timed else None
     t0 = time.perf_counter()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
-    return {"model": model, "clients": clients, "requests": len(latencies), "errors": len(errors),
+    return {"model": model, "clients": clients, "requests": len(latencies), "errors": len(errors), "before": before,
             "throughput_rps": len(latencies) / elapsed,
             "p50_ms": statistics.median(latencies) * 1e3 if latencies else None,
             "p99_ms": _percentile(latencies, 99) * 1e3 if latencies else None}
@@ -183,7 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--component-requests", type=int, default=800, help="requests per component point")
     parser.add_argument("--glm-requests", type=int, default=48, help="requests per glm_image point")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--ar-package", type=Path, default=BENCH_CACHE / "package",
+                        help="package for the AR batching section (default: the bench preset's, built if missing)")
+    parser.add_argument("--ar-clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--ar-requests", type=int, default=2, help="timed glm_image requests per client and point")
+    parser.add_argument("--only", choices=["ar-batching"], help="run one section")
     args = parser.parse_args(argv)
+    if args.only == "ar-batching":
+        report = ar_batching_report(ar_batching(ensure_bench_package(args.ar_package), tuple(args.ar_clients),
+                                                args.ar_requests))
+        if args.json:
+            args.json.write_text(json.dumps({"ar_batching": report}, indent=2))
+        return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         package = args.package or build_tiny_package(Path(tmp))
@@ -218,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     gain = results["batched"][-1]["throughput_rps"] / results["unbatched"][-1]["throughput_rps"]
     results["batching_gain_16_clients"] = gain
     print(f"\ndynamic batching at 16 clients: {gain:.2f}x the unbatched throughput")
+    results["ar_batching"] = ar_batching_report(ar_batching(ensure_bench_package(args.ar_package),
+                                                            tuple(args.ar_clients), args.ar_requests))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
