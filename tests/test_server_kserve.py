@@ -266,6 +266,10 @@ def test_serve_command_errors(server, tiny_package: Path, capsys):
     assert "not an exported package" in capsys.readouterr().err
     assert cli_main(["serve", str(tiny_package), "--max-concurrency", "0"]) == 2
     assert cli_main(["serve", str(tiny_package), "--provider-option", "novalue"]) == 2
+    capsys.readouterr()
+    assert cli_main(["serve", str(tiny_package), "--ar-max-rows", "0"]) == 2
+    assert "--ar-max-rows must be >= 1" in capsys.readouterr().err
+    assert cli_main(["serve", str(tiny_package), "--ar-join-wait-ms", "-1"]) == 2
     port = server.url.rsplit(":", 1)[1]
     assert cli_main(["serve", str(tiny_package), "--port", port, "--no-verify", "--quiet"]) == 1  # in use
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
