@@ -146,7 +146,8 @@ def ar_batching(package: Path, clients: tuple[int, ...], requests_per_client: in
             try:
                 metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
                 # each client warms up with one request outside the timed part (throughput does)
-                r = throughput(server.url, "glm_image", inputs, c, c * requests_per_client,
+                # at least 6 timed requests: one client's latency median needs a few
+                r = throughput(server.url, "glm_image", inputs, c, max(c * requests_per_client, 6),
                                before_timed=lambda: _ar_counters(metrics_url))
                 tokens1, busy1 = _ar_counters(metrics_url)
                 tokens0, busy0 = r.pop("before")
@@ -177,9 +178,10 @@ def ar_batching_report(rows: list[dict]) -> dict:
               f"{off['p50_ms'] / 1e3:>11.2f}{lat:>7.2f}{on['ar_tokens_per_s']:>13.0f}{off['ar_tokens_per_s']:>14.0f}"
               f"{tok:>7.2f}")
     hi, lo = max(clients), min(clients)
-    targets = {f"ar_tokens_{hi}_clients>=6x": summary[hi]["ar_tokens_ratio"] >= 6,
-               f"images_{hi}_clients>=1.7x": summary[hi]["images_ratio"] >= 1.7,
-               f"latency_{lo}_client<=1.05x": summary[lo]["latency_ratio"] <= 1.05}
+    targets = {f"latency_{lo}_client<=1.05x": summary[lo]["latency_ratio"] <= 1.05}
+    if hi > lo:
+        targets.update({f"ar_tokens_{hi}_clients>=6x": summary[hi]["ar_tokens_ratio"] >= 6,
+                        f"images_{hi}_clients>=1.7x": summary[hi]["images_ratio"] >= 1.7})
     print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
     return {"points": rows, "ratios": summary, "targets": targets}
 

@@ -2,10 +2,11 @@
 
 The hot path (one graph call per image token) allocates nothing, copies no cache and creates no
 Python objects per token beyond writing two small buffers:
-- The KV cache is one preallocated buffer per cache tensor, [B, KV_heads, capacity, D] with
-  capacity = prompt + generated tokens, bound once as both `past_key_values.*` and `present.*`:
-  the graph's GroupQueryAttention writes each token's keys/values into it in place. On a GPU the
-  buffers are device OrtValues and the cache never leaves the device.
+- The KV cache (`KvCache`) is one preallocated buffer per cache tensor, [rows, KV_heads,
+  capacity, D] with capacity = prompt + generated tokens, bound once as both `past_key_values.*`
+  and `present.*`: the graph's GroupQueryAttention writes each token's keys/values into it in
+  place. One row here; `runtime.ar_batch` binds runs of rows of one cache for generations that
+  share decode steps. On a GPU the buffers are device memory and the cache never leaves the device.
 - `input_ids`, `position_ids`, `seqlens_k`, `total_sequence_length` and `logits` are preallocated
   host buffers bound by pointer; a step only rewrites their contents, so every binding is made
   once for the prefill and once for the decode loop.

@@ -110,3 +110,30 @@ def test_batch_calls_share_the_engine_and_equal_single_calls(tiny_package: Path,
             batched("a", num_images_per_prompt=0)
     finally:
         batched.close()
+
+
+def test_a_static_shapes_package_shares_steps_too(cann_packages: dict[str, Path]) -> None:
+    """cann: every row writes by its own `cache_position` into a bucketed capacity."""
+    pipe = GlmImageOnnxPipeline.from_package(cann_packages["fp32"], verify_files=False,
+                                             ar_batching=ArBatching(enabled=False))
+    jobs = JOBS[:2]
+    inputs = [pipe.ar_inputs(p, h, w) for p, h, w, _, _ in jobs]
+    alone = [pipe.ar.generate(a.input_ids, a.prefill_positions, a.decode_positions, a.num_tokens,
+                              _sampler(pipe, job)).tokens for a, job in zip(inputs, jobs)]
+    engine = ArBatchEngine(pipe.ar, ArBatching(max_rows=2))
+    second = []
+
+    def on_token(stage: str, done: int, total: int) -> None:
+        if done == 5:  # joins the running row
+            a = inputs[1]
+            second.append(engine.submit(a.input_ids, a.prefill_positions, a.decode_positions, a.num_tokens,
+                                        _sampler(pipe, jobs[1])))
+
+    a = inputs[0]
+    first = engine.generate(a.input_ids, a.prefill_positions, a.decode_positions, a.num_tokens,
+                            _sampler(pipe, jobs[0]), on_token)
+    result = second[0].result(timeout=120)
+    engine.close()
+    np.testing.assert_array_equal(first.tokens, alone[0])
+    np.testing.assert_array_equal(result.tokens, alone[1])
+    assert first.batch_rows == 2
