@@ -159,10 +159,15 @@ class ArBatchEngine:
                 if self.join_wait_s > 0 and self._rows and len(self._rows) + len(self._pending) < self.max_rows:
                     self._cond.wait(self.join_wait_s)  # let joiners catch this step
                 joiners = self._take_joiners()
-            for row in joiners:
-                self._join(row)
-            if self._rows:
-                self._step()
+            try:
+                for row in joiners:
+                    self._join(row)
+                if self._rows:
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - a bug here must fail the rows, not leave callers waiting
+                log.exception("AR batch engine: a step failed")
+                for row in list(self._rows.values()):
+                    self._leave(row, e)
         error = RuntimeError("the AR batch engine stopped before this generation finished")
         for row in [*self._rows.values(), *self._pending]:
             if not row.future.done():
