@@ -137,9 +137,7 @@ class ArPlanner:
         """input_ids [1, S]; prefill_positions [3, 1, S]; decode_positions [1, 3, L] (mrope.rope_index)."""
         prompt_len = input_ids.shape[1]
         i64 = np.int64
-        if num_tokens - 1 > decode_positions.shape[-1]:
-            raise IndexError(f"{num_tokens} tokens need {num_tokens - 1} decode positions, "
-                             f"{decode_positions.shape[-1]} were precomputed")
+        check_decode_positions(num_tokens, decode_positions)
         cache = self.new_cache(1, self.capacity_for(prompt_len, num_tokens))
         t0 = time.perf_counter()
         logits = self.prefill(cache, 0, input_ids, prefill_positions)
@@ -183,7 +181,7 @@ class KvCache:
     `past_key_values.*` and `present.*`: the graph writes each token's keys/values in place."""
 
     def __init__(self, planner: ArPlanner, rows: int, capacity: int):
-        self.rows, self.capacity = rows, capacity
+        self.capacity = capacity
         self.names = list(zip(planner.past_names, planner.present_names))
         self.device, self.device_id = planner.device, planner.device_id
         shape = [rows, planner.kv_heads, capacity, planner.head_dim]
@@ -214,6 +212,12 @@ class KvCache:
             address = ptr + first_row * self.row_bytes
             io.bind_input(past, self.device, self.device_id, self.element, shape, address)
             io.bind_output(present, self.device, self.device_id, self.element, shape, address)
+
+
+def check_decode_positions(num_tokens: int, decode_positions: np.ndarray) -> None:
+    if num_tokens - 1 > decode_positions.shape[-1]:
+        raise IndexError(f"{num_tokens} tokens need {num_tokens - 1} decode positions, "
+                         f"{decode_positions.shape[-1]} were precomputed")
 
 
 def cache_contract(config: dict[str, Any]) -> tuple[str, bool]:

@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from .ar import ArPlanner, ArResult, KvCache, Progress
+from .ar import ArPlanner, ArResult, KvCache, Progress, check_decode_positions
 from .sampling import Sampler, sample_rows
 
 log = logging.getLogger("glm_image_onnx.runtime")
@@ -114,9 +114,7 @@ class ArBatchEngine:
 
     def submit(self, input_ids: np.ndarray, prefill_positions: np.ndarray, decode_positions: np.ndarray,
                num_tokens: int, sampler: Sampler, progress: Progress | None = None) -> Future:
-        if num_tokens - 1 > decode_positions.shape[-1]:
-            raise IndexError(f"{num_tokens} tokens need {num_tokens - 1} decode positions, "
-                             f"{decode_positions.shape[-1]} were precomputed")
+        check_decode_positions(num_tokens, decode_positions)
         capacity = self.planner.capacity_for(input_ids.shape[1], num_tokens)
         if not self.planner.static:  # one allocation serves every smaller generation after it
             capacity = 1 << (capacity - 1).bit_length()
@@ -164,8 +162,8 @@ class ArBatchEngine:
                     self._join(row)
                 if self._rows:
                     self._step()
-            except Exception as e:  # noqa: BLE001 - a bug here must fail the rows, not leave callers waiting
-                log.exception("AR batch engine: a step failed")
+            except Exception as e:  # noqa: BLE001 - onnxruntime, a sampler, a bug: the rows fail, callers never hang
+                log.exception("AR batch engine: a decode step failed; its %d generation(s) fail", len(self._rows))
                 for row in list(self._rows.values()):
                     self._leave(row, e)
         error = RuntimeError("the AR batch engine stopped before this generation finished")
@@ -247,21 +245,11 @@ class ArBatchEngine:
             buf.starts[row.slot] = row.input_ids.shape[1] + row.done - 1  # this token's cache position
         self.planner.set_lengths(buf.lengths, buf.starts, 1)
         last = not self._pending and all(r.done + 1 == r.num_tokens for r in rows)
+        # A failing call or sampler fails every row of the call: _loop's handler.
         t0 = time.perf_counter()
-        try:
-            self.planner.session.run_with_iobinding(buf.io, self.planner.release if last else None)
-        except BaseException as e:  # noqa: BLE001 - every row of the call fails with it
-            for row in rows:
-                self._leave(row, e)
-            return
+        self.planner.session.run_with_iobinding(buf.io, self.planner.release if last else None)
         seconds = time.perf_counter() - t0
-        slots = [r.slot for r in rows]
-        try:
-            tokens = sample_rows([r.sampler for r in rows], buf.logits[slots, -1, :])
-        except BaseException as e:  # noqa: BLE001 - a sampler's failure: the rows of the call fail with it
-            for row in rows:
-                self._leave(row, e)
-            return
+        tokens = sample_rows([r.sampler for r in rows], buf.logits[[r.slot for r in rows], -1, :])
         for row, token in zip(rows, tokens):
             row.max_rows = max(row.max_rows, len(rows))
             row.per_token.append(seconds)

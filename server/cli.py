@@ -74,7 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(package=Path(args.package), host=args.host, port=args.port, **providers,
                           max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                           max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-                          ar_batching=ar_batching, components=not args.no_components, metrics_port=args.metrics_port, limits=limits,
+                          ar_batching=ar_batching, components=not args.no_components,
+                          metrics_port=args.metrics_port, limits=limits,
                           max_message_bytes=args.max_message_mb << 20, drain_timeout_s=args.drain_timeout,
                           security=security, component_limits=component_limits)
     try:

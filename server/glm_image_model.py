@@ -84,8 +84,8 @@ class GlmImageModel(Model):
             if self.metrics is not None:
                 self.metrics.ar_queue_seconds.observe(out.ar_queue_s)
                 if self.pipeline.ar_engine is None:  # the engine reports each of its calls itself
-                    self.metrics.ar_tokens.inc(out.ar_tokens)
-                    self.metrics.ar_busy_seconds.inc(out.timings.get("ar_prefill", 0.0) + out.timings.get("ar_decode", 0.0))
+                    self.metrics.ar_call("alone", out.ar_tokens,
+                                         out.timings.get("ar_prefill", 0.0) + out.timings.get("ar_decode", 0.0))
             return Result(out.outputs, out.parameters, out.timings)
 
         return scheduler.run(ctx, work, self.executor)

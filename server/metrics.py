@@ -56,7 +56,8 @@ class Metrics:
         self.compute_seconds.labels(model, "infer").observe(seconds)
 
     def ar_call(self, kind: str, rows: int, seconds: float) -> None:
-        """One AR planner call of the batch engine (runtime.ar_batch's on_step)."""
+        """AR planner work: one call of the batch engine (runtime.ar_batch's on_step, kind "prefill" or
+        "decode"), or a whole generation decoded alone ("alone", rows = its tokens)."""
         if kind == "decode":
             self.ar_step_rows.observe(rows)
         self.ar_tokens.inc(rows)  # a prefill yields the first token

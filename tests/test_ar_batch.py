@@ -137,3 +137,24 @@ def test_a_static_shapes_package_shares_steps_too(cann_packages: dict[str, Path]
     np.testing.assert_array_equal(first.tokens, alone[0])
     np.testing.assert_array_equal(result.tokens, alone[1])
     assert first.batch_rows == 2
+
+
+def test_a_failing_decode_step_fails_its_rows_and_the_engine_goes_on(pipe: GlmImageOnnxPipeline) -> None:
+    a = pipe.ar_inputs("x", 64, 64)
+    engine = ArBatchEngine(pipe.ar, ArBatching(max_rows=2))
+
+    def broken(logits: np.ndarray) -> np.ndarray:
+        if broken.calls == 3:  # the prefill's token, then two decode steps
+            raise RuntimeError("sampler broke")
+        broken.calls += 1
+        return np.zeros(len(logits), np.int64)
+
+    broken.calls = 0
+    with pytest.raises(RuntimeError, match="sampler broke"):
+        engine.generate(a.input_ids, a.prefill_positions, a.decode_positions, a.num_tokens, broken)
+    assert engine.active_rows == 0
+    sampler = lambda: TokenSampler(SamplingConfig(), pipe.codebook_size, 9)  # noqa: E731
+    again = engine.generate(a.input_ids, a.prefill_positions, a.decode_positions, a.num_tokens, sampler())
+    solo = pipe.ar.generate(a.input_ids, a.prefill_positions, a.decode_positions, a.num_tokens, sampler())
+    np.testing.assert_array_equal(again.tokens, solo.tokens)
+    engine.close()
