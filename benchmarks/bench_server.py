@@ -4,8 +4,9 @@
 
 Starts `glm-image-onnx serve` in a subprocess on a free loopback port and measures, with the stock
 tritonclient:
-1. gRPC overhead over an in-process `session.run` for a component model (glyph_encoder, 16 bytes:
-   almost no compute): target p50 < 2 ms, p99 < 10 ms of added latency;
+1. gRPC and HTTP overhead over an in-process `session.run` for a component model (glyph_encoder,
+   16 bytes: almost no compute; tritonclient.grpc and tritonclient.http, binary tensors, one run):
+   targets: gRPC p50 < 2 ms and p99 < 10 ms, HTTP p50 < 3 ms of added latency;
 2. throughput (requests/s) at 1, 4 and 16 concurrent clients, for a component model whose compute
    dominates (glyph_encoder, 256 bytes) and for glm_image (64x64, 2 steps);
 3. dynamic batching: that component model's throughput with --max-batch-size 8 against 1;
@@ -16,7 +17,7 @@ tritonclient:
    at 16 clients AR tokens/s >= 6x and images/s >= 1.7x the unbatched server; at 1 client the
    latency within 5%.
 Without --package, the tiny preset is built and exported first (needs the export extra, ~1 min).
-`--only ar-batching` runs section 4 alone (~10 min on a 2-core CPU).
+`--only ar-batching` runs section 4 alone (~10 min on a 2-core CPU), `--only overhead` section 1.
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ class Server:
     def __init__(self, package: Path, *args: str):
         import tritonclient.grpc as grpcclient
 
-        self.port = _free_port()
+        self.port, http_port = _free_port(), _free_port()
         self.url = f"127.0.0.1:{self.port}"
+        self.http_url = f"127.0.0.1:{http_port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "glm_image_onnx", "serve", str(package), "--port",
-                                      str(self.port), "--no-verify", "--quiet", *args],
+                                      str(self.port), "--http-port", str(http_port), "--no-verify", "--quiet", *args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         with grpcclient.InferenceServerClient(self.url) as client:
@@ -189,38 +191,61 @@ def ar_batching_report(rows: list[dict]) -> dict:
     return {"points": rows, "ratios": summary, "targets": targets}
 
 
-def overhead(package: Path, url: str, n: int) -> dict:
+def overhead(package: Path, server: "Server", n: int) -> dict:
+    """Added latency of one glyph_encoder round trip over gRPC and over HTTP (tritonclient.grpc /
+    tritonclient.http, binary tensors), against session.run in this process; the three paths
+    alternate in rounds of 50 so that the machine's drift hits them alike."""
     import onnxruntime as ort
     import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
 
     from glm_image_onnx.runtime import Package
     from glm_image_onnx.runtime.providers import session_options
 
-    feeds, inputs = _glyph_inputs()
+    feeds, grpc_inputs = _glyph_inputs()
+    http_inputs = []
+    for name, array in feeds.items():
+        t = httpclient.InferInput(name, list(array.shape), "INT64")
+        t.set_data_from_numpy(array)
+        http_inputs.append(t)
     session = ort.InferenceSession(str(Package.open(package, verify_files=False).graph_path("glyph_encoder")),
                                    session_options("cpu"), providers=["CPUExecutionProvider"])
-    local, remote = [], []
-    for i in range(n + 50):  # one path at a time: the session's spinning threads would slow the other
-        t = time.perf_counter()
-        session.run(None, feeds)
-        if i >= 50:
-            local.append(time.perf_counter() - t)
-    del session
-    time.sleep(0.5)
-    with grpcclient.InferenceServerClient(url) as client:
-        for i in range(n + 50):
-            t = time.perf_counter()
-            client.infer("glyph_encoder", inputs)
-            if i >= 50:
-                remote.append(time.perf_counter() - t)
-    base = statistics.median(local)
-    added = [r - base for r in remote]
-    result = {"model": "glyph_encoder", "requests": n,
-              "in_process_p50_ms": base * 1e3, "in_process_p99_ms": _percentile(local, 99) * 1e3,
-              "grpc_p50_ms": statistics.median(remote) * 1e3, "grpc_p99_ms": _percentile(remote, 99) * 1e3,
-              "overhead_p50_ms": statistics.median(added) * 1e3, "overhead_p99_ms": _percentile(added, 99) * 1e3}
-    result["meets_target"] = result["overhead_p50_ms"] < 2 and result["overhead_p99_ms"] < 10
+    grpc_client = grpcclient.InferenceServerClient(server.url)
+    http_client = httpclient.InferenceServerClient(server.http_url)
+    calls = {"in_process": lambda: session.run(None, feeds),
+             "grpc": lambda: grpc_client.infer("glyph_encoder", grpc_inputs),
+             "http": lambda: http_client.infer("glyph_encoder", http_inputs)}
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for round_ in range(n // 50 + 1):  # one path at a time: the session's spinning threads would slow another
+        for name, call in calls.items():
+            for i in range(50):
+                t = time.perf_counter()
+                call()
+                if round_ > 0:  # the first round warms every path up
+                    times[name].append(time.perf_counter() - t)
+    grpc_client.close()
+    http_client.close()
+    base = statistics.median(times["in_process"])
+    result: dict = {"model": "glyph_encoder", "requests": len(times["grpc"]),
+                    "in_process_p50_ms": base * 1e3, "in_process_p99_ms": _percentile(times["in_process"], 99) * 1e3}
+    for proto in ("grpc", "http"):
+        added = [r - base for r in times[proto]]
+        result.update({f"{proto}_p50_ms": statistics.median(times[proto]) * 1e3,
+                       f"{proto}_p99_ms": _percentile(times[proto], 99) * 1e3,
+                       f"{proto}_overhead_p50_ms": statistics.median(added) * 1e3,
+                       f"{proto}_overhead_p99_ms": _percentile(added, 99) * 1e3})
+    result["grpc_meets_target"] = result["grpc_overhead_p50_ms"] < 2 and result["grpc_overhead_p99_ms"] < 10
+    result["http_meets_target"] = result["http_overhead_p50_ms"] < 3
     return result
+
+
+def overhead_report(o: dict) -> None:
+    print(f"in-process session.run ({o['model']}): p50 {o['in_process_p50_ms']:.2f} ms, "
+          f"p99 {o['in_process_p99_ms']:.2f} ms; {o['requests']} requests per protocol")
+    for proto, target in (("grpc", "p50<2 p99<10"), ("http", "p50<3")):
+        print(f"{proto:<5} overhead: p50 {o[f'{proto}_overhead_p50_ms']:.2f} ms, p99 {o[f'{proto}_overhead_p99_ms']:.2f} ms "
+              f"(round trip p50 {o[f'{proto}_p50_ms']:.2f} ms) target {target}: "
+              f"{'met' if o[f'{proto}_meets_target'] else 'MISSED'}")
 
 
 def throughput(url: str, model: str, make_inputs, clients: int, total: int, before_timed=None) -> dict:
@@ -281,8 +306,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="package for the AR batching section (default: the bench preset's, built if missing)")
     parser.add_argument("--ar-clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--ar-requests", type=int, default=2, help="timed glm_image requests per client and point")
-    parser.add_argument("--only", choices=["ar-batching"], help="run one section")
+    parser.add_argument("--only", choices=["ar-batching", "overhead"], help="run one section")
     args = parser.parse_args(argv)
+    if args.only == "overhead":
+        with tempfile.TemporaryDirectory() as tmp:
+            package = args.package or build_tiny_package(Path(tmp))
+            server = Server(package)
+            try:
+                results = {"overhead": overhead(package, server, args.requests)}
+            finally:
+                server.stop()
+        overhead_report(results["overhead"])
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return 0
     if args.only == "ar-batching":
         report = ar_batching_report(ar_batching(ensure_bench_package(args.ar_package), tuple(args.ar_clients),
                                                 args.ar_requests))
@@ -298,11 +335,8 @@ def main(argv: list[str] | None = None) -> int:
 
         server = Server(package, "--max-concurrency", "2", "--max-batch-size", "8")
         try:
-            results["overhead"] = overhead(package, server.url, args.requests)
-            o = results["overhead"]
-            print(f"gRPC overhead ({o['model']}): p50 {o['overhead_p50_ms']:.2f} ms, p99 {o['overhead_p99_ms']:.2f} ms "
-                  f"(in-process p50 {o['in_process_p50_ms']:.2f} ms, gRPC p50 {o['grpc_p50_ms']:.2f} ms) "
-                  f"target p50<2 p99<10: {'met' if o['meets_target'] else 'MISSED'}")
+            results["overhead"] = overhead(package, server, args.requests)
+            overhead_report(results["overhead"])
             results["batched"] = [throughput(server.url, "glyph_encoder", glyph, c, args.component_requests)
                                   for c in (1, 4, 16)]
             results["glm_image"] = [throughput(server.url, "glm_image", glm, c, args.glm_requests) for c in (1, 4, 16)]

@@ -37,6 +37,11 @@ log = logging.getLogger("glm_image_onnx.runtime")
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): stage is "ar" (tokens) or "denoise" (steps). Raising from it
 stops the generation (the server uses this for cancellations and deadlines)."""
+StepCallback = Callable[[Any, int, float, dict[str, np.ndarray]], Any]
+"""callback_on_step_end(pipeline, step_index, timestep, tensors), diffusers' hook, after each
+denoising step: tensors["latents"] (the new latents) and tensors["denoised"] (the step's estimate of
+the final latents, x0 = latents - sigma * velocity, which `decode` turns into a preview). It
+observes: its return value is ignored, and it must not modify the arrays."""
 
 # Largest attention-score buffer (bytes) a batched CFG call may need; above it rows go one by one.
 BATCHED_CFG_MAX_SCORES = 1 << 30
@@ -197,7 +202,8 @@ class GlmImageOnnxPipeline:
                  seed: int | Sequence[int] | None = None, latents: np.ndarray | None = None,
                  do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, image: Image.Image | Sequence[Image.Image] | None = None,
-                 progress: Progress | None = None, num_images_per_prompt: int = 1) -> GlmImageOutput:
+                 progress: Progress | None = None, num_images_per_prompt: int = 1,
+                 callback_on_step_end: StepCallback | None = None) -> GlmImageOutput:
         """One image per prompt and `num_images_per_prompt` (diffusers' order: each prompt's images
         together). Image i takes seeds[i] (default: `seed` + i), so image 0 of a batch is the image
         the same call gives for one prompt; with AR batching on, the images' AR planning shares its
@@ -226,7 +232,7 @@ class GlmImageOnnxPipeline:
             rows = [latents] * len(prompts)
         settings = dict(height=height, width=width, num_inference_steps=num_inference_steps,
                         guidance_scale=guidance_scale, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                        top_k=top_k, image=image, progress=progress)
+                        top_k=top_k, image=image, progress=progress, callback_on_step_end=callback_on_step_end)
         if len(prompts) == 1:
             return self.generate_one(prompts[0], seed=seeds[0], latents=rows[0], **settings)
         # One thread per image: their AR planning joins the engine's decode steps, then each takes
@@ -247,7 +253,8 @@ class GlmImageOnnxPipeline:
                      seed: int | None = None, latents: np.ndarray | None = None, do_sample: bool | None = None,
                      temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                      image: Image.Image | Sequence[Image.Image] | None = None,
-                     progress: Progress | None = None) -> GlmImageOutput:
+                     progress: Progress | None = None,
+                     callback_on_step_end: StepCallback | None = None) -> GlmImageOutput:
         """One image; safe to call from several threads at once (the server does)."""
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
@@ -288,7 +295,7 @@ class GlmImageOnnxPipeline:
             latents = self.prepare_latents(height, width, latents, latent_seed)
             t = time.perf_counter()
             latents, per_step = self.denoise(latents, cond_embeds, uncond_embeds, prior_ids, height, width,
-                                             steps, scale, condition, progress)
+                                             steps, scale, condition, progress, callback_on_step_end)
             timings["dit_s"] = time.perf_counter() - t
             timings["dit_per_step_s"] = float(np.median(per_step)) if per_step else 0.0
 
@@ -440,7 +447,8 @@ class GlmImageOnnxPipeline:
 
     def denoise(self, latents: np.ndarray, cond: np.ndarray, uncond: np.ndarray, prior_ids: np.ndarray,
                 height: int, width: int, steps: int, scale: float, condition: _Condition | None,
-                progress: Progress | None = None) -> tuple[np.ndarray, list[float]]:
+                progress: Progress | None = None, callback_on_step_end: StepCallback | None = None
+                ) -> tuple[np.ndarray, list[float]]:
         """The flow-matching Euler loop with classifier-free guidance (`scale > 1`)."""
         timesteps, sigmas = self.schedule.timesteps(
             steps, image_seq_len(height, width, self.vae_scale, self.patch_size))
@@ -483,8 +491,11 @@ class GlmImageOnnxPipeline:
                 noise = cfg_mix(preds[0], preds[1], scale)
             else:
                 noise = preds[0]
+            denoised = latents - sigmas[i] * noise if callback_on_step_end is not None else None
             latents = self.schedule.step(noise, i, latents, sigmas=sigmas)
             per_step.append(time.perf_counter() - t0)
+            if callback_on_step_end is not None:
+                callback_on_step_end(self, i, float(t), {"latents": latents, "denoised": denoised})
             if progress is not None:
                 progress("denoise", i + 1, len(timesteps))
         return latents, per_step

@@ -1,9 +1,10 @@
-"""The server process: gRPC (KServe v2 + grpc.health.v1 + reflection), model loading, shutdown.
+"""The server process: gRPC (KServe v2 + grpc.health.v1 + reflection), optionally HTTP (KServe v2
+REST + the OpenAI Images API, `http_server`) on the same models, model loading, shutdown.
 
 Lifecycle: the port opens first with health NOT_SERVING and ServerReady false while the package
 loads on a thread (a multi-GB package takes minutes); then SERVING. SIGTERM / SIGINT drain: health
-goes NOT_SERVING, new inference requests get UNAVAILABLE, admitted ones finish (up to
-`drain_timeout_s`), then the port closes.
+goes NOT_SERVING, new inference requests get UNAVAILABLE (HTTP 503), admitted ones finish (up to
+`drain_timeout_s`), then the ports close.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from ..runtime.ar_batch import ArBatching
 from .glm_image_model import GlmImageModel, Limits
-from .kserve import InferenceService
+from .http_server import HttpFrontEnd
+from .kserve import InferenceService, server_version
 from .metrics import Metrics
 from .models import BatchingOptions, ComponentLimits, ComponentModel, Model
 from .scheduler import Scheduler
@@ -41,6 +43,7 @@ class ServerConfig:
     package: Path
     host: str = "127.0.0.1"
     port: int = 8001  # 0 picks a free port
+    http_port: int | None = None  # KServe v2 REST + OpenAI Images API beside gRPC (0: a free port)
     provider: str = "cpu"
     provider_options: dict[str, Any] = field(default_factory=dict)
     strict: bool = False
@@ -112,6 +115,8 @@ class GlmImageServer:
         self.port: int | None = None
         self.tokens: TokenStore | None = None
         self.metrics_port: int | None = None
+        self.http: HttpFrontEnd | None = None
+        self.http_port: int | None = None
         self._stopped = asyncio.Event()
 
     async def _set_health(self, serving: bool) -> None:
@@ -154,13 +159,22 @@ class GlmImageServer:
                           "of this host)")
         await self._set_health(False)
         await self.server.start()
+        if config.http_port is not None:
+            self.http = HttpFrontEnd(self.state, self.tokens, size, config.component_limits.max_tensor_elements,
+                                     server_version())
+            try:
+                self.http_port = await self.http.start(config.host, config.http_port, security)
+            except BaseException:
+                await self.server.stop(None)
+                raise
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         mode = ("mutual TLS" if security.tls_client_ca else "TLS") if security.tls else "plaintext"
         auth = f", {len(self.tokens)} bearer token(s)" if self.tokens is not None else ""
-        log.info("listening on %s:%d (KServe v2 gRPC, %s%s); loading %s", self.config.host, self.port, mode, auth,
-                 self.config.package)
+        http = "" if self.http_port is None else f"; HTTP on {self.http_port} (KServe v2 REST, OpenAI Images API)"
+        log.info("listening on %s:%d (KServe v2 gRPC, %s%s)%s; loading %s", self.config.host, self.port, mode, auth,
+                 http, self.config.package)
         return self.port
 
     async def load(self) -> None:
@@ -201,6 +215,8 @@ class GlmImageServer:
         if not drained:
             log.warning("drain timeout: %d request(s) still running are abandoned", self.state.scheduler.in_flight)
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
         if self.server is not None:
             await self.server.stop(grace=2.0)
         for model in self.state.models.values():
@@ -252,6 +268,12 @@ class ServerThread:
     def url(self) -> str:
         assert self.server is not None and self.server.port is not None
         return f"{self.config.host}:{self.server.port}"
+
+    @property
+    def http_url(self) -> str:
+        assert self.server is not None and self.server.http_port is not None
+        scheme = "https" if self.config.security.tls else "http"
+        return f"{scheme}://{self.config.host}:{self.server.http_port}"
 
     def start(self, load: bool = True, timeout_s: float = 300) -> "ServerThread":
         def main() -> None:

@@ -22,7 +22,8 @@ def _cli_error(message: str, code: int = 2) -> Exception:
 def _need_serve_extra() -> None:
     from glm_image_onnx.cli import need_extra
 
-    need_extra("serve", "grpc", "grpc_health", "grpc_reflection", "prometheus_client", "tritonclient.grpc")
+    need_extra("serve", "grpc", "grpc_health", "grpc_reflection", "prometheus_client", "tritonclient.grpc",
+               "starlette", "uvicorn", "python_multipart")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -71,7 +72,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_steps=args.max_steps, max_prompt_bytes=args.max_prompt_bytes,
                     max_image_bytes=args.max_image_mb << 20, max_source_pixels=args.max_source_pixels)
     component_limits = ComponentLimits(max_tensor_elements=args.max_tensor_elements, max_axis_size=args.max_axis_size)
-    config = ServerConfig(package=Path(args.package), host=args.host, port=args.port, **providers,
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        raise _cli_error(f"--http-port must be a port number (0..65535), got {args.http_port}")
+    config = ServerConfig(package=Path(args.package), host=args.host, port=args.port, http_port=args.http_port,
+                          **providers,
                           max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                           max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
                           ar_batching=ar_batching, components=not args.no_components,
@@ -123,6 +127,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("package", help="exported ONNX package folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001, Triton's)")
+    p.add_argument("--http-port", type=int,
+                   help="also serve HTTP on this port: KServe v2 REST and the OpenAI Images API (Triton's is "
+                        "8000; default: no HTTP)")
     add_provider_arguments(p)
     p.add_argument("--max-concurrency", type=int, default=1,
                    help="requests executing at once (worker threads; default 1)")

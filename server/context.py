@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from . import errors
 from .errors import RequestError
@@ -18,8 +18,11 @@ _ids = itertools.count(1)
 
 
 class RequestContext:
-    def __init__(self, model: str, request_id: str = "", timeout_s: float | None = None, peer: str = ""):
+    def __init__(self, model: str, request_id: str = "", timeout_s: float | None = None, peer: str = "",
+                 protocol: str = "grpc", previews: Any = None):
         self.model = model
+        self.protocol = protocol  # the front end: "grpc" or "http"
+        self.previews = previews  # glm_image: a glm_image_request.Previews (the OpenAI API's partial images)
         self.request_id = request_id
         self.serial = next(_ids)
         self.peer = peer
@@ -31,6 +34,11 @@ class RequestContext:
         self._lock = threading.Lock()
         self._error: RequestError | None = None
         self._callbacks: list[Callable[[], None]] = []
+
+    def set_timeout(self, timeout_s: float) -> None:
+        """A deadline from the request itself (KServe's `timeout` parameter); the earlier one wins."""
+        deadline = time.monotonic() + timeout_s
+        self.deadline = deadline if self.deadline is None else min(self.deadline, deadline)
 
     @property
     def label(self) -> str:

@@ -3,24 +3,37 @@
 Everything a client did wrong raises `RequestError`; the KServe layer turns it into the call's
 status (unary) or the stream response's `error_message` (streaming), and the server keeps serving.
 `code` is a gRPC status name ("INVALID_ARGUMENT"), so this module (and the request logic shared
-with the Triton Python model) does not need grpc.
+with the Triton Python model) does not need grpc; the HTTP front end maps it with `HTTP_STATUS`
+(as Triton's HTTP endpoint does). `field` names the request field at fault where there is one
+(the OpenAI API reports it as the error's `param`).
 """
 
 from __future__ import annotations
 
 
+# gRPC status name -> HTTP status of the same error (KServe v2 REST and the OpenAI API)
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "PAYLOAD_TOO_LARGE": 413,
+               "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "INTERNAL": 500, "UNIMPLEMENTED": 501,
+               "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+
+
 class RequestError(Exception):
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, field: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.field = field
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(self.code, 500)
 
     def __str__(self) -> str:
         return self.message
 
 
-def invalid(message: str) -> RequestError:
-    return RequestError("INVALID_ARGUMENT", message)
+def invalid(message: str, field: str | None = None) -> RequestError:
+    return RequestError("INVALID_ARGUMENT", message, field)
 
 
 def not_found(message: str) -> RequestError:
@@ -43,9 +56,14 @@ def deadline(message: str = "the request's deadline passed before it finished") 
     return RequestError("DEADLINE_EXCEEDED", message)
 
 
-def unimplemented(message: str) -> RequestError:
-    return RequestError("UNIMPLEMENTED", message)
-
-
 def internal(message: str) -> RequestError:
     return RequestError("INTERNAL", message)
+
+
+def unauthenticated(message: str) -> RequestError:
+    return RequestError("UNAUTHENTICATED", message)
+
+
+def too_large(message: str) -> RequestError:
+    """HTTP only (gRPC refuses an oversized message itself, RESOURCE_EXHAUSTED)."""
+    return RequestError("PAYLOAD_TOO_LARGE", message)

@@ -78,7 +78,8 @@ class GlmImageModel(Model):
                 progress(stage, done, total)
 
         def work() -> Result:
-            out = glm.run(self.pipeline, prepared.inputs["request"], prepared.outputs, self.limits, on_progress)
+            out = glm.run(self.pipeline, prepared.inputs["request"], prepared.outputs, self.limits, on_progress,
+                          ctx.previews)
             self.stats.execution_done(1, out.timings.get("total", 0.0))
             ctx.ar_rows = int(out.parameters["ar_batch_rows"])
             if self.metrics is not None:

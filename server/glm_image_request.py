@@ -8,7 +8,7 @@ Inputs (each also accepted as a request parameter of the same name; a tensor win
 | name | datatype, shape | meaning |
 |---|---|---|
 | `prompt` | BYTES [1] | UTF-8 prompt (required) |
-| `image` | BYTES [1] | encoded PNG / JPEG / WebP source image to edit (as a parameter: base64) |
+| `image` | BYTES [k] | encoded PNG / JPEG / WebP source image(s) to edit, k <= 4 (as a parameter: one, base64) |
 | `height`, `width` | INT32 [1] | pixels, multiples of 32 (default: the source image's, else the package's) |
 | `steps` | INT32 [1] | denoising steps |
 | `guidance` | FP32 [1] | classifier-free guidance scale |
@@ -39,6 +39,7 @@ from .specs import TensorSpec
 from .tensors import datatype_of
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_SOURCE_IMAGES = 4  # source images of one edit (GLM-Image conditions on each)
 Progress = Callable[[str, int, int], None]
 
 
@@ -92,47 +93,57 @@ FIELDS = {
     "guidance": _Field("FP32", "float"), "seed": _Field("INT64", "int"),
     "temperature": _Field("FP32", "float"), "top_p": _Field("FP32", "float"), "top_k": _Field("INT32", "int"),
 }
-INPUTS = [TensorSpec(n, f.datatype, (1,), optional=(n != "prompt")) for n, f in FIELDS.items()]
+INPUTS = [TensorSpec(n, f.datatype, ("images",) if f.kind == "image" else (1,), optional=(n != "prompt"))
+          for n, f in FIELDS.items()]
 OUTPUTS = [TensorSpec("image_png", "BYTES", (1,)), TensorSpec("image", "UINT8", ("height", "width", 3)),
            TensorSpec("tokens", "INT64", ("tokens",))]
 OUTPUT_NAMES = [s.name for s in OUTPUTS]
 
 
+def _as_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
 def _from_tensor(name: str, f: _Field, array: np.ndarray) -> Any:
     got = datatype_of(array.dtype)
     if got != f.datatype:
-        raise errors.invalid(f"input '{name}' must be {f.datatype}, got {got}")
+        raise errors.invalid(f"input '{name}' must be {f.datatype}, got {got}", name)
+    if f.kind == "image":
+        if array.ndim != 1 or not 1 <= array.shape[0] <= MAX_SOURCE_IMAGES:
+            raise errors.invalid(f"input 'image' must have shape [k] with 1 <= k <= {MAX_SOURCE_IMAGES} source "
+                                 f"images, got {list(array.shape)}", name)
+        return [_as_bytes(v) for v in array]
     if array.shape != (1,):
-        raise errors.invalid(f"input '{name}' must have shape [1], got {list(array.shape)}")
+        raise errors.invalid(f"input '{name}' must have shape [1], got {list(array.shape)}", name)
     value = array[0]
-    if f.kind in ("text", "image"):
-        return value if isinstance(value, bytes) else str(value).encode("utf-8")
+    if f.kind == "text":
+        return _as_bytes(value)
     return int(value) if f.kind == "int" else float(value)
 
 
 def _from_param(name: str, f: _Field, value: Any) -> Any:
     if f.kind == "text":
         if not isinstance(value, str):
-            raise errors.invalid(f"parameter '{name}' must be a string, got {type(value).__name__}")
+            raise errors.invalid(f"parameter '{name}' must be a string, got {type(value).__name__}", name)
         return value.encode("utf-8")
     if f.kind == "image":
         if not isinstance(value, str):
-            raise errors.invalid(f"parameter 'image' must be a base64 string, got {type(value).__name__}")
+            raise errors.invalid(f"parameter 'image' must be a base64 string, got {type(value).__name__}", name)
         try:
-            return base64.b64decode(value, validate=True)
+            return [base64.b64decode(value, validate=True)]
         except (binascii.Error, ValueError):
             raise errors.invalid("parameter 'image' is not valid base64 (send raw bytes as the BYTES input "
-                                 "'image' instead)") from None
-    if isinstance(value, bool):
-        raise errors.invalid(f"parameter '{name}' must be a number, got a bool")
+                                 "'image' instead)", name) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise errors.invalid(f"parameter '{name}' must be a number, got {type(value).__name__}", name)
     if isinstance(value, str):
         try:
             value = float(value) if f.kind == "float" else int(value)
         except ValueError:
-            raise errors.invalid(f"parameter '{name}' must be a number, got {value!r}") from None
+            raise errors.invalid(f"parameter '{name}' must be a number, got {value!r}", name) from None
     if f.kind == "int":
         if isinstance(value, float) and not value.is_integer():
-            raise errors.invalid(f"parameter '{name}' must be an integer, got {value}")
+            raise errors.invalid(f"parameter '{name}' must be an integer, got {value}", name)
         return int(value)
     return float(value)
 
@@ -140,7 +151,7 @@ def _from_param(name: str, f: _Field, value: Any) -> Any:
 @dataclass
 class GlmImageRequest:
     prompt: str
-    image: Image.Image | None = None  # header read; pixels decoded by `run`
+    images: list[Image.Image] = field(default_factory=list)  # source images: headers read, pixels decoded by `run`
     height: int | None = None
     width: int | None = None
     steps: int | None = None
@@ -173,7 +184,7 @@ def parse(inputs: dict[str, np.ndarray], params: dict[str, Any], limits: Limits,
     """Decoded input tensors and request parameters -> a checked request (cheap: image header only)."""
     for name in inputs:
         if name not in FIELDS:
-            raise errors.invalid(f"unknown input '{name}' for glm_image (inputs: {', '.join(FIELDS)})")
+            raise errors.invalid(f"unknown input '{name}' for glm_image (inputs: {', '.join(FIELDS)})", name)
     values: dict[str, Any] = {}
     for name, f in FIELDS.items():
         if name in inputs:
@@ -182,48 +193,50 @@ def parse(inputs: dict[str, np.ndarray], params: dict[str, Any], limits: Limits,
             value = params[name]
             if f.kind == "image" and isinstance(value, str) and len(value) > limits.max_image_bytes * 4 // 3 + 4:
                 raise errors.invalid(f"parameter 'image' is {len(value)} base64 characters, more than the limit "
-                                     f"of {limits.max_image_bytes} bytes")
+                                     f"of {limits.max_image_bytes} bytes", name)
             values[name] = _from_param(name, f, value)
     return _check(values, limits, image_to_image)
 
 
 def _check(v: dict[str, Any], lim: Limits, image_to_image: bool) -> GlmImageRequest:
     if "prompt" not in v:
-        raise errors.invalid("input 'prompt' is missing: glm_image needs a prompt (BYTES [1], UTF-8)")
+        raise errors.invalid("input 'prompt' is missing: glm_image needs a prompt (BYTES [1], UTF-8)", "prompt")
     if len(v["prompt"]) > lim.max_prompt_bytes:
-        raise errors.invalid(f"prompt is {len(v['prompt'])} bytes, more than the limit of {lim.max_prompt_bytes}")
+        raise errors.invalid(f"prompt is {len(v['prompt'])} bytes, more than the limit of {lim.max_prompt_bytes}",
+                             "prompt")
     try:
         prompt = v["prompt"].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise errors.invalid(f"prompt is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise errors.invalid(f"prompt is not valid UTF-8 ({e.reason} at byte {e.start})", "prompt") from None
     if not prompt.strip():
-        raise errors.invalid("prompt is empty")
+        raise errors.invalid("prompt is empty", "prompt")
     for name in ("height", "width"):
         if name in v:
             size = v[name]
             if size < 32 or size % 32:
-                raise errors.invalid(f"{name} must be a positive multiple of 32, got {size}")
+                raise errors.invalid(f"{name} must be a positive multiple of 32, got {size}", name)
             if lim.max_side is not None and size > lim.max_side:
-                raise errors.invalid(f"{name} {size} is larger than this server's limit of {lim.max_side} pixels")
+                raise errors.invalid(f"{name} {size} is larger than this server's limit of {lim.max_side} pixels",
+                                     name)
     if "height" in v and "width" in v:
         try:
             lim.check_size(v["height"], v["width"])
         except ValueError as e:
-            raise errors.invalid(str(e)) from None
+            raise errors.invalid(str(e), "height") from None
     if "steps" in v and not 1 <= v["steps"] <= lim.max_steps:
-        raise errors.invalid(f"steps must be between 1 and {lim.max_steps}, got {v['steps']}")
+        raise errors.invalid(f"steps must be between 1 and {lim.max_steps}, got {v['steps']}", "steps")
     if "guidance" in v and not (math.isfinite(v["guidance"]) and 0 <= v["guidance"] <= lim.max_guidance):
-        raise errors.invalid(f"guidance must be between 0 and {lim.max_guidance}, got {v['guidance']}")
+        raise errors.invalid(f"guidance must be between 0 and {lim.max_guidance}, got {v['guidance']}", "guidance")
     if "seed" in v and not 0 <= v["seed"] < 2 ** 63:
-        raise errors.invalid(f"seed must be between 0 and 2^63-1, got {v['seed']}")
+        raise errors.invalid(f"seed must be between 0 and 2^63-1, got {v['seed']}", "seed")
     if "temperature" in v and not (math.isfinite(v["temperature"]) and 0 < v["temperature"] <= 10):
-        raise errors.invalid(f"temperature must be in (0, 10], got {v['temperature']}")
+        raise errors.invalid(f"temperature must be in (0, 10], got {v['temperature']}", "temperature")
     if "top_p" in v and not (math.isfinite(v["top_p"]) and 0 < v["top_p"] <= 1):
-        raise errors.invalid(f"top_p must be in (0, 1], got {v['top_p']}")
+        raise errors.invalid(f"top_p must be in (0, 1], got {v['top_p']}", "top_p")
     if "top_k" in v and v["top_k"] < 1:
-        raise errors.invalid(f"top_k must be >= 1, got {v['top_k']}")
-    image = _open_image(v["image"], lim, image_to_image) if "image" in v else None
-    return GlmImageRequest(prompt, image, v.get("height"), v.get("width"), v.get("steps"), v.get("guidance"),
+        raise errors.invalid(f"top_k must be >= 1, got {v['top_k']}", "top_k")
+    images = [_open_image(data, lim, image_to_image) for data in v.get("image", [])]
+    return GlmImageRequest(prompt, images, v.get("height"), v.get("width"), v.get("steps"), v.get("guidance"),
                            v.get("seed"), v.get("temperature"), v.get("top_p"), v.get("top_k"))
 
 
@@ -231,16 +244,16 @@ def _open_image(data: bytes, lim: Limits, image_to_image: bool) -> Image.Image:
     """Read the header only (cheap); the pixels are decoded by `run`, on a worker."""
     if not image_to_image:
         raise errors.invalid("image: this package has no image-to-image graphs; export vision_tokenizer, "
-                             "vae_encoder and dit_condition_write to edit images")
+                             "vae_encoder and dit_condition_write to edit images", "image")
     if len(data) > lim.max_image_bytes:
-        raise errors.invalid(f"image is {len(data)} bytes, more than the limit of {lim.max_image_bytes}")
+        raise errors.invalid(f"image is {len(data)} bytes, more than the limit of {lim.max_image_bytes}", "image")
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise errors.invalid(f"image: not a readable PNG, JPEG or WebP image ({e})") from None
+        raise errors.invalid(f"image: not a readable PNG, JPEG or WebP image ({e})", "image") from None
     if image.width * image.height > lim.max_source_pixels:
         raise errors.invalid(f"image is {image.width}x{image.height}, more than the limit of "
-                             f"{lim.max_source_pixels} pixels")
+                             f"{lim.max_source_pixels} pixels", "image")
     return image
 
 
@@ -256,39 +269,72 @@ def output_size(r: GlmImageRequest, source: Image.Image | None, defaults: dict[s
     origin = "the source image" if source is not None else "the package default"
     for name, size in (("height", height), ("width", width)):
         if size < 32:
-            raise errors.invalid(f"{name} {size} (from {origin}) is less than 32; pass {name}")
+            raise errors.invalid(f"{name} {size} (from {origin}) is less than 32; pass {name}", name)
     try:
         lim.check_size(height, width, origin)
     except ValueError as e:
-        raise errors.invalid(f"{e}; pass height and width") from None
+        raise errors.invalid(f"{e}; pass height and width", "height") from None
     return height, width
 
 
+@dataclass
+class Previews:
+    """`count` previews of the image while it is denoised (the OpenAI API's partial images): the
+    step's estimate of the final latents, VAE-decoded, at evenly spaced steps before the last.
+    `emit(index, image, step, total)` is called on the worker; each costs one VAE decode."""
+
+    count: int
+    emit: Callable[[int, Image.Image, int, int], None]
+
+
+def _with_previews(pipeline: Any, previews: Previews, progress: Progress | None) -> tuple[Any, Progress]:
+    """(callback_on_step_end, progress) for the pipeline: the callback keeps the step's estimate and
+    the progress callback, which learns the step count, decodes it at the preview steps."""
+    from glm_image_onnx.runtime.images import to_pil
+
+    latest: dict[str, np.ndarray] = {}
+
+    def on_step_end(_pipe: Any, _i: int, _t: float, tensors: dict[str, np.ndarray]) -> None:
+        latest["denoised"] = tensors["denoised"]
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(stage, done, total)
+        if stage != "denoise" or "denoised" not in latest:
+            return
+        at = sorted({max(1, round(total * (j + 1) / (previews.count + 1))) for j in range(previews.count)} - {total})
+        if done in at:
+            previews.emit(at.index(done), to_pil(pipeline.decode(latest.pop("denoised")))[0], done, total)
+
+    return on_step_end, on_progress
+
+
 def run(pipeline: Any, r: GlmImageRequest, outputs: list[str], limits: Limits,
-        progress: Progress | None = None) -> GlmImageResult:
-    """Decode the source image, run the pipeline (progress may raise to stop it), encode the outputs."""
-    source = None
-    if r.image is not None:
+        progress: Progress | None = None, previews: Previews | None = None) -> GlmImageResult:
+    """Decode the source images, run the pipeline (progress may raise to stop it), encode the outputs."""
+    sources = []
+    for image in r.images:
         try:
-            r.image.load()
-            source = r.image.convert("RGB")
+            image.load()
+            sources.append(image.convert("RGB"))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise errors.invalid(f"image: cannot decode the {r.image.format} data ({e})") from None
-    height, width = output_size(r, source, pipeline.defaults, limits)
+            raise errors.invalid(f"image: cannot decode the {image.format} data ({e})", "image") from None
+    height, width = output_size(r, sources[0] if sources else None, pipeline.defaults, limits)
+    on_step_end = None
+    if previews is not None and previews.count > 0:
+        on_step_end, progress = _with_previews(pipeline, previews, progress)
     try:
         out = pipeline(r.prompt, height=height, width=width, num_inference_steps=r.steps, guidance_scale=r.guidance,
-                       seed=r.seed, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, image=source,
-                       progress=progress)
+                       seed=r.seed, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, image=sources or None,
+                       progress=progress, callback_on_step_end=on_step_end)
     except ValueError as e:
         raise errors.invalid(str(e)) from None
     image = out.images[0].convert("RGB")
     result: list[tuple[str, np.ndarray, str]] = []
     for name in outputs:
         if name == "image_png":
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
             value = np.empty(1, dtype=object)
-            value[0] = buffer.getvalue()
+            value[0] = encode_image(image, "PNG")
             result.append((name, value, "BYTES"))
         elif name == "image":
             result.append((name, np.asarray(image, dtype=np.uint8), "UINT8"))
@@ -300,3 +346,10 @@ def run(pipeline: Any, r: GlmImageRequest, outputs: list[str], limits: Limits,
                   "ar_batch_rows": int(out.timings.get("ar_batch_rows", 1))}
     return GlmImageResult(result, parameters, stages, float(out.timings.get("ar_queue_s", 0.0)),
                           int(out.timings.get("ar_tokens", 0)))
+
+
+def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:
+    """An image file (PNG, JPEG or WEBP) of `image`."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()

@@ -12,8 +12,6 @@ as `error_message`, so the stream stays usable.
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from importlib import metadata as importlib_metadata
 from typing import AsyncIterator, Callable
 
@@ -23,18 +21,16 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from . import errors
 from .context import RequestContext
 from .errors import RequestError
-from .models import VERSION
+from .inference import Decoded, ar_throttled, infer
+from .models import VERSION, Model, Result
 from .state import ServerState
 from .tensors import DEFAULT_MAX_ELEMENTS, add_output, parameter_value, read_inputs, set_parameter
 
-log = logging.getLogger("glm_image_onnx.server")
-
 SERVER_NAME = "glm-image-onnx"
 EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data", "parameters", "streaming_progress"]
-AR_PROGRESS_UPDATES = 32  # at most this many AR progress responses per request (plus the last)
 
 
-def _version() -> str:
+def server_version() -> str:
     try:
         return importlib_metadata.version("glm-image-onnx")
     except importlib_metadata.PackageNotFoundError:
@@ -57,7 +53,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.state = state
         self.max_tensor_elements = max_tensor_elements
         self.max_stream_pending = max_stream_pending
-        self.version = _version()
+        self.version = server_version()
 
     # ------------------------------------------------------------------------------ health-ish
     async def ServerLive(self, request, context):
@@ -158,71 +154,27 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def _stream_progress(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
                          request: service_pb2.ModelInferRequest) -> Callable[[str, int, int], None]:
         def progress(stage: str, done: int, total: int) -> None:
-            every = max(1, total // AR_PROGRESS_UPDATES) if stage == "ar" else 1
-            if done % every and done != total:
-                return
             loop.call_soon_threadsafe(queue.put_nowait, _progress_response(request, stage, done, total))
 
-        return progress
+        return ar_throttled(progress)
 
     async def _infer(self, request: service_pb2.ModelInferRequest, context,
                      progress: Callable[[str, int, int], None] | None = None) -> service_pb2.ModelInferResponse:
         ctx = RequestContext(request.model_name, request.id, context.time_remaining(), context.peer())
-        state, status, model, rows = self.state, "OK", None, 1
-        try:
-            model = state.model(request.model_name, request.model_version)
-            if state.phase != "READY":
-                raise errors.unavailable(f"the server is {state.phase.lower()}; not accepting requests")
-            t = time.perf_counter()
+
+        def decode() -> Decoded:
             for out in request.outputs:
                 if "shared_memory_region" in out.parameters:
                     raise errors.invalid(f"output '{out.name}': shared memory is not supported by this server")
             params = {k: parameter_value(v) for k, v in request.parameters.items()}
-            inputs = read_inputs(request, self.max_tensor_elements)
-            prepared = model.prepare(inputs, params, [o.name for o in request.outputs])
-            rows = prepared.rows
-            ctx.input_s = time.perf_counter() - t
-            state.scheduler.admit(ctx)
-            try:
-                future = model.submit(prepared, ctx, state.scheduler, progress)
-            except BaseException:
-                state.scheduler.release()
-                raise
-            state.scheduler.hold_until_done(future)
-            try:
-                value = await asyncio.wrap_future(future)
-            except asyncio.CancelledError:
-                ctx.cancel(errors.deadline() if ctx.deadline is not None and time.monotonic() >= ctx.deadline
-                           else errors.cancelled())
-                future.cancel()
-                status = "CANCELLED"
-                raise
-            t = time.perf_counter()
-            result = model.finish(prepared, value)
+            return Decoded(read_inputs(request, self.max_tensor_elements), params, [o.name for o in request.outputs])
+
+        def encode(model: Model, result: Result) -> service_pb2.ModelInferResponse:
             response = service_pb2.ModelInferResponse(model_name=model.name, model_version=VERSION, id=request.id)
             for name, array, datatype in result.outputs:
                 add_output(response, name, array, datatype)
             for key, value in result.parameters.items():
                 set_parameter(response.parameters, key, value)
-            ctx.output_s = time.perf_counter() - t
-            if result.timings:
-                state.metrics.stages(model.name, result.timings)
             return response
-        except RequestError as e:
-            status = e.code
-            raise
-        except Exception as e:
-            status = "INTERNAL"
-            log.exception("request %s to %s failed", ctx.label, request.model_name)
-            raise errors.internal(f"{request.model_name}: internal error: {type(e).__name__}: {e}") from None
-        finally:
-            total = time.perf_counter() - ctx.t_received
-            if model is not None:
-                model.stats.request_done(status == "OK", total, ctx.queue_s(), ctx.input_s, ctx.compute_s(),
-                                         ctx.output_s, rows)
-            queued = ctx.queue_s() if ctx.t_started is not None else None
-            state.metrics.request_done(request.model_name if model else "unknown", status, total, queued)
-            log.info("infer model=%s id=%s peer=%s status=%s queue_ms=%.1f compute_ms=%.1f total_ms=%.1f%s",
-                     request.model_name, ctx.label, ctx.peer, status, ctx.queue_s() * 1e3, ctx.compute_s() * 1e3,
-                     total * 1e3, "" if ctx.ar_rows is None else f" ar_rows={ctx.ar_rows}")
 
+        return await infer(self.state, ctx, request.model_version, decode, encode, progress)

@@ -39,6 +39,8 @@ class Metrics:
                                           registry=r)
         self.ready = Gauge("glm_image_server_ready", "1 when the models are loaded and the server is not draining",
                            registry=r)
+        self.http_requests = Counter("glm_image_http_requests", "HTTP requests by route and status code",
+                                     ["route", "code"], registry=r)
         self._http = None
 
     def request_done(self, model: str, status: str, total_s: float, queue_s: float | None = None) -> None:
@@ -62,6 +64,9 @@ class Metrics:
             self.ar_step_rows.observe(rows)
         self.ar_tokens.inc(rows)  # a prefill yields the first token
         self.ar_busy_seconds.inc(seconds)
+
+    def http_request(self, route: str, code: int) -> None:
+        self.http_requests.labels(route, str(code)).inc()
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -83,7 +83,7 @@ MAX_INPUTS = 64  # input tensors of one request
 DEFAULT_MAX_ELEMENTS = 1 << 28  # elements of one input tensor (server-wide; --max-tensor-elements)
 
 
-def _count(shape: Sequence[int], name: str, max_elements: int = DEFAULT_MAX_ELEMENTS) -> int:
+def element_count(shape: Sequence[int], name: str, max_elements: int = DEFAULT_MAX_ELEMENTS) -> int:
     """Elements of a declared shape, in Python integers (no int64 overflow), bounded before any decoding."""
     if len(shape) > MAX_DIMS:
         raise invalid(f"input '{name}': {len(shape)} dimensions, more than the limit of {MAX_DIMS}")
@@ -118,36 +118,65 @@ def read_inputs(request: service_pb2.ModelInferRequest,
             raise invalid(f"input '{name}' is given twice")
         if "shared_memory_region" in tensor.parameters:
             raise invalid(f"input '{name}': shared memory is not supported by this server; send the data inline")
-        if datatype not in NUMPY:
-            raise invalid(f"input '{name}': unknown datatype {datatype!r}")
-        count = _count(shape, name, max_elements)
         if raw:
-            buffer = raw[i]
-            if datatype == "BYTES":
-                array = decode_bytes(buffer, count, name)
-            else:
-                dtype = NUMPY[datatype]
-                if len(buffer) != count * dtype.itemsize:
-                    raise invalid(f"input '{name}': {datatype} shape {shape} needs {count * dtype.itemsize} bytes, "
-                                  f"got {len(buffer)}")
-                array = np.frombuffer(buffer, dtype=dtype)
+            out[name] = from_raw(name, datatype, shape, raw[i], max_elements)
         else:
             field = _CONTENTS_FIELD.get(datatype)
-            if field is None:
+            if datatype in NUMPY and field is None:
                 raise invalid(f"input '{name}': {datatype} must be sent as raw_input_contents")
-            values = list(getattr(tensor.contents, field))
-            if len(values) != count:
-                raise invalid(f"input '{name}': shape {shape} holds {count} elements, contents have {len(values)}")
-            if datatype == "BYTES":
-                array = np.empty(count, dtype=object)
-                array[:] = values
-            else:
-                try:
-                    array = np.asarray(values, dtype=NUMPY[datatype])
-                except (OverflowError, ValueError):
-                    raise invalid(f"input '{name}': contents out of range for {datatype}") from None
-        out[name] = array.reshape(shape)
+            values = list(getattr(tensor.contents, field)) if field else []
+            out[name] = from_values(name, datatype, shape, values, max_elements)
     return out
+
+
+def _check_datatype(name: str, datatype: str) -> np.dtype:
+    if datatype not in NUMPY:
+        raise invalid(f"input '{name}': unknown datatype {datatype!r}")
+    return NUMPY[datatype]
+
+
+def from_raw(name: str, datatype: str, shape: list[int], buffer: bytes,
+             max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.ndarray:
+    """One tensor from its raw little-endian contents (BYTES: length-framed), shape checked first.
+    The gRPC `raw_input_contents` and the HTTP binary-tensor extension carry the same bytes."""
+    dtype = _check_datatype(name, datatype)
+    count = element_count(shape, name, max_elements)
+    if datatype == "BYTES":
+        return decode_bytes(buffer, count, name).reshape(shape)
+    if len(buffer) != count * dtype.itemsize:
+        raise invalid(f"input '{name}': {datatype} shape {shape} needs {count * dtype.itemsize} bytes, "
+                      f"got {len(buffer)}")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def from_values(name: str, datatype: str, shape: list[int], values: list,
+                max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.ndarray:
+    """One tensor from a flat list of Python values (gRPC typed contents, KServe JSON `data`), each
+    value's type checked against the datatype: numbers for numeric types (integers for integer types),
+    bools for BOOL, str / bytes for BYTES."""
+    dtype = _check_datatype(name, datatype)
+    count = element_count(shape, name, max_elements)
+    if len(values) != count:
+        raise invalid(f"input '{name}': shape {shape} holds {count} elements, contents have {len(values)}")
+    if datatype == "BYTES":
+        if not all(isinstance(v, (bytes, str)) for v in values):
+            raise invalid(f"input '{name}': BYTES elements must be strings")
+        array = np.empty(count, dtype=object)
+        array[:] = [v.encode("utf-8") if isinstance(v, str) else v for v in values]
+        return array.reshape(shape)
+    if datatype == "BOOL":
+        ok = all(isinstance(v, bool) for v in values)
+    elif dtype.kind == "f":
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    else:
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    if not ok:
+        kind = "true/false" if datatype == "BOOL" else "numbers" if dtype.kind == "f" else "integers"
+        raise invalid(f"input '{name}': {datatype} elements must be {kind}")
+    try:
+        return np.asarray(values, dtype=dtype).reshape(shape)
+    except (OverflowError, ValueError):
+        raise invalid(f"input '{name}': contents out of range for {datatype}") from None
 
 
 def add_output(response: service_pb2.ModelInferResponse, name: str, array: np.ndarray,

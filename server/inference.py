@@ -1,0 +1,113 @@
+"""One inference request, protocol-free: the path both front ends (gRPC and HTTP) share.
+
+A front end decodes its wire format into input arrays, parameters and requested outputs; this
+module does the rest the same way for both: model lookup and phase check, the model's own
+validation (`prepare`, errors naming the field), admission (RESOURCE_EXHAUSTED over the limit), the
+work on a worker (cancelled when the client goes away), the statistics, the metrics and the one log
+line per request. The front end then encodes the `Result`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+
+from . import errors
+from .context import RequestContext
+from .errors import RequestError
+from .models import Model, Progress, Result
+from .state import ServerState
+
+log = logging.getLogger("glm_image_onnx.server")
+
+T = TypeVar("T")
+
+
+@dataclass
+class Decoded:
+    """A request as its front end read it off the wire."""
+
+    inputs: dict[str, np.ndarray]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)  # requested output names (none: all)
+
+
+AR_PROGRESS_UPDATES = 32  # at most this many AR progress updates per request (plus the last)
+
+
+def ar_throttled(progress: Progress) -> Progress:
+    """`progress` called for every denoising step but only ~AR_PROGRESS_UPDATES times during the AR
+    planning (one call per token would flood a stream: ~4k tokens at 1024x1024)."""
+    def throttled(stage: str, done: int, total: int) -> None:
+        every = max(1, total // AR_PROGRESS_UPDATES) if stage == "ar" else 1
+        if done % every == 0 or done == total:
+            progress(stage, done, total)
+
+    return throttled
+
+
+async def infer(state: ServerState, ctx: RequestContext, version: str, decode: Callable[[], Decoded],
+                encode: Callable[[Model, Result], T], progress: Progress | None = None,
+                admitted: asyncio.Event | None = None) -> T:
+    """Run one request to `ctx.model` and return `encode(model, result)`.
+
+    `decode` runs after the model lookup (so an unknown model is NOT_FOUND before any tensor is
+    read); its RequestErrors, and every refusal here, reach the caller as RequestError. Cancelling
+    the awaiting task (the client went away) cancels the work at its next AR token or denoising step.
+    `admitted` is set once the request holds a slot (a streaming front end then starts its response)."""
+    status, model, rows = "OK", None, 1
+    try:
+        model = state.model(ctx.model, version)
+        if state.phase != "READY":
+            raise errors.unavailable(f"the server is {state.phase.lower()}; not accepting requests")
+        t = time.perf_counter()
+        request = decode()
+        prepared = model.prepare(request.inputs, request.parameters, request.outputs)
+        rows = prepared.rows
+        ctx.input_s = time.perf_counter() - t
+        state.scheduler.admit(ctx)
+        try:
+            future = model.submit(prepared, ctx, state.scheduler, progress)
+        except BaseException:
+            state.scheduler.release()
+            raise
+        state.scheduler.hold_until_done(future)
+        if admitted is not None:
+            admitted.set()
+        try:
+            value = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            ctx.cancel(errors.deadline() if ctx.deadline is not None and time.monotonic() >= ctx.deadline
+                       else errors.cancelled())
+            future.cancel()
+            status = "CANCELLED"
+            raise
+        t = time.perf_counter()
+        result = model.finish(prepared, value)
+        encoded = encode(model, result)
+        ctx.output_s = time.perf_counter() - t
+        if result.timings:
+            state.metrics.stages(model.name, result.timings)
+        return encoded
+    except RequestError as e:
+        status = e.code
+        raise
+    except Exception as e:
+        status = "INTERNAL"
+        log.exception("request %s to %s failed", ctx.label, ctx.model)
+        raise errors.internal(f"{ctx.model}: internal error: {type(e).__name__}: {e}") from None
+    finally:
+        total = time.perf_counter() - ctx.t_received
+        if model is not None:
+            model.stats.request_done(status == "OK", total, ctx.queue_s(), ctx.input_s, ctx.compute_s(),
+                                     ctx.output_s, rows)
+        queued = ctx.queue_s() if ctx.t_started is not None else None
+        state.metrics.request_done(ctx.model if model else "unknown", status, total, queued)
+        log.info("infer model=%s id=%s peer=%s protocol=%s status=%s queue_ms=%.1f compute_ms=%.1f total_ms=%.1f%s",
+                 ctx.model, ctx.label, ctx.peer, ctx.protocol, status, ctx.queue_s() * 1e3, ctx.compute_s() * 1e3,
+                 total * 1e3, "" if ctx.ar_rows is None else f" ar_rows={ctx.ar_rows}")

@@ -1,0 +1,303 @@
+"""KServe v2 over HTTP/REST, as Triton serves it: the routes `tritonclient.http`, curl and KServe's
+clients use, with JSON tensors and the binary-tensor extension.
+
+An infer body is a JSON header, optionally followed by binary tensors: the request header
+`Inference-Header-Content-Length` gives the JSON's length, and each input with the parameter
+`binary_data_size` takes that many bytes of what follows, in input order (the same little-endian /
+length-framed BYTES contents as gRPC's `raw_input_contents`). An output comes back binary when it
+asks (`"parameters": {"binary_data": true}`), when the request asks for all (`binary_data_output`),
+or when JSON cannot carry it (FP16, non-UTF-8 BYTES such as `image_png`). Errors are
+`{"error": "..."}` with the status Triton uses (`errors.HTTP_STATUS`).
+
+Everything past the wire format (validation, admission, cancellation, stats, the log line) is
+`inference.infer`, the gRPC service's path.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import errors
+from .context import RequestContext
+from .http_server import HttpFrontEnd, error_json
+from .inference import Decoded, infer
+from .kserve import EXTENSIONS, SERVER_NAME
+from .models import VERSION, Model, Result
+from .tensors import MAX_INPUTS, NUMPY, encode_bytes, from_raw, from_values
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+JSON_TYPES = set(NUMPY) - {"FP16"}  # JSON numbers cannot round-trip FP16 exactly: binary only
+
+
+def proto_dict(message: Message) -> dict[str, Any]:
+    """A protobuf message as Triton's HTTP endpoint writes it: field names as in the .proto, enums by
+    name, 64-bit integers as JSON numbers (json_format would write them as strings)."""
+    return {fd.name: _field_value(fd, value) for fd, value in message.ListFields()}
+
+
+def _field_value(fd: FieldDescriptor, value: Any) -> Any:
+    if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+        value_fd = fd.message_type.fields_by_name["value"]
+        return {k: _scalar(value_fd, v) for k, v in value.items()}
+    if fd.label == FieldDescriptor.LABEL_REPEATED:
+        return [_scalar(fd, v) for v in value]
+    return _scalar(fd, value)
+
+
+def _scalar(fd: FieldDescriptor, value: Any) -> Any:
+    if fd.type == FieldDescriptor.TYPE_MESSAGE:
+        return proto_dict(value)
+    if fd.type == FieldDescriptor.TYPE_ENUM:
+        return fd.enum_type.values_by_number[value].name
+    return value
+
+
+# ------------------------------------------------------------------------------------- request
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise errors.invalid(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _flat(data: Any, name: str, limit: int) -> list:
+    """`data` (flat or nested lists, as the protocol allows) as one flat list of at most `limit` items."""
+    out: list = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            out.append(item)
+            if len(out) > limit:
+                raise errors.invalid(f"input '{name}': 'data' holds more elements than its shape")
+    return out
+
+
+def decode_request(body: bytes, header_length: str | None, max_elements: int) -> tuple[str, Decoded, dict[str, bool]]:
+    """(request id, decoded request, output name -> binary) of an infer body."""
+    if header_length is None:
+        header, binary = body, b""
+    else:
+        try:
+            size = int(header_length)
+        except ValueError:
+            raise errors.invalid(f"header {HEADER_LENGTH}: not an integer ({header_length[:40]!r})") from None
+        if not 0 <= size <= len(body):
+            raise errors.invalid(f"header {HEADER_LENGTH}: {size} is outside the {len(body)}-byte body")
+        header, binary = body[:size], body[size:]
+    try:
+        request = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise errors.invalid(f"the request body is not valid JSON ({e})") from None
+    request = _object(request, "the request body")
+    request_id = request.get("id", "")
+    if not isinstance(request_id, str):
+        raise errors.invalid("'id' must be a string")
+    params = _object(request.get("parameters", {}), "'parameters'")
+    for key, value in params.items():
+        if not isinstance(value, (str, int, float, bool)):
+            raise errors.invalid(f"parameter '{key}' must be a string, number or bool")
+    tensors = request.get("inputs")
+    if not isinstance(tensors, list):
+        raise errors.invalid("'inputs' must be a list of tensors")
+    if len(tensors) > MAX_INPUTS:
+        raise errors.invalid(f"the request has {len(tensors)} inputs, more than the limit of {MAX_INPUTS}")
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, tensor in enumerate(tensors):
+        tensor = _object(tensor, f"inputs[{i}]")
+        name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+        if not isinstance(name, str) or not name:
+            raise errors.invalid(f"inputs[{i}]: 'name' must be a non-empty string")
+        if name in inputs:
+            raise errors.invalid(f"input '{name}' is given twice")
+        if not isinstance(datatype, str):
+            raise errors.invalid(f"input '{name}': 'datatype' must be a string")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise errors.invalid(f"input '{name}': 'shape' must be a list of integers")
+        tparams = _object(tensor.get("parameters", {}), f"input '{name}': 'parameters'")
+        if "shared_memory_region" in tparams:
+            raise errors.invalid(f"input '{name}': shared memory is not supported by this server; send the data inline")
+        if "binary_data_size" in tparams:
+            size = tparams["binary_data_size"]
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise errors.invalid(f"input '{name}': binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise errors.invalid(f"input '{name}': binary_data_size {size} overruns the binary data "
+                                     f"({len(binary) - offset} bytes left)")
+            inputs[name] = from_raw(name, datatype, shape, binary[offset: offset + size], max_elements)
+            offset += size
+        elif "data" in tensor:
+            if datatype not in JSON_TYPES and datatype in NUMPY:
+                raise errors.invalid(f"input '{name}': {datatype} must be sent as binary data")
+            data = tensor["data"]
+            values = _flat(data if isinstance(data, list) else [data], name, max_elements)
+            inputs[name] = from_values(name, datatype, shape, values, max_elements)
+        else:
+            raise errors.invalid(f"input '{name}': no 'data' and no binary_data_size")
+    if offset != len(binary):
+        raise errors.invalid(f"the body has {len(binary) - offset} bytes of binary data no input claims")
+    all_binary = params.pop("binary_data_output", False) is True
+    requested: dict[str, bool] = {}
+    outputs = request.get("outputs", [])
+    if not isinstance(outputs, list):
+        raise errors.invalid("'outputs' must be a list")
+    for i, out in enumerate(outputs):
+        out = _object(out, f"outputs[{i}]")
+        name = out.get("name")
+        if not isinstance(name, str):
+            raise errors.invalid(f"outputs[{i}]: 'name' must be a string")
+        oparams = _object(out.get("parameters", {}), f"output '{name}': 'parameters'")
+        if "shared_memory_region" in oparams:
+            raise errors.invalid(f"output '{name}': shared memory is not supported by this server")
+        requested[name] = oparams.get("binary_data", all_binary) is True
+    return request_id, Decoded(inputs, params, list(requested)), {"*": all_binary, **requested}
+
+
+# ------------------------------------------------------------------------------------ response
+def _json_data(array: np.ndarray, datatype: str) -> list | None:
+    """The tensor as a JSON list, or None when JSON cannot carry it."""
+    if datatype not in JSON_TYPES:
+        return None
+    flat = array.reshape(-1)
+    if datatype == "BYTES":
+        try:
+            return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in flat]
+        except UnicodeDecodeError:
+            return None
+    return flat.tolist()
+
+
+def encode_response(model: Model, request_id: str, result: Result, binary: dict[str, bool]) -> Response:
+    outputs, chunks = [], []
+    for name, array, datatype in result.outputs:
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        data = None if binary.get(name, binary["*"]) else _json_data(array, datatype)
+        if data is None:
+            raw = (encode_bytes(array.reshape(-1)) if datatype == "BYTES"
+                   else np.ascontiguousarray(array, dtype=NUMPY[datatype]).tobytes())
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = data
+        outputs.append(entry)
+    body: dict[str, Any] = {"model_name": model.name, "model_version": VERSION, "outputs": outputs}
+    if request_id:
+        body["id"] = request_id
+    if result.parameters:
+        body["parameters"] = dict(result.parameters)
+    header = json.dumps(body, separators=(",", ":")).encode()
+    if not chunks:
+        return Response(header, media_type="application/json")
+    return Response(b"".join([header, *chunks]), media_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(header))})
+
+
+# -------------------------------------------------------------------------------------- routes
+def routes(front: HttpFrontEnd) -> list[Route]:
+    state = front.state
+
+    def kserve_error(e: errors.RequestError) -> Response:
+        return JSONResponse({"error": e.message}, status_code=e.http_status)
+
+    async def live(request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def ready(request: Request) -> Response:
+        return Response(status_code=200 if state.ready else 503)
+
+    async def server_metadata(request: Request) -> Response:
+        return JSONResponse({"name": SERVER_NAME, "version": front.version, "extensions": EXTENSIONS})
+
+    def lookup(request: Request) -> Model:
+        return state.model(request.path_params["model"], request.path_params.get("version", ""))
+
+    async def model_metadata(request: Request) -> Response:
+        model = lookup(request)
+        return JSONResponse({"name": model.name, "versions": [VERSION], "platform": model.platform,
+                             "inputs": [{"name": s.name, "datatype": s.datatype, "shape": model._shape(s)}
+                                        for s in model.inputs],
+                             "outputs": [{"name": s.name, "datatype": s.datatype, "shape": model._shape(s)}
+                                         for s in model.outputs]})
+
+    async def model_ready(request: Request) -> Response:
+        try:
+            model = lookup(request)
+        except errors.RequestError as e:
+            return kserve_error(e)
+        return Response(status_code=200 if state.ready and model.ready else 503)
+
+    async def model_config(request: Request) -> Response:
+        return JSONResponse(proto_dict(lookup(request).config()))
+
+    async def model_stats(request: Request) -> Response:
+        names = [request.path_params["model"]] if "model" in request.path_params else list(state.models)
+        version = request.path_params.get("version", "")
+        stats = [state.model(name, version).stats.to_proto(name, VERSION) for name in names]
+        return JSONResponse({"model_stats": [proto_dict(s) for s in stats]})
+
+    async def repository_index(request: Request) -> Response:
+        body = await front.read_body(request)
+        wanted = json.loads(body or b"{}") if body.strip() else {}
+        only_ready = isinstance(wanted, dict) and wanted.get("ready") is True
+        out = []
+        for name, model in state.models.items():
+            ok = model.ready and state.phase in ("READY", "DRAINING")
+            if only_ready and not ok:
+                continue
+            out.append({"name": name, "version": VERSION, "state": "READY" if ok else "UNAVAILABLE",
+                        "reason": "" if ok else state.phase.lower()})
+        return JSONResponse(out)
+
+    async def model_infer(request: Request) -> Response:
+        model_name = request.path_params["model"]
+        body = await front.read_body(request)
+        ctx = RequestContext(model_name, "", None, front.peer(request), protocol="http")
+        box: dict[str, Any] = {}
+
+        def decode() -> Decoded:
+            request_id, decoded, binary = decode_request(body, request.headers.get(HEADER_LENGTH),
+                                                         front.max_tensor_elements)
+            ctx.request_id, box["id"], box["binary"] = request_id, request_id, binary
+            timeout_us = decoded.parameters.pop("timeout", None)  # Triton's request timeout, microseconds
+            if timeout_us is not None:
+                if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us <= 0:
+                    raise errors.invalid("parameter 'timeout' must be a positive integer (microseconds)")
+                ctx.set_timeout(timeout_us / 1e6)
+            return decoded
+
+        def encode(model: Model, result: Result) -> Response:
+            return encode_response(model, box["id"], result, box["binary"])
+
+        return await front.until_disconnect(request, infer(state, ctx, request.path_params.get("version", ""),
+                                                           decode, encode))
+
+    def guarded(handler: Any) -> Any:
+        return front.guarded(handler, kserve_error)
+
+    model = "/v2/models/{model}"
+    versioned = "/v2/models/{model}/versions/{version}"
+    out = [Route("/v2/health/live", front.open(live), methods=["GET"]),
+           Route("/v2/health/ready", front.open(ready), methods=["GET"]),
+           Route("/v2", guarded(server_metadata), methods=["GET"]),
+           Route("/v2/models/stats", guarded(model_stats), methods=["GET"]),
+           Route("/v2/repository/index", guarded(repository_index), methods=["POST"])]
+    for prefix in (model, versioned):
+        out += [Route(prefix, guarded(model_metadata), methods=["GET"]),
+                Route(prefix + "/ready", guarded(model_ready), methods=["GET"]),
+                Route(prefix + "/config", guarded(model_config), methods=["GET"]),
+                Route(prefix + "/stats", guarded(model_stats), methods=["GET"]),
+                Route(prefix + "/infer", guarded(model_infer), methods=["POST"])]
+    return out
+
+
+__all__ = ["decode_request", "encode_response", "error_json", "proto_dict", "routes"]
