@@ -47,7 +47,8 @@ def _field_value(fd: FieldDescriptor, value: Any) -> Any:
     if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
         value_fd = fd.message_type.fields_by_name["value"]
         return {k: _scalar(value_fd, v) for k, v in value.items()}
-    if fd.label == FieldDescriptor.LABEL_REPEATED:
+    repeated = fd.is_repeated if hasattr(FieldDescriptor, "is_repeated") else fd.label == fd.LABEL_REPEATED
+    if repeated:
         return [_scalar(fd, v) for v in value]
     return _scalar(fd, value)
 

@@ -26,8 +26,23 @@ def free_port() -> int:
 
 
 def start_server(package: Path, load: bool = True, **overrides: Any) -> ServerThread:
-    config = ServerConfig(package=package, host="127.0.0.1", port=0, verify_files=False, **overrides)
-    return ServerThread(config).start(load=load)
+    """The server with both front ends: gRPC, and HTTP on another free port (`http_url`)."""
+    settings: dict[str, Any] = dict(host="127.0.0.1", port=0, http_port=0, verify_files=False) | overrides
+    return ServerThread(ServerConfig(package=package, **settings)).start(load=load)
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+         context: Any = None, timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of one plain HTTP request (urllib: no client library in between)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
 
 
 def tensor(name: str, value: Any, datatype: str | None = None) -> Any:
@@ -49,5 +64,5 @@ def outputs(*names: str) -> list[Any]:
     return [tritonclient_grpc.InferRequestedOutput(n) for n in names]
 
 
-__all__ = ["Limits", "ServerThread", "free_port", "glm_inputs", "outputs", "start_server", "tensor",
+__all__ = ["Limits", "ServerThread", "free_port", "glm_inputs", "http", "outputs", "start_server", "tensor",
            "tritonclient_grpc"]
