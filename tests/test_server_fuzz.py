@@ -6,6 +6,7 @@ still serve a good request afterwards. Bounded: a fixed example count, a deadlin
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 import time
@@ -15,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from _server_helpers import Limits, start_server
+from _server_helpers import Limits, http, start_server
 
 hypothesis = pytest.importorskip("hypothesis", reason="needs hypothesis (test extra)")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
@@ -272,3 +273,98 @@ def test_model_config_reports_the_bounds(stub):
     vae = stub.ModelConfig(service_pb2.ModelConfigRequest(name="vae_decoder"), timeout=10).config
     assert vae.parameters["max_tensor_elements"].string_value == str(1 << 16)
     assert vae.parameters["max_axis_size"].string_value == "64"
+
+
+# ------------------------------------------------------------------------------------------ HTTP
+HTTP_CLEAN = {200, 400, 404, 413, 429}
+HTTP_ROUTES = ["/v2/models/glm_image/infer", "/v2/models/vae_decoder/infer", "/v2/models/glyph_encoder/infer",
+               "/v2/models/nope/infer", "/v1/images/generations"]
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12)
+
+
+@st.composite
+def kserve_bodies(draw) -> tuple[bytes, dict[str, str]]:
+    """KServe infer bodies: plausible tensors with wrong types, hostile shapes, JSON or binary data,
+    and a binary extension whose sizes and header length may lie."""
+    tensors, binary = [], b""
+    for _ in range(draw(st.integers(0, 3))):
+        tensor = {"name": draw(st.sampled_from(NAMES)), "datatype": draw(st.sampled_from(DATATYPES)),
+                  "shape": draw(st.lists(st.one_of(st.integers(-2, 4), st.sampled_from(HUGE)), max_size=4))}
+        if draw(st.booleans()):
+            chunk = draw(st.binary(max_size=64))
+            tensor["parameters"] = {"binary_data_size": draw(st.one_of(st.just(len(chunk)), st.integers(-1, 100)))}
+            binary += chunk
+        else:
+            tensor["data"] = draw(JSON)
+        if draw(st.integers(0, 9)) == 0:
+            tensor = draw(JSON)  # not a tensor at all
+        tensors.append(tensor)
+    body: dict = {"inputs": tensors}
+    if draw(st.booleans()):
+        body["parameters"] = draw(st.dictionaries(st.sampled_from(NAMES + ["timeout", "binary_data_output"]),
+                                                  JSON, max_size=3))
+    if draw(st.booleans()):
+        body["outputs"] = draw(st.lists(st.one_of(JSON, st.fixed_dictionaries(
+            {"name": st.sampled_from(["image", "image_png", "tokens", "sample", "x"])})), max_size=2))
+    header = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if binary or draw(st.booleans()):
+        size = draw(st.one_of(st.just(len(header)), st.integers(-5, len(header) + 10)))
+        headers["Inference-Header-Content-Length"] = str(size)
+    if draw(st.integers(0, 4)) == 0:  # truncated anywhere
+        whole = header + binary
+        return whole[: draw(st.integers(0, len(whole)))], headers
+    return header + binary, headers
+
+
+@st.composite
+def openai_bodies(draw) -> tuple[bytes, dict[str, str]]:
+    keys = ["prompt", "n", "size", "response_format", "output_format", "stream", "partial_images", "seed", "steps",
+            "guidance", "temperature", "top_p", "top_k", "model", "background", "x"]
+    body = draw(st.dictionaries(st.sampled_from(keys), st.one_of(
+        JSON, st.sampled_from(["64x64", "32x64", "64x4096", "auto", "b64_json", "png", "a prompt", "glm_image"])),
+        max_size=6))
+    if draw(st.booleans()):
+        body["prompt"] = draw(st.text(max_size=20))
+    data = json.dumps(body).encode() if draw(st.integers(0, 5)) else draw(st.binary(max_size=40))
+    return data, {"Content-Type": "application/json"}
+
+
+def test_fuzzed_http_requests_get_clean_statuses(server):
+    start = time.monotonic()
+    seen: dict[int, int] = {}
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(HTTP_ROUTES), st.data())
+    def check(route, data):
+        assert time.monotonic() - start < 90, "the fuzz run exceeded its time budget"
+        body, headers = data.draw(openai_bodies() if route.startswith("/v1") else kserve_bodies())
+        if route.startswith("/v1") and b'"stream": true' in body:
+            headers["Accept"] = "text/event-stream"
+        status, _, answer = http("POST", server.http_url + route, body, headers, timeout=30)
+        seen[status] = seen.get(status, 0) + 1
+        assert status in HTTP_CLEAN, (status, route, body[:300], answer[:300])
+        if status != 200:
+            error = json.loads(answer)["error"]
+            assert (error["message"] if route.startswith("/v1") else error), answer
+
+    check()
+    print(f"\nHTTP fuzz: {seen}")
+    assert http("GET", server.http_url + "/v2/health/ready")[0] == 200
+    status, _, answer = http("POST", server.http_url + "/v1/images/generations",
+                             json.dumps({"prompt": "a good request", "size": "64x64", "steps": 1}).encode(),
+                             {"Content-Type": "application/json"})
+    assert status == 200 and json.loads(answer)["data"][0]["b64_json"]
+    assert server.server.state.scheduler.in_flight == 0
+
+
+@pytest.mark.parametrize("case,model,name,datatype,shape,raw", HANDMADE, ids=[c[0] for c in HANDMADE])
+def test_hostile_sizes_over_http_binary_are_refused(server, case, model, name, datatype, shape, raw):
+    header = json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": shape,
+                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    status, _, answer = http("POST", f"{server.http_url}/v2/models/{model}/infer", header + raw,
+                             {"Inference-Header-Content-Length": str(len(header))}, timeout=10)
+    assert status == 400 and name in json.loads(answer)["error"], answer

@@ -6,6 +6,7 @@ import datetime
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from _server_helpers import glm_inputs, outputs, start_server, tritonclient_grpc as grpcclient
+from _server_helpers import glm_inputs, http, outputs, start_server, tritonclient_grpc as grpcclient
 
 x509 = pytest.importorskip("cryptography.x509", reason="needs cryptography (test extra)")
 import grpc  # noqa: E402
@@ -181,6 +182,42 @@ def test_plaintext_or_untrusted_clients_do_not_connect(tls_server, pki):
         assert _status(lambda: c.is_server_live(headers=_auth(TOKENS[0]), client_timeout=5)) == "StatusCode.UNAVAILABLE"
 
 
+HTTP_ROUTES = [("GET", "/v2"), ("GET", "/v2/models/glm_image"), ("GET", "/v2/models/glm_image/versions/1"),
+               ("GET", "/v2/models/glm_image/ready"), ("GET", "/v2/models/glm_image/config"),
+               ("GET", "/v2/models/stats"), ("GET", "/v2/models/glm_image/stats"), ("POST", "/v2/repository/index"),
+               ("POST", "/v2/models/glm_image/infer"), ("GET", "/v1/models"), ("GET", "/v1/models/glm_image"),
+               ("POST", "/v1/images/generations"), ("POST", "/v1/images/edits"), ("GET", "/v2/models/nope")]
+
+
+def test_http_tokens_on_every_route_but_health(tls_server, pki):
+    context = ssl.create_default_context(cafile=str(pki["ca"]))
+    url = tls_server.http_url
+    assert url.startswith("https://")
+    for method, route in HTTP_ROUTES:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + TOKENS[0]},
+                        {"Authorization": f"Bearer {TOKENS[0]}x"}):
+            status, answer_headers, body = http(method, url + route, b"{}" if method == "POST" else None, headers,
+                                                context)
+            assert status == 401, (route, headers, body)
+            assert {k.lower(): v for k, v in answer_headers.items()}["www-authenticate"] == "Bearer"
+            assert "bearer token" in body.decode(), body
+    for route in ("/v2/health/live", "/v2/health/ready"):  # probes carry no token
+        assert http("GET", url + route, context=context)[0] == 200
+    openai = pytest.importorskip("openai", reason="needs the test extra (openai)")
+    for token in TOKENS:  # the OpenAI SDK's api key is the bearer token
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0,
+                               http_client=openai.DefaultHttpxClient(verify=context))
+        assert client.images.generate(prompt="a key", size="64x64", extra_body={"steps": 1}).data[0].b64_json
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0,
+                      http_client=openai.DefaultHttpxClient(verify=context)).models.list()
+    with pytest.raises(OSError):  # plaintext to the TLS port
+        http("GET", url.replace("https://", "http://") + "/v2/health/live", timeout=5)
+    with pytest.raises(OSError):  # a server certificate this client does not trust
+        http("GET", url + "/v2/health/live", context=ssl.create_default_context(cafile=str(pki["other_ca"])),
+             timeout=5)
+
+
 def test_token_reload(tls_server, pki, tmp_path):
     tokens_file = pki["tokens"]
     store = tls_server.server.tokens
@@ -210,6 +247,16 @@ def test_mutual_tls(tiny_package: Path, pki):
             assert _status(lambda: c.is_server_live(client_timeout=5)) == "StatusCode.UNAVAILABLE"
         with _client(srv.url, pki, private_key=str(pki["client_key"]), certificate_chain=str(pki["client"])) as c:
             assert c.is_server_live(client_timeout=5)
+        live = srv.http_url + "/v2/health/live"  # HTTP takes the same client certificates
+        for cert, key in ((None, None), (pki["stranger"], pki["stranger_key"])):
+            context = ssl.create_default_context(cafile=str(pki["ca"]))
+            if cert is not None:
+                context.load_cert_chain(str(cert), str(key))
+            with pytest.raises(OSError):
+                http("GET", live, context=context, timeout=5)
+        context = ssl.create_default_context(cafile=str(pki["ca"]))
+        context.load_cert_chain(str(pki["client"]), str(pki["client_key"]))
+        assert http("GET", live, context=context, timeout=5)[0] == 200
     finally:
         srv.stop()
 
