@@ -75,9 +75,16 @@ class HttpFrontEnd:
     async def start(self, host: str, port: int, security: SecurityConfig) -> int:
         """Listen on host:port (0: a free port) and return the bound port."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # proto IPPROTO_TCP, not 0 (socket.create_server's): asyncio sets TCP_NODELAY only on accepted
+        # sockets whose proto says TCP, and without it Nagle holds a response's body behind its headers
+        # until the client's delayed ACK: 40 ms per request.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
-            sock = socket.create_server((host.strip("[]"), port), family=family)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host.strip("[]"), port))
+            sock.listen(2048)
         except OSError as e:
+            sock.close()
             raise OSError(f"cannot listen on {host}:{port} for HTTP ({e.strerror or e})") from None
         tls: dict[str, Any] = {}
         if security.tls:
