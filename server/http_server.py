@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable, Iterator
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from . import errors
 from .errors import RequestError
@@ -39,11 +39,6 @@ log = logging.getLogger("glm_image_onnx.server")
 logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop lines repeat ours
 
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-def error_json(e: RequestError) -> Response:
-    """KServe's error body."""
-    return JSONResponse({"error": e.message}, status_code=e.http_status)
 
 
 class _Uvicorn(uvicorn.Server):

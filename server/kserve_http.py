@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from . import errors
 from .context import RequestContext
-from .http_server import HttpFrontEnd, error_json
+from .http_server import HttpFrontEnd
 from .inference import Decoded, infer
 from .kserve import EXTENSIONS, SERVER_NAME
 from .models import VERSION, Model, Result
@@ -204,11 +204,12 @@ def encode_response(model: Model, request_id: str, result: Result, binary: dict[
 
 
 # -------------------------------------------------------------------------------------- routes
+def kserve_error(e: errors.RequestError) -> Response:
+    return JSONResponse({"error": e.message}, status_code=e.http_status)
+
+
 def routes(front: HttpFrontEnd) -> list[Route]:
     state = front.state
-
-    def kserve_error(e: errors.RequestError) -> Response:
-        return JSONResponse({"error": e.message}, status_code=e.http_status)
 
     async def live(request: Request) -> Response:
         return Response(status_code=200)
@@ -223,12 +224,7 @@ def routes(front: HttpFrontEnd) -> list[Route]:
         return state.model(request.path_params["model"], request.path_params.get("version", ""))
 
     async def model_metadata(request: Request) -> Response:
-        model = lookup(request)
-        return JSONResponse({"name": model.name, "versions": [VERSION], "platform": model.platform,
-                             "inputs": [{"name": s.name, "datatype": s.datatype, "shape": model._shape(s)}
-                                        for s in model.inputs],
-                             "outputs": [{"name": s.name, "datatype": s.datatype, "shape": model._shape(s)}
-                                         for s in model.outputs]})
+        return JSONResponse(proto_dict(lookup(request).metadata()))
 
     async def model_ready(request: Request) -> Response:
         try:
@@ -301,4 +297,3 @@ def routes(front: HttpFrontEnd) -> list[Route]:
     return out
 
 
-__all__ = ["decode_request", "encode_response", "error_json", "proto_dict", "routes"]

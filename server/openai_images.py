@@ -72,15 +72,11 @@ def openai_error(e: RequestError) -> Response:
                                    "param": param, "code": _CODES.get(e.code)}}, status_code=status)
 
 
-def _invalid(message: str, field: str) -> RequestError:
-    return errors.invalid(message, field)
-
-
 def _int(value: Any, field: str, low: int, high: int) -> int:
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise _invalid(f"{field} must be an integer between {low} and {high}, got {value!r}", field)
+        raise errors.invalid(f"{field} must be an integer between {low} and {high}, got {value!r}", field)
     return value
 
 
@@ -88,7 +84,7 @@ def _bool(value: Any, field: str) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     if not isinstance(value, bool):
-        raise _invalid(f"{field} must be true or false, got {value!r}", field)
+        raise errors.invalid(f"{field} must be true or false, got {value!r}", field)
     return value
 
 
@@ -98,37 +94,37 @@ class ImagesRequest:
     def __init__(self, body: dict[str, Any], edit: bool):
         unknown = sorted(set(body) - KNOWN - ({"image", "image[]", "mask"} if edit else set()))
         if unknown:
-            raise _invalid(f"unknown parameter '{unknown[0]}' (this server takes: {', '.join(sorted(KNOWN))})",
+            raise errors.invalid(f"unknown parameter '{unknown[0]}' (this server takes: {', '.join(sorted(KNOWN))})",
                            unknown[0])
         model = body.get("model")
         if model not in (None, MODEL):
             raise errors.RequestError("NOT_FOUND", f"model '{model}' is not served here (models: {MODEL})", "model")
         if "prompt" not in body:
-            raise _invalid("prompt is missing", "prompt")
+            raise errors.invalid("prompt is missing", "prompt")
         self.edit = edit
         self.n = _int(body.get("n", 1), "n", 1, MAX_N)
         self.stream = _bool(body.get("stream", False), "stream")
         self.partial_images = _int(body.get("partial_images", 0), "partial_images", 0, MAX_PARTIAL_IMAGES)
         if self.stream and self.n != 1:
-            raise _invalid("n must be 1 when stream is true", "n")
+            raise errors.invalid("n must be 1 when stream is true", "n")
         response_format = body.get("response_format", "b64_json")
         if response_format != "b64_json":
-            raise _invalid(f"response_format {response_format!r} is not supported: this server returns images "
+            raise errors.invalid(f"response_format {response_format!r} is not supported: this server returns images "
                            "inline (b64_json), it does not host them", "response_format")
         self.output_format = body.get("output_format", "png")
         if self.output_format not in FORMATS:
-            raise _invalid(f"output_format must be one of {', '.join(FORMATS)}, got {self.output_format!r}",
+            raise errors.invalid(f"output_format must be one of {', '.join(FORMATS)}, got {self.output_format!r}",
                            "output_format")
         background = body.get("background", "auto")
         if background not in ("auto", "opaque"):
-            raise _invalid(f"background {background!r} is not supported (GLM-Image paints opaque images)",
+            raise errors.invalid(f"background {background!r} is not supported (GLM-Image paints opaque images)",
                            "background")
         self.params: dict[str, Any] = {"prompt": body["prompt"]}
         size = body.get("size", "auto")
         if size != "auto":
             match = _SIZE.match(size) if isinstance(size, str) else None
             if match is None:
-                raise _invalid(f"size must be 'WIDTHxHEIGHT' (for example '1024x1024') or 'auto', got {size!r}",
+                raise errors.invalid(f"size must be 'WIDTHxHEIGHT' (for example '1024x1024') or 'auto', got {size!r}",
                                "size")
             self.params["width"], self.params["height"] = int(match[1]), int(match[2])
         self.params.update({k: body[k] for k in EXTENSIONS if body.get(k) is not None})
@@ -290,14 +286,14 @@ def routes(front: HttpFrontEnd) -> list[Route]:
         try:
             files = form.getlist("image") + form.getlist("image[]")
             if "mask" in form:
-                raise _invalid("mask: inpainting masks are not supported; GLM-Image edits the whole image "
+                raise errors.invalid("mask: inpainting masks are not supported; GLM-Image edits the whole image "
                                "from the prompt", "mask")
             if not files:
-                raise _invalid("image is missing: send the source image(s) as the file field 'image'", "image")
+                raise errors.invalid("image is missing: send the source image(s) as the file field 'image'", "image")
             if not all(isinstance(f, UploadFile) for f in files):
-                raise _invalid("image must be a file (multipart file field), not text", "image")
+                raise errors.invalid("image must be a file (multipart file field), not text", "image")
             if len(files) > MAX_SOURCE_IMAGES:
-                raise _invalid(f"{len(files)} images, more than the limit of {MAX_SOURCE_IMAGES}", "image")
+                raise errors.invalid(f"{len(files)} images, more than the limit of {MAX_SOURCE_IMAGES}", "image")
             fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]")}
             ask = ImagesRequest(fields, edit=True)
             images = np.empty(len(files), dtype=object)

@@ -9,6 +9,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -207,6 +208,16 @@ def test_serve_flag_errors_exit_2(package: Path, tmp_path: Path):
                          (["--max-axis-size", "-1"], "--max-axis-size"),
                          (["--max-pixels", "10"], "--max-pixels"),
                          (["--tls-cert", str(tmp_path / "c.pem")], "go together"),
-                         (["--token-file", str(tmp_path / "none")], "no such file")):
+                         (["--token-file", str(tmp_path / "none")], "no such file"),
+                         (["--http-port", "70000"], "--http-port must be a port number")):
         proc = _serve(package, *flags, timeout=30)
         assert proc.returncode == 2 and words in _error_line(proc), (flags, proc.stderr)
+
+
+def test_http_port_in_use_is_one_line_exit_1(package: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = _serve(package, "--no-verify", "--http-port", str(port), timeout=60)
+    assert proc.returncode == 1 and f"cannot listen on 127.0.0.1:{port} for HTTP" in _error_line(proc), proc.stderr

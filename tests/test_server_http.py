@@ -280,3 +280,39 @@ def test_drain_finishes_admitted_http_requests_and_refuses_new_ones(tiny_package
 def _until(condition, attempts: int = 2000) -> bool:
     """True once `condition()` holds (each attempt is one real request; no clock involved)."""
     return any(condition() for _ in range(attempts))
+
+
+def _cancelled(server) -> float:
+    value = server.server.metrics.registry.get_sample_value("glm_image_requests_total",
+                                                            {"model": "glm_image", "status": "CANCELLED"})
+    return value or 0.0
+
+
+def test_a_client_leaving_mid_stream_stops_its_generation(server):
+    from http.client import HTTPConnection
+
+    before = _cancelled(server)
+    connection = HTTPConnection(server.http_url.removeprefix("http://"), timeout=60)
+    connection.request("POST", "/v1/images/generations", json.dumps(
+        {"prompt": "never finished", "size": "64x64", "stream": True, "steps": 100}).encode(),
+        {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.headers["content-type"].startswith("text/event-stream")
+    for line in response:
+        if line.startswith(b": progress denoise"):
+            break
+    connection.sock.shutdown(2)  # gone, mid-denoising
+    connection.close()
+    assert server.server.state.scheduler.wait_idle(60), "the abandoned generation kept running"
+    assert _cancelled(server) == before + 1
+    assert http("GET", server.http_url + "/v2/health/ready")[0] == 200
+
+
+def test_kserve_timeout_parameter_is_a_deadline(server):
+    body = json.dumps({"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["late"]}],
+                       "parameters": {"height": 64, "width": 64, "steps": 50, "timeout": 1}}).encode()
+    status, _, answer = http("POST", server.http_url + "/v2/models/glm_image/infer", body)
+    assert status == 504 and "deadline" in json.loads(answer)["error"]
+    status, _, answer = http("POST", server.http_url + "/v2/models/glm_image/infer",
+                             body.replace(b'"timeout": 1', b'"timeout": "soon"'))
+    assert status == 400 and "timeout" in json.loads(answer)["error"]
