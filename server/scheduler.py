@@ -50,6 +50,7 @@ class Scheduler:
                     f"+ max-queue {self.max_queue}); retry later")
             self._in_flight += 1
             count = self._in_flight
+            self._cond.notify_all()
         ctx.t_admitted = time.perf_counter()
         if self._on_change:
             self._on_change(count)
@@ -95,6 +96,12 @@ class Scheduler:
                     return False
                 self._cond.wait(remaining)
         return True
+
+    def wait_for_in_flight(self, count: int, timeout_s: float | None = None) -> bool:
+        """Wait until at least `count` requests are in flight (admitted); False if the timeout passed
+        first. Tests and benchmarks wait on admission with it instead of sleeping."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._in_flight >= count, timeout_s)
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -242,13 +242,16 @@ def test_kserve_errors_are_the_protocols(server, route, body, headers, status, w
     assert http("GET", server.http_url + "/v2/health/ready")[0] == 200
 
 
-def test_drain_finishes_admitted_http_requests_and_refuses_new_ones(tiny_package: Path):
+def test_drain_under_load_finishes_admitted_http_requests_and_refuses_new_ones(tiny_package: Path):
+    """A streamed generation and two plain ones in flight when the drain starts: all three finish,
+    health turns 503, a new request gets 503 naming the drain, then the port closes."""
     srv = start_server(tiny_package, limits=Limits(max_steps=100000))
     lines: list[str] = []
+    answers: list[int] = []
     progressed = threading.Event()
 
     def long_stream() -> None:
-        body = json.dumps({"prompt": "a slow one", "size": "64x64", "stream": True, "steps": 400}).encode()
+        body = json.dumps({"prompt": "a slow one", "size": "64x64", "stream": True, "steps": 300}).encode()
         import urllib.request
 
         request = urllib.request.Request(f"{srv.http_url}/v1/images/generations", data=body,
@@ -259,22 +262,35 @@ def test_drain_finishes_admitted_http_requests_and_refuses_new_ones(tiny_package
                 if raw.startswith(b": progress denoise"):
                     progressed.set()
 
-    reader = threading.Thread(target=long_stream)
-    reader.start()
+    def plain(i: int) -> None:
+        body = json.dumps({"prompt": f"queued {i}", "size": "64x64", "steps": 100}).encode()
+        answers.append(http("POST", f"{srv.http_url}/v1/images/generations", body,
+                            {"Content-Type": "application/json"}, timeout=300)[0])
+
+    threads = [threading.Thread(target=long_stream)]
     try:
+        threads[0].start()
         assert progressed.wait(120), "the streamed generation never reached denoising"
-        drained = threading.Thread(target=lambda: srv.call(srv.server.shutdown(60)))
+        threads += [threading.Thread(target=plain, args=(i,)) for i in range(2)]
+        for t in threads[1:]:
+            t.start()
+        assert srv.server.state.scheduler.wait_for_in_flight(3, 60), "the two plain requests were not admitted"
+        drained = threading.Thread(target=lambda: srv.call(srv.server.shutdown(120)))
         drained.start()
         assert _until(lambda: http("GET", srv.http_url + "/v2/health/ready")[0] == 503)
         status, _, body = http("POST", f"{srv.http_url}/v1/images/generations",
                                json.dumps({"prompt": "too late", "size": "64x64"}).encode(),
                                {"Content-Type": "application/json"})
         assert status == 503 and "draining" in json.loads(body)["error"]["message"]
-        reader.join(300)
+        for t in threads:
+            t.join(300)
         drained.join(120)
+        with pytest.raises(OSError):  # drained: the port is closed
+            http("GET", srv.http_url + "/v2/health/live", timeout=5)
     finally:
         srv.stop()
     assert any(line.startswith("event: image_generation.completed") for line in lines)
+    assert answers == [200, 200]
 
 
 def _until(condition, attempts: int = 2000) -> bool:
