@@ -21,6 +21,8 @@ from types import SimpleNamespace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from glm_image_onnx.errors import UsageError
+
 from ..manifest import (FORMAT, FORMAT_VERSION, MANIFEST, file_table, sha256_file,  # noqa: F401 (re-exported)
                         staged_package, write_manifest)
 from ..models.inspect import CheckpointInfo, inspect_checkpoint
@@ -52,6 +54,10 @@ class ExportError(RuntimeError):
     """An export that cannot go on; the message is one readable line."""
 
 
+class ExportUsageError(ExportError, UsageError):
+    """An export that cannot start as asked (options, checkpoint, output folder): exit 2."""
+
+
 @dataclass
 class ExportOptions:
     graphs: tuple[str, ...] = tuple(GRAPHS)
@@ -74,7 +80,7 @@ class ExportOptions:
         try:
             self.dtype = check_dtype(get_target(self.target), self.dtype)
         except ValueError as e:
-            raise ExportError(str(e)) from None
+            raise ExportUsageError(str(e)) from None
 
 
 def _load_component(folder: str, path: Path) -> Any:
@@ -173,14 +179,14 @@ def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptio
     options = options or ExportOptions()
     unknown = [g for g in options.graphs if g not in GRAPHS]
     if unknown:
-        raise ExportError(f"unknown component {unknown[0]!r}; choose from {', '.join(GRAPHS)}")
+        raise ExportUsageError(f"unknown component {unknown[0]!r}; choose from {', '.join(GRAPHS)}")
     info = inspect_checkpoint(checkpoint)
     if options.low_memory is None:
         options = dataclasses.replace(options, low_memory=checkpoint_bytes(info) >= LARGE_CHECKPOINT)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not options.overwrite:
-            raise ExportError(f"output {out} already exists; pass --overwrite to replace it")
+            raise ExportUsageError(f"output {out} already exists; pass --overwrite to replace it")
     selected = [g for g in GRAPHS if g in options.graphs]
     # One job per checkpoint component: it loads the weights once and exports all its graphs.
     jobs = [(folder, [g for g in selected if GRAPHS[g] == folder]) for folder in EXPORT_MODULES]
@@ -365,7 +371,7 @@ def _export_component_streamed(folder: str, wanted: list[str], root: Path, tmp: 
     try:
         specs, prov, reader = streaming.component_specs(folder, root, options.target, _graph_specs)
     except KeyError as e:
-        raise ExportError(f"--low-memory: {e.args[0]}") from None
+        raise ExportUsageError(f"--low-memory: {e.args[0]}") from None
     # A graph to convert keeps every weight in its data file, so that the conversion can stream them.
     export = partial(streaming.export_streamed, prov=prov, reader=reader,
                      external=True if options.dtype != "fp32" else None)

@@ -14,8 +14,7 @@ from typing import Callable, Sequence
 from .provider_args import add_provider_arguments, provider_settings
 from .targets import TARGETS
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
+from .errors import EXIT_FAILED, EXIT_USAGE, exit_code
 
 
 class CliError(Exception):
@@ -83,7 +82,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         export_package(args.checkpoint, args.out, options)
     except (CheckpointError, ExportError) as e:
-        raise CliError(str(e), EXIT_FAILED if isinstance(e, ExportError) else EXIT_USAGE) from None
+        raise CliError(str(e), exit_code(e)) from None
     return 0
 
 
@@ -157,8 +156,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     try:
         quantize_package(args.package, args.out, options)
     except QuantizeError as e:
-        usage = str(e).startswith(("unknown", "output", "the output", "the package has no")) or "must be" in str(e)
-        raise CliError(str(e), EXIT_USAGE if usage else EXIT_FAILED) from None
+        raise CliError(str(e), exit_code(e)) from None
     return 0
 
 

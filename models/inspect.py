@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glm_image_onnx.errors import UsageError
+
 from .presets import PRESETS
 
 PIPELINE_CLASS = "GlmImagePipeline"
@@ -23,7 +25,7 @@ EXPECTED = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """The folder is not a usable GLM-Image checkpoint; the message says why and where."""
 
 

@@ -10,7 +10,7 @@ published width with few layers. `tiny-published` has tiny widths but the publis
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 # The AR vocabulary starts with the image codebook ("<|dit_token_N|>"), followed by the image
@@ -78,7 +78,6 @@ class Preset:
     # The published tokenizer/processor layout: a 168064-token vocabulary with the GLM-4 specials
     # at their published ids (`<|image|>` 167855), no role tokens in the chat template, 512..2048 px.
     published_layout: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def with_changes(self, **parts: Any) -> "Preset":
         """A copy with whole parts replaced, e.g. `ar=replace(p.ar, num_heads=8)`."""

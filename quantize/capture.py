@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -193,6 +193,3 @@ def capture(package: Path | str, prompts: Sequence[str], height: int, width: int
             log(f"warning: {n} {graph} calls could not be recorded (inputs in device memory)")
     return recorder.feeds
 
-
-def feed_bytes(feeds: Iterable[Feed]) -> int:
-    return sum(v.nbytes for f in feeds for v in f.values())

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import logging
 import platform
-import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -142,13 +140,6 @@ def gemm_to_matmul(path: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------- recipes
-@dataclass
-class Calibration:
-    """Captured graph inputs (one dict per call), for static calibration and for choosing settings."""
-
-    feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
-
-
 def _reader(feeds: Sequence[dict[str, np.ndarray]]):
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -256,22 +247,3 @@ class _quiet:
         logging.disable(self._level)
 
 
-def copy_graph(src: Path, dst_dir: Path) -> list[Path]:
-    """Copy a graph and its external data unchanged."""
-    out = []
-    for f in graph_files(src):
-        target = Path(dst_dir) / f.name
-        if not target.exists():
-            shutil.copy2(f, target)
-        out.append(target)
-    return out
-
-
-def relative_l2(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
-    """(max abs error, squared error sum, squared reference sum) in float64."""
-    r, g = ref.astype(np.float64), got.astype(np.float64)
-    d = r - g
-    return float(np.max(np.abs(d), initial=0.0)), float(np.sum(d * d)), float(np.sum(r * r))
-
-
-Transform = Callable[..., dict[str, Any]]

@@ -25,6 +25,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnx
 
+from glm_image_onnx.errors import UsageError
+
 from ..manifest import FORMAT, MANIFEST, file_table, sha256_file, staged_package, write_manifest
 from ..targets import manifest_target, recipe_refusal
 from . import capture as capture_mod
@@ -36,6 +38,10 @@ Log = Callable[[str], None]
 
 class QuantizeError(RuntimeError):
     """A quantisation that cannot go on or whose quality is below the thresholds; one line."""
+
+
+class QuantizeUsageError(QuantizeError, UsageError):
+    """A quantisation that cannot start as asked (options, input package, output folder): exit 2."""
 
 
 @dataclass(frozen=True)
@@ -118,9 +124,9 @@ def select_graphs(recipe: Recipe, manifest: dict[str, Any], wanted: tuple[str, .
         return [g for g in present if g in recipe.default_graphs]
     for g in wanted:
         if g not in ALL_GRAPHS:
-            raise QuantizeError(f"unknown component {g!r}; choose from {', '.join(ALL_GRAPHS)}")
+            raise QuantizeUsageError(f"unknown component {g!r}; choose from {', '.join(ALL_GRAPHS)}")
         if g not in present:
-            raise QuantizeError(f"the package has no {g!r} graph (it has: {', '.join(present)})")
+            raise QuantizeUsageError(f"the package has no {g!r} graph (it has: {', '.join(present)})")
     return [g for g in present if g in wanted]
 
 
@@ -133,32 +139,32 @@ def quantize_package(package: Path | str, out: Path | str, options: QuantizeOpti
     _quiet_onnxruntime()
     t_start = time.perf_counter()
     if options.recipe not in RECIPES:
-        raise QuantizeError(f"unknown recipe {options.recipe!r}; choose from {', '.join(RECIPES)}")
+        raise QuantizeUsageError(f"unknown recipe {options.recipe!r}; choose from {', '.join(RECIPES)}")
     recipe = RECIPES[options.recipe]
     _check_options(options)
     src = Path(package).resolve()
     try:
         source = Package.open(src, verify_files=True)
     except PackageError as e:
-        raise QuantizeError(str(e)) from None
+        raise QuantizeUsageError(str(e)) from None
     if "quantization" in source.manifest:
-        raise QuantizeError(f"{src} is already quantised ({source.manifest['quantization'].get('recipe')}); "
+        raise QuantizeUsageError(f"{src} is already quantised ({source.manifest['quantization'].get('recipe')}); "
                             "start from an exported package")
     target = manifest_target(source.manifest)
     refusal = recipe_refusal(target["name"], recipe.name)
     if refusal:
-        raise QuantizeError(f"{src}: {refusal}")
+        raise QuantizeUsageError(f"{src}: {refusal}")
     if target["dtype"] == "bf16":
-        raise QuantizeError(f"{src} is a bf16 package: the quality report runs it on the CPU, which has no "
+        raise QuantizeUsageError(f"{src} is a bf16 package: the quality report runs it on the CPU, which has no "
                             "bfloat16 kernels; quantise the fp16 package of the same target instead")
     out = Path(out).resolve()
     if out == src:
-        raise QuantizeError("the output folder must differ from the input package")
+        raise QuantizeUsageError("the output folder must differ from the input package")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.overwrite:
-        raise QuantizeError(f"output {out} already exists; pass --overwrite to replace it")
+        raise QuantizeUsageError(f"output {out} already exists; pass --overwrite to replace it")
     selected = select_graphs(recipe, source.manifest, options.graphs)
     if not selected:
-        raise QuantizeError(f"none of the graphs {recipe.name} applies to is in the package")
+        raise QuantizeUsageError(f"none of the graphs {recipe.name} applies to is in the package")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
@@ -225,21 +231,21 @@ def _quiet_onnxruntime() -> None:
 
 def _check_options(o: QuantizeOptions) -> None:
     if o.per_channel not in ("auto", "on", "off"):
-        raise QuantizeError(f"per-channel must be auto, on or off, got {o.per_channel!r}")
+        raise QuantizeUsageError(f"per-channel must be auto, on or off, got {o.per_channel!r}")
     if o.calibrate_method not in ("minmax", "entropy", "percentile"):
-        raise QuantizeError(f"calibration method must be minmax, entropy or percentile, got {o.calibrate_method!r}")
+        raise QuantizeUsageError(f"calibration method must be minmax, entropy or percentile, got {o.calibrate_method!r}")
     if o.block_size < 16 or o.block_size & (o.block_size - 1):
-        raise QuantizeError(f"block size must be a power of two >= 16, got {o.block_size}")
+        raise QuantizeUsageError(f"block size must be a power of two >= 16, got {o.block_size}")
     if o.accuracy_level is not None and o.accuracy_level not in (0, 1, 2, 3, 4):
-        raise QuantizeError(f"accuracy level must be 0..4, got {o.accuracy_level}")
+        raise QuantizeUsageError(f"accuracy level must be 0..4, got {o.accuracy_level}")
     for name in ("height", "width"):
         v = getattr(o, name)
         if v < 32 or v % 32:
-            raise QuantizeError(f"{name} must be a positive multiple of 32, got {v}")
+            raise QuantizeUsageError(f"{name} must be a positive multiple of 32, got {v}")
     if o.steps < 1 or o.eval_prompts < 1:
-        raise QuantizeError("steps and eval prompts must be >= 1")
+        raise QuantizeUsageError("steps and eval prompts must be >= 1")
     if o.calibration_limit is not None and o.calibration_limit < 1:
-        raise QuantizeError("calibration limit must be >= 1")
+        raise QuantizeUsageError("calibration limit must be >= 1")
 
 
 def _options_record(o: QuantizeOptions) -> dict[str, Any]:
@@ -259,7 +265,7 @@ def _calibration_feeds(recipe: Recipe, o: QuantizeOptions, src: Path, selected: 
     try:
         prompts = capture_mod.read_prompts(o.calibration_prompts)
     except (OSError, ValueError) as e:
-        raise QuantizeError(f"calibration prompts: {e}") from None
+        raise QuantizeUsageError(f"calibration prompts: {e}") from None
     limit = o.calibration_limit or (None if recipe.needs_calibration else 2)
     prompts = prompts[:limit] if limit else prompts
     i2i = 1 if any(g in I2I_ONLY for g in selected) else 0

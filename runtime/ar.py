@@ -35,6 +35,8 @@ from .sampling import TokenSampler
 from .shapes import ShapeBuckets
 
 Progress = Callable[[str, int, int], None]
+"""progress(stage, done, total): stage is "ar" (tokens) or "denoise" (steps). Raising from it
+stops the generation (the server uses this for cancellations and deadlines)."""
 
 
 @dataclass

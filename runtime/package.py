@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from glm_image_onnx.errors import UsageError
+
 from ..manifest import FORMAT, MANIFEST, SUPPORTED_VERSIONS, sha256_file
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ def _cache_file(root: Path) -> Path:
     return cache_dir() / "verified" / f"{digest}.json"
 
 
-class PackageError(ValueError):
+class PackageError(UsageError):
     """The package cannot be used; the message names the bad file."""
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 from glm_image_onnx.targets import manifest_target
 
 from . import glyphs, images, mrope
-from .ar import ArPlanner
+from .ar import ArPlanner, Progress
 from .ar_batch import ArBatchEngine, ArBatching
 from .package import Package, PackageError, verify_mode
 from .prompt import PromptBuilder
@@ -34,9 +34,6 @@ from .shapes import ShapeBuckets, pad_right
 
 log = logging.getLogger("glm_image_onnx.runtime")
 
-Progress = Callable[[str, int, int], None]
-"""progress(stage, done, total): stage is "ar" (tokens) or "denoise" (steps). Raising from it
-stops the generation (the server uses this for cancellations and deadlines)."""
 StepCallback = Callable[[Any, int, float, dict[str, np.ndarray]], Any]
 """callback_on_step_end(pipeline, step_index, timestep, tensors), diffusers' hook, after each
 denoising step: tensors["latents"] (the new latents) and tensors["denoised"] (the step's estimate of

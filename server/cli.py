@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from glm_image_onnx.errors import exit_code
 from glm_image_onnx.provider_args import add_provider_arguments, provider_settings
 
 
@@ -84,10 +85,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           security=security, component_limits=component_limits)
     try:
         return asyncio.run(GlmImageServer(config).run())
-    except (PackageError, SecurityError) as e:  # bad manifest or checksum (naming the file), TLS / token files
-        raise _cli_error(str(e), 2) from None
-    except (ProviderError, LoadError, ValueError, OSError) as e:
-        raise _cli_error(str(e), 1) from None
+    except (PackageError, SecurityError, ProviderError, LoadError, ValueError, OSError) as e:
+        # exit 2 for the usage errors (a bad manifest or checksum naming the file, TLS / token files), else 1
+        raise _cli_error(str(e), exit_code(e)) from None
 
 
 def _path(value: str | None) -> Path | None:

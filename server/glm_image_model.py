@@ -87,7 +87,7 @@ class GlmImageModel(Model):
                 if self.pipeline.ar_engine is None:  # the engine reports each of its calls itself
                     self.metrics.ar_call("alone", out.ar_tokens,
                                          out.timings.get("ar_prefill", 0.0) + out.timings.get("ar_decode", 0.0))
-            return Result(out.outputs, out.parameters, out.timings)
+            return out
 
         return scheduler.run(ctx, work, self.executor)
 

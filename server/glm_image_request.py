@@ -29,18 +29,21 @@ import dataclasses
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import errors
+from .result import Result
 from .specs import TensorSpec
 from .tensors import datatype_of
 
+if TYPE_CHECKING:
+    from glm_image_onnx.runtime.ar import Progress
+
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_SOURCE_IMAGES = 4  # source images of one edit (GLM-Image conditions on each)
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -160,15 +163,6 @@ class GlmImageRequest:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
-
-
-@dataclass
-class GlmImageResult:
-    outputs: list[tuple[str, np.ndarray, str]]  # (name, array, KServe datatype), in the requested order
-    parameters: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
-    ar_queue_s: float = 0.0  # waiting for a free AR cache row (not compute)
-    ar_tokens: int = 0
 
 
 def requested_outputs(requested: list[str]) -> list[str]:
@@ -310,7 +304,7 @@ def _with_previews(pipeline: Any, previews: Previews, progress: Progress | None)
 
 
 def run(pipeline: Any, r: GlmImageRequest, outputs: list[str], limits: Limits,
-        progress: Progress | None = None, previews: Previews | None = None) -> GlmImageResult:
+        progress: Progress | None = None, previews: Previews | None = None) -> Result:
     """Decode the source images, run the pipeline (progress may raise to stop it), encode the outputs."""
     sources = []
     for image in r.images:
@@ -344,8 +338,8 @@ def run(pipeline: Any, r: GlmImageRequest, outputs: list[str], limits: Limits,
               if k.endswith("_s") and not k.startswith(("dit_per", "ar_per", "ar_queue"))}
     parameters = {"seed": int(out.seed), "total_s": float(out.timings.get("total_s", 0.0)),
                   "ar_batch_rows": int(out.timings.get("ar_batch_rows", 1))}
-    return GlmImageResult(result, parameters, stages, float(out.timings.get("ar_queue_s", 0.0)),
-                          int(out.timings.get("ar_tokens", 0)))
+    return Result(result, parameters, stages, float(out.timings.get("ar_queue_s", 0.0)),
+                  int(out.timings.get("ar_tokens", 0)))
 
 
 def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:

@@ -10,30 +10,25 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import onnxruntime as ort
 from tritonclient.grpc import model_config_pb2, service_pb2
 
+from glm_image_onnx.runtime.ar import Progress
+
 from . import errors
 from .batching import DynamicBatcher
 from .context import RequestContext
+from .result import Result
 from .scheduler import Scheduler
 from .specs import TensorSpec, graph_specs
 from .stats import ModelStats
 from .tensors import CONFIG_TYPE, datatype_of
 
-Progress = Callable[[str, int, int], None]
 VERSION = "1"
-
-
-@dataclass
-class Result:
-    outputs: list[tuple[str, np.ndarray, str]]  # (name, array, KServe datatype)
-    parameters: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds, for the metrics
 
 
 @dataclass

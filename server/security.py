@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glm_image_onnx.errors import UsageError
+
 log = logging.getLogger("glm_image_onnx.server")
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)  # RPCs that need no token
 
 
-class SecurityError(ValueError):
+class SecurityError(UsageError):
     """Bad TLS or token configuration (a startup error)."""
 
 

@@ -35,7 +35,7 @@ def test_export_not_a_checkpoint(tmp_path: Path) -> None:
 
 def test_export_unknown_component(tiny_checkpoint: Path, tmp_path: Path) -> None:
     proc = run_cli("export", str(tiny_checkpoint), str(tmp_path / "pkg"), "--components", "unet")
-    _assert_one_line_error(proc, 1, "unknown component 'unet'")
+    _assert_one_line_error(proc, 2, "unknown component 'unet'")
     assert not (tmp_path / "pkg").exists()
 
 
@@ -43,7 +43,7 @@ def test_export_refuses_to_overwrite(tiny_checkpoint: Path, tmp_path: Path) -> N
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "keep.txt").write_text("mine")
     proc = run_cli("export", str(tiny_checkpoint), str(tmp_path / "pkg"), "--components", "vae_decoder")
-    _assert_one_line_error(proc, 1, "already exists")
+    _assert_one_line_error(proc, 2, "already exists")
     assert (tmp_path / "pkg" / "keep.txt").read_text() == "mine"
 
 
