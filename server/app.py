@@ -28,7 +28,7 @@ from .http_server import HttpFrontEnd
 from .kserve import InferenceService, server_version
 from .metrics import Metrics
 from .models import BatchingOptions, ComponentLimits, ComponentModel, Model
-from .scheduler import Scheduler
+from .admission import Admission
 from .security import SecurityConfig, TokenStore, auth_interceptor, exposure_warnings
 from .state import DRAINING, FAILED, LOADING, READY, STOPPED, ServerState
 from .tensors import FROM_NUMPY, NUMPY
@@ -108,8 +108,8 @@ class GlmImageServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.metrics = Metrics()
-        scheduler = Scheduler(config.max_concurrency, config.max_queue, on_change=self.metrics.in_flight.set)
-        self.state = ServerState(scheduler, self.metrics)
+        admission = Admission(config.max_concurrency, config.max_queue, on_change=self.metrics.in_flight.set)
+        self.state = ServerState(admission, self.metrics)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -207,13 +207,13 @@ class GlmImageServer:
             return
         timeout = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         self.state.phase = DRAINING
-        self.state.scheduler.drain()
+        self.state.admission.drain()
         await self._set_health(False)
-        in_flight = self.state.scheduler.in_flight
+        in_flight = self.state.admission.in_flight
         log.info("draining: %d request(s) in flight, waiting up to %.0fs", in_flight, timeout)
-        drained = await asyncio.to_thread(self.state.scheduler.wait_idle, timeout)
+        drained = await asyncio.to_thread(self.state.admission.wait_idle, timeout)
         if not drained:
-            log.warning("drain timeout: %d request(s) still running are abandoned", self.state.scheduler.in_flight)
+            log.warning("drain timeout: %d request(s) still running are abandoned", self.state.admission.in_flight)
         await self.health.enter_graceful_shutdown()
         if self.http is not None:
             await self.http.stop()
@@ -221,7 +221,7 @@ class GlmImageServer:
             await self.server.stop(grace=2.0)
         for model in self.state.models.values():
             model.close()
-        self.state.scheduler.shutdown()
+        self.state.admission.shutdown()
         self.metrics.close()
         self.state.phase = STOPPED
         self._stopped.set()

@@ -21,7 +21,7 @@ from .context import RequestContext
 from .glm_image_request import Limits
 from .metrics import Metrics
 from .models import Model, Prepared, Progress, Result
-from .scheduler import Scheduler
+from .admission import Admission
 
 __all__ = ["GlmImageModel", "Limits"]
 
@@ -70,7 +70,7 @@ class GlmImageModel(Model):
         request = glm.parse(inputs, params, self.limits, self.pipeline.supports_image_to_image)
         return Prepared({"request": request}, glm.requested_outputs(requested))
 
-    def submit(self, prepared: Prepared, ctx: RequestContext, scheduler: Scheduler,
+    def submit(self, prepared: Prepared, ctx: RequestContext, admission: Admission,
                progress: Progress | None = None) -> Future:
         def on_progress(stage: str, done: int, total: int) -> None:
             ctx.check()  # raising here stops the pipeline between AR tokens / denoising steps
@@ -89,7 +89,7 @@ class GlmImageModel(Model):
                                          out.timings.get("ar_prefill", 0.0) + out.timings.get("ar_decode", 0.0))
             return out
 
-        return scheduler.run(ctx, work, self.executor)
+        return admission.run(ctx, work, self.executor)
 
     def close(self) -> None:
         self.pipeline.close()

@@ -1,6 +1,6 @@
 """The HTTP listener (`serve --http-port`): KServe v2 REST (`kserve_http`) and the OpenAI Images API
 (`openai_images`) on one Starlette app, served by uvicorn on the gRPC server's own event loop, over
-the same models, scheduler, limits, bearer tokens, TLS / mTLS settings, metrics and drain.
+the same models, admission limits, bearer tokens, TLS / mTLS settings, metrics and drain.
 
 Why Starlette on uvicorn: both are small, well-kept and the base of most Python model servers
 (KServe's own Python server and vLLM among them); Starlette gives routing, multipart forms and

@@ -70,13 +70,13 @@ async def infer(state: ServerState, ctx: RequestContext, version: str, decode: C
         prepared = model.prepare(request.inputs, request.parameters, request.outputs)
         rows = prepared.rows
         ctx.input_s = time.perf_counter() - t
-        state.scheduler.admit(ctx)
+        state.admission.admit(ctx)
         try:
-            future = model.submit(prepared, ctx, state.scheduler, progress)
+            future = model.submit(prepared, ctx, state.admission, progress)
         except BaseException:
-            state.scheduler.release()
+            state.admission.release()
             raise
-        state.scheduler.hold_until_done(future)
+        state.admission.hold_until_done(future)
         if admitted is not None:
             admitted.set()
         try:

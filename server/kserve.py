@@ -2,7 +2,7 @@
 tritonclient so that the stock `tritonclient.grpc` clients (sync, aio, streaming) work unchanged.
 
 Inference never runs on the event loop: a request is decoded and validated here (errors name the
-field), admitted by the scheduler (RESOURCE_EXHAUSTED over the limit), run on a worker or a batcher,
+field), admitted by admission control (RESOURCE_EXHAUSTED over the limit), run on a worker or a batcher,
 and awaited; a client that cancels or whose deadline passes stops the work at the next AR token or
 denoising step. `ModelStreamInfer` runs each request of the stream concurrently, sends progress
 responses (parameter `progress_stage`) before the final one, and reports per-request errors in-band

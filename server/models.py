@@ -23,7 +23,7 @@ from . import errors
 from .batching import DynamicBatcher
 from .context import RequestContext
 from .result import Result
-from .scheduler import Scheduler
+from .admission import Admission
 from .specs import TensorSpec, graph_specs
 from .stats import ModelStats
 from .tensors import CONFIG_TYPE, datatype_of
@@ -109,7 +109,7 @@ class Model:
     def prepare(self, inputs: dict[str, np.ndarray], params: dict[str, Any], requested: list[str]) -> Prepared:
         raise NotImplementedError
 
-    def submit(self, prepared: Prepared, ctx: RequestContext, scheduler: Scheduler,
+    def submit(self, prepared: Prepared, ctx: RequestContext, admission: Admission,
                progress: Progress | None = None) -> Future:
         """Start the work off the event loop; `finish` turns the future's value into a `Result`."""
         raise NotImplementedError
@@ -219,7 +219,7 @@ class ComponentModel(Model):
         specs = {s.name: s for s in self.outputs}
         return Result([(n, value[n], specs[n].datatype) for n in prepared.outputs])
 
-    def submit(self, prepared: Prepared, ctx: RequestContext, scheduler: Scheduler,
+    def submit(self, prepared: Prepared, ctx: RequestContext, admission: Admission,
                progress: Progress | None = None) -> Future:
         if self.batcher is not None:
             return self.batcher.submit(ctx, prepared.inputs, prepared.outputs)
@@ -239,7 +239,7 @@ class ComponentModel(Model):
                 self._on_execution(self.name, prepared.rows, seconds)
             return values
 
-        return scheduler.run(ctx, work)
+        return admission.run(ctx, work)
 
     def close(self) -> None:
         if self.batcher is not None:

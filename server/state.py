@@ -1,4 +1,4 @@
-"""What the gRPC services read: the loaded models, the lifecycle phase, the scheduler, the metrics."""
+"""What both front ends read: the loaded models, the lifecycle phase, admission control, the metrics."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 from . import errors
 from .metrics import Metrics
 from .models import VERSION, Model
-from .scheduler import Scheduler
+from .admission import Admission
 
 LOADING, READY, DRAINING, STOPPED, FAILED = "LOADING", "READY", "DRAINING", "STOPPED", "FAILED"
 
 
 @dataclass
 class ServerState:
-    scheduler: Scheduler
+    admission: Admission
     metrics: Metrics
     models: dict[str, Model] = field(default_factory=dict)
     phase: str = LOADING

@@ -66,7 +66,7 @@ def test_concurrent_requests_share_ar_steps_and_keep_their_results(server) -> No
         np.testing.assert_array_equal(tokens, alone[name][0], err_msg=name)
         np.testing.assert_array_equal(image, alone[name][1], err_msg=name)
         assert rows >= 2, f"{name} decoded alone"
-    assert server.server.state.scheduler.wait_idle(60)  # A's work really ended
+    assert server.server.state.admission.wait_idle(60)  # A's work really ended
     assert server.server.state.models["glm_image"].pipeline.ar_engine.active_rows == 0
     # the server goes on serving, and reports the batching
     assert _infer(server.url, B)[0].tolist() == alone["B"][0].tolist()

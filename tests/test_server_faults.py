@@ -132,7 +132,7 @@ def _wait(cond, timeout: float = 20, what: str = "") -> None:
 
 def test_client_that_disconnects_mid_stream(server):
     """The client goes away after the first progress response: the work stops, the worker is freed."""
-    scheduler = server.server.state.scheduler
+    admission = server.server.state.admission
     for _ in range(2):
         client = grpcclient.InferenceServerClient(server.url)
         answers: queue.Queue = queue.Queue()
@@ -143,7 +143,7 @@ def test_client_that_disconnects_mid_stream(server):
         assert error is None and "progress_stage" in result.get_response().parameters
         client.stop_stream(cancel_requests=True)
         client.close()
-        _wait(lambda: scheduler.in_flight == 0, what="the abandoned request to stop")
+        _wait(lambda: admission.in_flight == 0, what="the abandoned request to stop")
     with grpcclient.InferenceServerClient(server.url) as c:
         result = c.infer("glm_image", glm_inputs(prompt="next", height=64, width=64, steps=1, seed=2),
                          outputs=outputs("image"), client_timeout=60)

@@ -212,7 +212,7 @@ def test_fuzzed_requests_get_clean_statuses(server, stub):
     check()
     _good(stub)
     assert COUNTS["requests"] >= EXAMPLES
-    assert server.server.state.scheduler.in_flight == 0
+    assert server.server.state.admission.in_flight == 0
 
 
 HANDMADE = [
@@ -358,7 +358,7 @@ def test_fuzzed_http_requests_get_clean_statuses(server):
                              json.dumps({"prompt": "a good request", "size": "64x64", "steps": 1}).encode(),
                              {"Content-Type": "application/json"})
     assert status == 200 and json.loads(answer)["data"][0]["b64_json"]
-    assert server.server.state.scheduler.in_flight == 0
+    assert server.server.state.admission.in_flight == 0
 
 
 @pytest.mark.parametrize("case,model,name,datatype,shape,raw", HANDMADE, ids=[c[0] for c in HANDMADE])

@@ -274,7 +274,7 @@ def test_drain_under_load_finishes_admitted_http_requests_and_refuses_new_ones(t
         threads += [threading.Thread(target=plain, args=(i,)) for i in range(2)]
         for t in threads[1:]:
             t.start()
-        assert srv.server.state.scheduler.wait_for_in_flight(3, 60), "the two plain requests were not admitted"
+        assert srv.server.state.admission.wait_for_in_flight(3, 60), "the two plain requests were not admitted"
         drained = threading.Thread(target=lambda: srv.call(srv.server.shutdown(120)))
         drained.start()
         assert _until(lambda: http("GET", srv.http_url + "/v2/health/ready")[0] == 503)
@@ -319,7 +319,7 @@ def test_a_client_leaving_mid_stream_stops_its_generation(server):
             break
     connection.sock.shutdown(2)  # gone, mid-denoising
     connection.close()
-    assert server.server.state.scheduler.wait_idle(60), "the abandoned generation kept running"
+    assert server.server.state.admission.wait_idle(60), "the abandoned generation kept running"
     assert _cancelled(server) == before + 1
     assert http("GET", server.http_url + "/v2/health/ready")[0] == 200
 

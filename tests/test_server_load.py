@@ -45,7 +45,7 @@ def busy_server(tiny_package: Path):
 
 
 def _in_flight(srv) -> int:
-    return srv.server.state.scheduler.in_flight
+    return srv.server.state.admission.in_flight
 
 
 def test_over_the_limit_is_resource_exhausted_and_cancel_stops_the_work(busy_server):

@@ -17,7 +17,7 @@ from . import errors
 from .context import RequestContext
 
 
-class Scheduler:
+class Admission:
     def __init__(self, max_concurrency: int = 1, max_queue: int = 64, on_change: Callable[[int], None] | None = None):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
