@@ -40,10 +40,11 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from ..manifest import KV_CAPACITY_BUCKETED, KV_CAPACITY_RULE, KV_LAYOUT
-from ..models.ar_wrappers import ArPlannerDecoder, StaticCacheDecoder  # also registers torch.ops.glm_image_onnx
-from ..targets import TARGETS, Target
-from .graph import GraphSpec
+from glm_image_onnx.manifest import KV_CAPACITY_BUCKETED, KV_CAPACITY_RULE, KV_LAYOUT
+# (importing ar_wrappers also registers torch.ops.glm_image_onnx)
+from glm_image_onnx.models.ar_wrappers import ArPlannerDecoder, StaticCacheDecoder
+from glm_image_onnx.targets import TARGETS, Target
+from glm_image_onnx.export.graph import GraphSpec
 
 NAME = "ar_planner"
 PAST_KEY = "past_key_values.%d.key"

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from ..models.dit_wrappers import DitConditionWrite, DitDecoder
-from ..targets import TARGETS, Target
-from .graph import GraphSpec
+from glm_image_onnx.models.dit_wrappers import DitConditionWrite, DitDecoder
+from glm_image_onnx.targets import TARGETS, Target
+from glm_image_onnx.export.graph import GraphSpec
 
 # Verify shapes: (batch, latent patches high, latent patches wide, text length). None of them is
 # the export example's, and they cover batch 1 and 2, square and non-square, short and long text.

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from ..models.dit_wrappers import GlyphEncoder
-from ..targets import TARGETS, Target
-from .graph import GraphSpec
+from glm_image_onnx.models.dit_wrappers import GlyphEncoder
+from glm_image_onnx.targets import TARGETS, Target
+from glm_image_onnx.export.graph import GraphSpec
 
 # (batch, sequence length): none is the export example's (2, 7).
 _VERIFY_SHAPES = [(1, 1), (2, 12), (1, 33), (3, 5)]

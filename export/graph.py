@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import torch
 
-from .onnx_info import EXTERNAL_DATA_THRESHOLD, all_initializers, onnx_files, signature  # noqa: F401 (re-exported)
+from glm_image_onnx.export.onnx_info import EXTERNAL_DATA_THRESHOLD, all_initializers, onnx_files, signature  # noqa: F401 (re-exported)
 
 OPSET = 18
 # `--verify` fails an export whose relative error exceeds this.
@@ -209,7 +209,7 @@ def run_onnx(spec: GraphSpec, path: Path, cases: list[dict[str, torch.Tensor]],
     options.log_severity_level = 3
     options.intra_op_num_threads = torch.get_num_threads()  # parallel export workers share the cores
     session = ort.InferenceSession(str(path), options, providers=list(providers))
-    from ..runtime.providers import input_types
+    from glm_image_onnx.runtime.providers import input_types
 
     feed_types = input_types(session)  # the graph's own dtypes: a half-precision graph takes its cache in fp16
     outputs = []
@@ -248,7 +248,7 @@ def share_external_data(paths: list[Path], data_name: str, min_bytes: int = 1024
     exporter named or folded differently simply gets its own slot. Offsets are page aligned so
     that onnxruntime can map the file.
     """
-    from .precision import external_bytes, set_external
+    from glm_image_onnx.export.precision import external_bytes, set_external
 
     folder = Path(paths[0]).parent
     data_path = folder / data_name

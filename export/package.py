@@ -23,10 +23,10 @@ from typing import Any, Callable, Iterator
 
 from glm_image_onnx.errors import UsageError
 
-from ..manifest import (FORMAT, FORMAT_VERSION, MANIFEST, file_table, sha256_file,  # noqa: F401 (re-exported)
+from glm_image_onnx.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, file_table, sha256_file,  # noqa: F401 (re-exported)
                         staged_package, write_manifest)
-from ..models.inspect import CheckpointInfo, inspect_checkpoint
-from ..targets import ELEMENT_TYPE, SHAPE_BUCKETS, check_dtype, get_target
+from glm_image_onnx.models.inspect import CheckpointInfo, inspect_checkpoint
+from glm_image_onnx.targets import ELEMENT_TYPE, SHAPE_BUCKETS, check_dtype, get_target
 
 
 # graph name -> checkpoint folder it comes from (also the order of export).
@@ -322,7 +322,7 @@ def _export_graph(folder: str, name: str, root: Path, tmp: Path, options: Export
         gc.collect()
         log(f"loading {folder} from {root / folder}")
         _loaded = (folder, _load_component(folder, root / folder))
-    from . import graph as graph_mod
+    from glm_image_onnx.export import graph as graph_mod
 
     for spec in _graph_specs(folder, _loaded[1], root, options.target):
         if spec.name == name:
@@ -340,7 +340,7 @@ def _graph_specs(folder: str, model: Any, root: Path, target: str) -> Iterator[A
 def _export_component(folder: str, wanted: list[str], root: Path, tmp: Path, options: ExportOptions,
                       steps: dict[str, str], log: Callable[[str], None]) -> dict[str, Any]:
     """Load one checkpoint component once and export (and verify) the wanted graphs of it."""
-    from . import graph as graph_mod
+    from glm_image_onnx.export import graph as graph_mod
 
     if options.low_memory:
         return _export_component_streamed(folder, wanted, root, tmp, options, steps, log)
@@ -364,8 +364,8 @@ def _export_component_streamed(folder: str, wanted: list[str], root: Path, tmp: 
     graph's onnxruntime outputs are computed first, then the PyTorch model is loaded to compare."""
     from functools import partial
 
-    from . import graph as graph_mod
-    from . import streaming
+    from glm_image_onnx.export import graph as graph_mod
+    from glm_image_onnx.export import streaming
 
     log(f"tracing {folder} without weights, streaming them from {root / folder}")
     try:
@@ -429,7 +429,7 @@ def _share_component_weights(folder: str, entries: dict[str, Any], tmp: Path, lo
     nothing to do for a single graph or graphs small enough to hold their weights inline."""
     if len(entries) < 2 or not any(e["external_data"] for e in entries.values()):
         return
-    from . import graph as graph_mod
+    from glm_image_onnx.export import graph as graph_mod
 
     paths = [tmp / e["file"] for e in entries.values()]
     before = sum(e["bytes"] for e in entries.values())
@@ -457,7 +457,7 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
     fusions = (export or graph_mod.export_onnx)(spec, export_path, opset=options.opset, basic_ops=target.static_shapes,
                                                 **({"weights": weights} if streamed_half else {}))
     if spec.flash_mask_input and fusions and target.provider == "cpu":
-        from .attention import flash_when_unmasked
+        from glm_image_onnx.export.attention import flash_when_unmasked
 
         fusions["FlashWhenUnmasked"] = flash_when_unmasked(export_path, spec.flash_mask_input)
     msg = ""
@@ -468,7 +468,7 @@ def _export_one(spec: Any, tmp: Path, options: ExportOptions, step: str,
     config = dict(spec.config)
     precision_info = None
     if options.dtype != "fp32":
-        from . import precision
+        from glm_image_onnx.export import precision
 
         fp32 = path.with_name(path.stem + ".fp32.onnx")
         if export_path != fp32:
@@ -556,7 +556,7 @@ def _move_graph(src: Path, dst: Path, graph_mod: Any) -> None:
         return
     import onnx
 
-    from .onnx_info import save_model
+    from glm_image_onnx.export.onnx_info import save_model
 
     model = onnx.load(str(src))
     for f in files:

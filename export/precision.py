@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .onnx_info import EXTERNAL_DATA_THRESHOLD, all_initializers, save_model, tensor_nbytes
+from glm_image_onnx.export.onnx_info import EXTERNAL_DATA_THRESHOLD, all_initializers, save_model, tensor_nbytes
 
 FP16_MAX = 65504.0
 # convert(low_memory=True) writes a graph whose weights exceed this with a data file.
@@ -69,7 +69,7 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
 
     from glm_image_onnx.runtime.placement import check_model
 
-    from .attention import restore_node_order
+    from glm_image_onnx.export.attention import restore_node_order
 
     if dtype not in ("fp16", "bf16"):
         raise PrecisionError(f"dtype must be fp16 or bf16, got {dtype!r}")

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from .precision import FP16_MAX
+from glm_image_onnx.export.precision import FP16_MAX
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
               "U8": torch.uint8, "BOOL": torch.bool}
@@ -313,7 +313,7 @@ def export_streamed(spec: Any, path: Path, prov: Provenance, reader: ShardReader
     import onnxscript
     from onnxscript.optimizer import _constant_folding, optimize_ir
 
-    from . import graph as graph_mod
+    from glm_image_onnx.export import graph as graph_mod
 
     path = Path(path)
     args = tuple(spec.example_inputs.values())

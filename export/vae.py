@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from ..models.dit_wrappers import VaeDecoder, VaeEncoder
-from ..targets import TARGETS, Target
-from .graph import GraphSpec
+from glm_image_onnx.models.dit_wrappers import VaeDecoder, VaeEncoder
+from glm_image_onnx.targets import TARGETS, Target
+from glm_image_onnx.export.graph import GraphSpec
 
 # (batch, latent height, latent width): none is the export example's (2, 3, 5).
 _VERIFY_SHAPES = [(1, 4, 4), (2, 2, 6), (1, 7, 3)]

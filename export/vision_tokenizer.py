@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from ..models.ar_wrappers import BasicVisionTokenizer, VisionTokenizer
-from ..targets import TARGETS, Target
-from .graph import GraphSpec
+from glm_image_onnx.models.ar_wrappers import BasicVisionTokenizer, VisionTokenizer
+from glm_image_onnx.targets import TARGETS, Target
+from glm_image_onnx.export.graph import GraphSpec
 
 NAME = "vision_tokenizer"
 _EXAMPLE_GRID = (4, 6)  # non-square, both >= 2 so that nothing is specialised

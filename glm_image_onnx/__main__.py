@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from glm_image_onnx.cli import main
 
 sys.exit(main())

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .provider_args import add_provider_arguments, provider_settings
-from .targets import TARGETS
+from glm_image_onnx.provider_args import add_provider_arguments, provider_settings
+from glm_image_onnx.targets import TARGETS
 
-from .errors import EXIT_FAILED, EXIT_USAGE, exit_code
+from glm_image_onnx.errors import EXIT_FAILED, EXIT_USAGE, exit_code
 
 
 class CliError(Exception):
@@ -48,8 +48,8 @@ def _need_export_extra() -> None:
 
 def cmd_init_checkpoint(args: argparse.Namespace) -> int:
     _need_export_extra()
-    from .models.checkpoint import write_checkpoint
-    from .models.presets import get_preset
+    from glm_image_onnx.models.checkpoint import write_checkpoint
+    from glm_image_onnx.models.presets import get_preset
 
     try:
         preset = get_preset(args.preset)
@@ -67,8 +67,8 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     _need_export_extra()
-    from .export.package import ExportError, ExportOptions, GRAPHS, export_package
-    from .models.inspect import CheckpointError
+    from glm_image_onnx.export.package import ExportError, ExportOptions, GRAPHS, export_package
+    from glm_image_onnx.models.inspect import CheckpointError
 
     graphs = tuple(args.components) if args.components else tuple(GRAPHS)
     if args.jobs is not None and args.jobs < 1:
@@ -113,7 +113,7 @@ class _ProgressBar:
 def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
 
-    from .runtime import GlmImageOnnxPipeline, PackageError, ProviderError
+    from glm_image_onnx.runtime import GlmImageOnnxPipeline, PackageError, ProviderError
 
     sources = []
     for path in args.image or []:
@@ -140,7 +140,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     need_extra("quantize", "onnx", "onnxruntime.quantization")
-    from .quantize import QuantizeError, QuantizeOptions, Thresholds, quantize_package
+    from glm_image_onnx.quantize import QuantizeError, QuantizeOptions, Thresholds, quantize_package
 
     if args.calibration_prompts and not Path(args.calibration_prompts).is_file():
         raise CliError(f"--calibration-prompts {args.calibration_prompts}: no such file")
@@ -164,8 +164,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     need_extra("quantize", "onnx")
     import onnxruntime
 
-    from .runtime.package import Package, PackageError
-    from .runtime.placement import SESSION_PROVIDERS, PlacementError, check_package, observe
+    from glm_image_onnx.runtime.package import Package, PackageError
+    from glm_image_onnx.runtime.placement import SESSION_PROVIDERS, PlacementError, check_package, observe
 
     try:
         reports = check_package(args.package, args.provider)
@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(its verbose log; needs the provider's onnxruntime build and device)")
     p.set_defaults(func=cmd_check)
 
-    from .server.cli import add_commands as add_server_commands  # serve, client, triton-repo (argparse only)
+    # serve, client, triton-repo (argparse only)
+    from glm_image_onnx.server.cli import add_commands as add_server_commands
 
     add_server_commands(sub)
     return parser

@@ -47,7 +47,7 @@ def add_provider_arguments(parser: argparse.ArgumentParser) -> None:
 
 def provider_settings(args: argparse.Namespace) -> ProviderSettings:
     """The parsed flags as keyword arguments; raises ValueError for a --provider-option that is not KEY=VALUE."""
-    from .runtime.providers import parse_options
+    from glm_image_onnx.runtime.providers import parse_options
 
     return ProviderSettings(provider=args.provider, provider_options=parse_options(args.provider_option),
                             strict=args.strict, threads=args.threads,

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .presets import Preset
+from glm_image_onnx.models.presets import Preset
 
 COMPONENT_FOLDERS = ("vision_language_encoder", "text_encoder", "transformer", "vae",
                      "scheduler", "tokenizer", "processor")
@@ -29,8 +29,8 @@ def write_checkpoint(preset: Preset, out: Path, seed: int = 0, dtype: str = "fp3
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from . import components
-    from .tokenizer import save_tokenizers
+    from glm_image_onnx.models import components
+    from glm_image_onnx.models.tokenizer import save_tokenizers
 
     out = Path(out)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .presets import Preset
+from glm_image_onnx.models.presets import Preset
 
 # The AR vocabulary layout: [codebook | image start | image end | ... up to vision_vocab_size]
 # then byte tokens and the special text tokens. `models.tokenizer` builds the matching tokenizer.
@@ -16,7 +16,7 @@ from .presets import Preset
 
 def ar_token_ids(preset: Preset) -> dict[str, int]:
     """Token ids fixed by the vocabulary layout (see models.tokenizer)."""
-    from .tokenizer import vocabulary
+    from glm_image_onnx.models.tokenizer import vocabulary
 
     vocab = vocabulary(preset)
     return {

@@ -13,7 +13,7 @@ from typing import Any
 
 from glm_image_onnx.errors import UsageError
 
-from .presets import PRESETS
+from glm_image_onnx.models.presets import PRESETS
 
 PIPELINE_CLASS = "GlmImagePipeline"
 # folder -> class names accepted in its config (the published layout).

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .presets import Preset
+from glm_image_onnx.models.presets import Preset
 
 SPECIAL_TOKENS = ["<|endoftext|>", "[gMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
                   "<|assistant|>", "<|image|>"]

@@ -3,7 +3,7 @@
 Torch-free (onnx + onnxruntime's quantisation tools); see `quantize.package.quantize_package`.
 """
 
-from .package import RECIPES, QuantizeError, QuantizeOptions, quantize_package
-from .quality import Thresholds
+from glm_image_onnx.quantize.package import RECIPES, QuantizeError, QuantizeOptions, quantize_package
+from glm_image_onnx.quantize.quality import Thresholds
 
 __all__ = ["RECIPES", "QuantizeError", "QuantizeOptions", "Thresholds", "quantize_package"]

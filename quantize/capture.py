@@ -165,7 +165,7 @@ def source_image(size: int, seed: int = 0) -> Any:
 
 def open_pipeline(path: Path, threads: int | None = None) -> Any:
     """The runtime on CPU; files were checked when the package was opened or just written."""
-    from ..runtime import GlmImageOnnxPipeline, Package, ProviderRequest
+    from glm_image_onnx.runtime import GlmImageOnnxPipeline, Package, ProviderRequest
 
     return GlmImageOnnxPipeline(Package.open(path, verify_files=False), ProviderRequest("cpu"), threads)
 

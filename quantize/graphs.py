@@ -20,10 +20,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..export.onnx_info import DTYPES as _DTYPES, EXTERNAL_DATA_THRESHOLD, all_initializers, save_model, signature  # noqa: F401 (re-exported)
-from ..export.onnx_info import onnx_files as graph_files  # noqa: F401 (re-exported)
-from ..export import precision
-from ..export.onnx_info import tensor_nbytes as _tensor_nbytes
+from glm_image_onnx.export.onnx_info import DTYPES as _DTYPES, EXTERNAL_DATA_THRESHOLD, all_initializers, save_model, signature  # noqa: F401 (re-exported)
+from glm_image_onnx.export.onnx_info import onnx_files as graph_files  # noqa: F401 (re-exported)
+from glm_image_onnx.export import precision
+from glm_image_onnx.export.onnx_info import tensor_nbytes as _tensor_nbytes
 # Weights smaller than this are biases, norm scales, constants: not counted as "large" weights.
 LARGE_WEIGHT_ELEMENTS = 4096
 
@@ -63,7 +63,7 @@ def count_constant_transposes(path: Path | str) -> int:
 def normalize_external_data(path: Path) -> None:
     """A graph written by a tool with external data under another name -> `<graph>.onnx.data`,
     its nodes in an order valid for subgraphs too (`export.attention.restore_node_order`)."""
-    from ..export.attention import restore_node_order
+    from glm_image_onnx.export.attention import restore_node_order
 
     path = Path(path)
     restore_node_order(path)

@@ -27,11 +27,11 @@ import onnx
 
 from glm_image_onnx.errors import UsageError
 
-from ..manifest import FORMAT, MANIFEST, file_table, sha256_file, staged_package, write_manifest
-from ..targets import manifest_target, recipe_refusal
-from . import capture as capture_mod
-from . import graphs as G
-from . import quality as Q
+from glm_image_onnx.manifest import FORMAT, MANIFEST, file_table, sha256_file, staged_package, write_manifest
+from glm_image_onnx.targets import manifest_target, recipe_refusal
+from glm_image_onnx.quantize import capture as capture_mod
+from glm_image_onnx.quantize import graphs as G
+from glm_image_onnx.quantize import quality as Q
 
 Log = Callable[[str], None]
 
@@ -133,7 +133,7 @@ def select_graphs(recipe: Recipe, manifest: dict[str, Any], wanted: tuple[str, .
 def quantize_package(package: Path | str, out: Path | str, options: QuantizeOptions | None = None,
                      log: Log = _log) -> dict[str, Any]:
     """Quantise `package` into the new package folder `out`; returns the new manifest."""
-    from ..runtime.package import Package, PackageError
+    from glm_image_onnx.runtime.package import Package, PackageError
 
     options = options or QuantizeOptions()
     _quiet_onnxruntime()
@@ -409,8 +409,8 @@ def _check_signature(name: str, entry: dict[str, Any], path: Path, retyped: Sequ
 
 def _check_placement(folder: Path, manifest: dict[str, Any], selected: list[str]) -> None:
     """Every quantised graph runs on its target's provider, or the recipe is refused (one line)."""
-    from ..runtime.placement import check_model
-    from ..targets import get_target
+    from glm_image_onnx.runtime.placement import check_model
+    from glm_image_onnx.targets import get_target
 
     provider = get_target(manifest_target(manifest)["name"]).provider
     for name in selected:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .capture import Feed
+from glm_image_onnx.quantize.capture import Feed
 
 # PSNR of identical images is infinite; the report caps it so that the manifest stays strict JSON.
 PSNR_CAP = 100.0
@@ -68,7 +68,7 @@ def _group(name: str) -> str:
 def graph_errors(ref_path: Path, got_path: Path, feeds: Sequence[Feed], threads: int | None = None
                  ) -> dict[str, Any]:
     """Worst max-abs and relative L2 error (over all feeds) of each output family."""
-    from ..runtime.providers import ProviderRequest, create_session, input_types
+    from glm_image_onnx.runtime.providers import ProviderRequest, create_session, input_types
 
     cpu = ProviderRequest("cpu")
     ref = create_session(ref_path, cpu, threads)

@@ -29,10 +29,10 @@ import numpy as np
 import onnxruntime as ort
 
 from glm_image_onnx.manifest import KV_CAPACITY_BUCKETED, KV_CAPACITY_RULE, KV_LAYOUT
-from .package import PackageError
-from .providers import release_arena
-from .sampling import TokenSampler
-from .shapes import ShapeBuckets
+from glm_image_onnx.runtime.package import PackageError
+from glm_image_onnx.runtime.providers import release_arena
+from glm_image_onnx.runtime.sampling import TokenSampler
+from glm_image_onnx.runtime.shapes import ShapeBuckets
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): stage is "ar" (tokens) or "denoise" (steps). Raising from it

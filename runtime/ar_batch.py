@@ -32,8 +32,8 @@ from typing import Callable
 
 import numpy as np
 
-from .ar import ArPlanner, ArResult, KvCache, Progress, check_decode_positions
-from .sampling import Sampler, sample_rows
+from glm_image_onnx.runtime.ar import ArPlanner, ArResult, KvCache, Progress, check_decode_positions
+from glm_image_onnx.runtime.sampling import Sampler, sample_rows
 
 log = logging.getLogger("glm_image_onnx.runtime")
 

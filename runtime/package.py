@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from glm_image_onnx.errors import UsageError
 
-from ..manifest import FORMAT, MANIFEST, SUPPORTED_VERSIONS, sha256_file
+from glm_image_onnx.manifest import FORMAT, MANIFEST, SUPPORTED_VERSIONS, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -22,15 +22,16 @@ from PIL import Image
 
 from glm_image_onnx.targets import manifest_target
 
-from . import glyphs, images, mrope
-from .ar import ArPlanner, Progress
-from .ar_batch import ArBatchEngine, ArBatching
-from .package import Package, PackageError, verify_mode
-from .prompt import PromptBuilder
-from .providers import ProviderRequest, check_target, create_session, device_of, input_types, release_arena
-from .sampling import SamplingConfig, TokenSampler
-from .scheduler import FlowMatchSchedule, guidance as cfg_mix, image_seq_len
-from .shapes import ShapeBuckets, pad_right
+from glm_image_onnx.runtime import glyphs, images, mrope
+from glm_image_onnx.runtime.ar import ArPlanner, Progress
+from glm_image_onnx.runtime.ar_batch import ArBatchEngine, ArBatching
+from glm_image_onnx.runtime.package import Package, PackageError, verify_mode
+from glm_image_onnx.runtime.prompt import PromptBuilder
+from glm_image_onnx.runtime.providers import (ProviderRequest, check_target, create_session, device_of,
+                                              input_types, release_arena)
+from glm_image_onnx.runtime.sampling import SamplingConfig, TokenSampler
+from glm_image_onnx.runtime.scheduler import FlowMatchSchedule, guidance as cfg_mix, image_seq_len
+from glm_image_onnx.runtime.shapes import ShapeBuckets, pad_right
 
 log = logging.getLogger("glm_image_onnx.runtime")
 

@@ -388,7 +388,7 @@ def check_package(root: Path | str, provider: str) -> list[GraphReport]:
     """Every graph of a package (manifest order) checked for `provider`."""
     import onnx
 
-    from .package import Package
+    from glm_image_onnx.runtime.package import Package
 
     package = Package.open(root, verify_files=False)
     reports = []

@@ -13,8 +13,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
-from . import errors
-from .context import RequestContext
+from glm_image_onnx.server import errors
+from glm_image_onnx.server.context import RequestContext
 
 
 class Admission:

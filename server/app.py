@@ -22,16 +22,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from ..runtime.ar_batch import ArBatching
-from .glm_image_model import GlmImageModel, Limits
-from .http_server import HttpFrontEnd
-from .kserve import InferenceService, server_version
-from .metrics import Metrics
-from .models import BatchingOptions, ComponentLimits, ComponentModel, Model
-from .admission import Admission
-from .security import SecurityConfig, TokenStore, auth_interceptor, exposure_warnings
-from .state import DRAINING, FAILED, LOADING, READY, STOPPED, ServerState
-from .tensors import FROM_NUMPY, NUMPY
+from glm_image_onnx.runtime.ar_batch import ArBatching
+from glm_image_onnx.server.glm_image_model import GlmImageModel, Limits
+from glm_image_onnx.server.http_server import HttpFrontEnd
+from glm_image_onnx.server.kserve import InferenceService, server_version
+from glm_image_onnx.server.metrics import Metrics
+from glm_image_onnx.server.models import BatchingOptions, ComponentLimits, ComponentModel, Model
+from glm_image_onnx.server.admission import Admission
+from glm_image_onnx.server.security import SecurityConfig, TokenStore, auth_interceptor, exposure_warnings
+from glm_image_onnx.server.state import DRAINING, FAILED, LOADING, READY, STOPPED, ServerState
+from glm_image_onnx.server.tensors import FROM_NUMPY, NUMPY
 
 log = logging.getLogger("glm_image_onnx.server")
 
@@ -66,8 +66,8 @@ class ServerConfig:
 
 
 def load_models(config: ServerConfig, metrics: Metrics) -> dict[str, Model]:
-    from ..runtime import GlmImageOnnxPipeline
-    from ..runtime.providers import create_session
+    from glm_image_onnx.runtime import GlmImageOnnxPipeline
+    from glm_image_onnx.runtime.providers import create_session
 
     pipeline = GlmImageOnnxPipeline.from_package(config.package, provider=config.provider,
                                                  provider_options=config.provider_options, strict=config.strict,
@@ -178,7 +178,7 @@ class GlmImageServer:
         return self.port
 
     async def load(self) -> None:
-        from ..runtime import PackageError, ProviderError
+        from glm_image_onnx.runtime import PackageError, ProviderError
 
         try:
             models = await asyncio.to_thread(load_models, self.config, self.metrics)

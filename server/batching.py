@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from .context import RequestContext
+from glm_image_onnx.server.context import RequestContext
 
 log = logging.getLogger("glm_image_onnx.server")
 

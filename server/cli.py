@@ -32,11 +32,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from ..runtime import ArBatching, Package, PackageError, ProviderError
-    from .app import GlmImageServer, LoadError, ServerConfig
-    from .glm_image_model import Limits
-    from .models import ComponentLimits
-    from .security import SecurityConfig, SecurityError
+    from glm_image_onnx.runtime import ArBatching, Package, PackageError, ProviderError
+    from glm_image_onnx.server.app import GlmImageServer, LoadError, ServerConfig
+    from glm_image_onnx.server.glm_image_model import Limits
+    from glm_image_onnx.server.models import ComponentLimits
+    from glm_image_onnx.server.security import SecurityConfig, SecurityError
 
     for flag in ("max_concurrency", "max_batch_size"):
         if getattr(args, flag) < 1:
@@ -96,7 +96,7 @@ def _path(value: str | None) -> Path | None:
 
 def cmd_client(args: argparse.Namespace) -> int:
     _need_serve_extra()
-    from .client import ClientError, generate
+    from glm_image_onnx.server.client import ClientError, generate
 
     try:
         return generate(args)
@@ -106,8 +106,8 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 def cmd_triton_repo(args: argparse.Namespace) -> int:
     _need_serve_extra()
-    from ..runtime import PackageError
-    from .triton_repo import RepoOptions, write_repository
+    from glm_image_onnx.runtime import PackageError
+    from glm_image_onnx.server.triton_repo import RepoOptions, write_repository
 
     options = RepoOptions(kind=args.kind, max_batch_size=args.max_batch_size,
                           max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,

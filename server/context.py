@@ -11,8 +11,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import errors
-from .errors import RequestError
+from glm_image_onnx.server import errors
+from glm_image_onnx.server.errors import RequestError
 
 _ids = itertools.count(1)
 

@@ -16,12 +16,12 @@ import numpy as np
 
 from glm_image_onnx.targets import manifest_target
 
-from . import glm_image_request as glm
-from .context import RequestContext
-from .glm_image_request import Limits
-from .metrics import Metrics
-from .models import Model, Prepared, Progress, Result
-from .admission import Admission
+from glm_image_onnx.server import glm_image_request as glm
+from glm_image_onnx.server.context import RequestContext
+from glm_image_onnx.server.glm_image_request import Limits
+from glm_image_onnx.server.metrics import Metrics
+from glm_image_onnx.server.models import Model, Prepared, Progress, Result
+from glm_image_onnx.server.admission import Admission
 
 __all__ = ["GlmImageModel", "Limits"]
 

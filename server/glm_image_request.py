@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from . import errors
-from .result import Result
-from .specs import TensorSpec
-from .tensors import datatype_of
+from glm_image_onnx.server import errors
+from glm_image_onnx.server.result import Result
+from glm_image_onnx.server.specs import TensorSpec
+from glm_image_onnx.server.tensors import datatype_of
 
 if TYPE_CHECKING:
     from glm_image_onnx.runtime.ar import Progress

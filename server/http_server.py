@@ -30,10 +30,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import errors
-from .errors import RequestError
-from .security import SecurityConfig, TokenStore, bearer
-from .state import ServerState
+from glm_image_onnx.server import errors
+from glm_image_onnx.server.errors import RequestError
+from glm_image_onnx.server.security import SecurityConfig, TokenStore, bearer
+from glm_image_onnx.server.state import ServerState
 
 log = logging.getLogger("glm_image_onnx.server")
 logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop lines repeat ours
@@ -62,7 +62,7 @@ class HttpFrontEnd:
         self._task: asyncio.Task | None = None
 
     def app(self) -> Starlette:
-        from . import kserve_http, openai_images
+        from glm_image_onnx.server import kserve_http, openai_images
 
         return Starlette(routes=kserve_http.routes(self) + openai_images.routes(self))
 

@@ -17,11 +17,11 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from . import errors
-from .context import RequestContext
-from .errors import RequestError
-from .models import Model, Progress, Result
-from .state import ServerState
+from glm_image_onnx.server import errors
+from glm_image_onnx.server.context import RequestContext
+from glm_image_onnx.server.errors import RequestError
+from glm_image_onnx.server.models import Model, Progress, Result
+from glm_image_onnx.server.state import ServerState
 
 log = logging.getLogger("glm_image_onnx.server")
 

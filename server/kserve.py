@@ -18,13 +18,13 @@ from typing import AsyncIterator, Callable
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from . import errors
-from .context import RequestContext
-from .errors import RequestError
-from .inference import Decoded, ar_throttled, infer
-from .models import VERSION, Model, Result
-from .state import ServerState
-from .tensors import DEFAULT_MAX_ELEMENTS, add_output, parameter_value, read_inputs, set_parameter
+from glm_image_onnx.server import errors
+from glm_image_onnx.server.context import RequestContext
+from glm_image_onnx.server.errors import RequestError
+from glm_image_onnx.server.inference import Decoded, ar_throttled, infer
+from glm_image_onnx.server.models import VERSION, Model, Result
+from glm_image_onnx.server.state import ServerState
+from glm_image_onnx.server.tensors import DEFAULT_MAX_ELEMENTS, add_output, parameter_value, read_inputs, set_parameter
 
 SERVER_NAME = "glm-image-onnx"
 EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data", "parameters", "streaming_progress"]

@@ -25,13 +25,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import errors
-from .context import RequestContext
-from .http_server import HttpFrontEnd
-from .inference import Decoded, infer
-from .kserve import EXTENSIONS, SERVER_NAME
-from .models import VERSION, Model, Result
-from .tensors import MAX_INPUTS, NUMPY, encode_bytes, from_raw, from_values
+from glm_image_onnx.server import errors
+from glm_image_onnx.server.context import RequestContext
+from glm_image_onnx.server.http_server import HttpFrontEnd
+from glm_image_onnx.server.inference import Decoded, infer
+from glm_image_onnx.server.kserve import EXTENSIONS, SERVER_NAME
+from glm_image_onnx.server.models import VERSION, Model, Result
+from glm_image_onnx.server.tensors import MAX_INPUTS, NUMPY, encode_bytes, from_raw, from_values
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPES = set(NUMPY) - {"FP16"}  # JSON numbers cannot round-trip FP16 exactly: binary only

@@ -41,13 +41,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import errors
-from .context import RequestContext
-from .errors import RequestError
-from .glm_image_request import MAX_SOURCE_IMAGES, Previews, encode_image
-from .http_server import HttpFrontEnd
-from .inference import Decoded, ar_throttled, infer
-from .models import Model, Result
+from glm_image_onnx.server import errors
+from glm_image_onnx.server.context import RequestContext
+from glm_image_onnx.server.errors import RequestError
+from glm_image_onnx.server.glm_image_request import MAX_SOURCE_IMAGES, Previews, encode_image
+from glm_image_onnx.server.http_server import HttpFrontEnd
+from glm_image_onnx.server.inference import Decoded, ar_throttled, infer
+from glm_image_onnx.server.models import Model, Result
 
 MODEL = "glm_image"
 MAX_N = 10

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .tensors import FROM_NUMPY
+from glm_image_onnx.server.tensors import FROM_NUMPY
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import errors
-from .metrics import Metrics
-from .models import VERSION, Model
-from .admission import Admission
+from glm_image_onnx.server import errors
+from glm_image_onnx.server.metrics import Metrics
+from glm_image_onnx.server.models import VERSION, Model
+from glm_image_onnx.server.admission import Admission
 
 LOADING, READY, DRAINING, STOPPED, FAILED = "LOADING", "READY", "DRAINING", "STOPPED", "FAILED"
 

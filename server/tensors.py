@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from .errors import invalid
+from glm_image_onnx.server.errors import invalid
 
 if TYPE_CHECKING:
     from tritonclient.grpc import service_pb2

@@ -24,10 +24,10 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from ..runtime.package import Package
-from . import glm_image_request as glm
-from .specs import TensorSpec, graph_specs
-from .tensors import CONFIG_TYPE
+from glm_image_onnx.runtime.package import Package
+from glm_image_onnx.server import glm_image_request as glm
+from glm_image_onnx.server.specs import TensorSpec, graph_specs
+from glm_image_onnx.server.tensors import CONFIG_TYPE
 
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 
