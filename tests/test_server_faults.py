@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -154,11 +155,12 @@ def test_client_that_disconnects_mid_stream(server):
 
 def test_shutdown_drains_requests_in_flight(tiny_package: Path, tmp_path: Path):
     """SIGTERM with requests running and queued: those admitted finish, new ones get UNAVAILABLE, exit 0."""
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(CLI + ["serve", str(tiny_package), "--port", str(port), "--no-verify",
-                                       "--drain-timeout", "60"], stdout=log_file, stderr=subprocess.STDOUT)
+                                       "--drain-timeout", "60", "--metrics-port", str(metrics_port)],
+                                stdout=log_file, stderr=subprocess.STDOUT)
     url = f"127.0.0.1:{port}"
     try:
         _wait(lambda: "ready:" in log_path.read_text() or proc.poll() is not None, 60, "the server to load")
@@ -178,7 +180,12 @@ def test_shutdown_drains_requests_in_flight(tiny_package: Path, tmp_path: Path):
         threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
         for t in threads:
             t.start()
-        time.sleep(0.5)  # the three are admitted (one running, two queued behind --max-concurrency 1)
+        def in_flight() -> str:  # the server's own gauge of admitted requests
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+                return response.read().decode()
+
+        # the three are admitted (one running, two queued behind --max-concurrency 1)
+        _wait(lambda: "glm_image_requests_in_flight 3.0" in in_flight(), 60, "the three requests to be admitted")
         proc.send_signal(signal.SIGTERM)
         _wait(lambda: "draining" in log_path.read_text(), 10, "the drain to start")
         with grpcclient.InferenceServerClient(url) as c:
