@@ -10,7 +10,7 @@ are bit-identical, not just close.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ def image_seq_len(height: int, width: int, vae_scale_factor: int = 8, patch_size
     return ((height // vae_scale_factor) * (width // vae_scale_factor)) // (patch_size ** 2)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FlowMatchSchedule:
     """`FlowMatchEulerDiscreteScheduler` config; defaults are the scheduler class's own.
 
@@ -50,7 +50,6 @@ class FlowMatchSchedule:
     use_beta_sigmas: bool = False
     time_shift_type: str = "exponential"
     stochastic_sampling: bool = False
-    _last_sigmas: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.use_beta_sigmas:
@@ -124,22 +123,18 @@ class FlowMatchSchedule:
             sigmas = np.concatenate([sigmas, np.ones(1, np.float32)])
         else:
             sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
-        self._last_sigmas = sigmas
         return timesteps, sigmas
 
     # ---------------------------------------------------------------------------------------- step
-    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray,
-             sigmas: np.ndarray | None = None, noise: np.ndarray | None = None) -> np.ndarray:
-        """One Euler step from `sigmas[i]` to `sigmas[i + 1]`, in float32.
+    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, *, sigmas: np.ndarray,
+             noise: np.ndarray | None = None) -> np.ndarray:
+        """One Euler step from `sigmas[i]` to `sigmas[i + 1]` (the `timesteps()` result), in float32.
 
-        `sigmas` defaults to the last `timesteps()` result (pass it explicitly when one schedule
-        object serves several requests). diffusers upcasts `sample` to float32 and the pipeline
-        passes `noise_pred.float()`, so both are cast to float32 here and float32 comes back.
-        `noise` is required only for `stochastic_sampling` (diffusers draws it with torch's RNG).
+        The schedule holds no state: concurrent generations share one object, each with its own
+        sigmas. diffusers upcasts `sample` to float32 and the pipeline passes `noise_pred.float()`,
+        so both are cast to float32 here and float32 comes back. `noise` is required only for
+        `stochastic_sampling` (diffusers draws it with torch's RNG).
         """
-        sigmas = self._last_sigmas if sigmas is None else sigmas
-        if sigmas is None:
-            raise RuntimeError("call timesteps() first or pass sigmas=")
         sample = np.asarray(sample, dtype=np.float32)
         model_output = np.asarray(model_output, dtype=np.float32)
         sigma, sigma_next = np.float32(sigmas[i]), np.float32(sigmas[i + 1])

@@ -99,9 +99,9 @@ def test_scheduler_guidance_and_errors():
     with pytest.raises(ValueError, match="not supported"):
         scheduler.FlowMatchSchedule.from_config({"_class_name": "DDIMScheduler"})
     s = scheduler.FlowMatchSchedule.from_config({"stochastic_sampling": True})
-    s.timesteps(4, 256)
+    _, sigmas = s.timesteps(4, 256)
     with pytest.raises(ValueError, match="noise"):
-        s.step(np.zeros(3, np.float32), 0, np.zeros(3, np.float32))
+        s.step(np.zeros(3, np.float32), 0, np.zeros(3, np.float32), sigmas=sigmas)
 
 
 # --------------------------------------------------------------------------------------- glyphs
