@@ -64,5 +64,95 @@ def outputs(*names: str) -> list[Any]:
     return [tritonclient_grpc.InferRequestedOutput(n) for n in names]
 
 
-__all__ = ["Limits", "ServerThread", "free_port", "glm_inputs", "http", "outputs", "start_server", "tensor",
-           "tritonclient_grpc"]
+
+
+class ServeProcess:
+    """`glm-image-onnx serve PACKAGE ARGS` in its own process, the one way the tests start a server
+    process: free loopback ports for gRPC, HTTP and metrics, the log in `log_path`. Waits are on
+    what the server reports (its readiness, its log lines, its in-flight gauge), each bounded."""
+
+    def __init__(self, package: Path, *args: str, log_path: Path, tls_ca: Path | None = None):
+        import os
+        import subprocess
+        import sys
+
+        self.port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.log_path = Path(log_path)
+        self.tls_ca = tls_ca
+        cmd = [sys.executable, "-m", "glm_image_onnx", "serve", str(package), "--port", str(self.port),
+               "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port), *args]
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def _until(self, condition: Any, what: str, timeout_s: float) -> None:
+        import time
+
+        end = time.monotonic() + timeout_s
+        while not condition():
+            assert self.proc.poll() is None, f"the server exited ({self.proc.returncode}) before {what}:\n{self.log}"
+            assert time.monotonic() < end, f"timed out after {timeout_s}s waiting for {what}:\n{self.log[-3000:]}"
+            time.sleep(0.05)
+
+    def wait_ready(self, timeout_s: float = 120) -> "ServeProcess":
+        """Until /v2/health/ready answers 200 (the package is loaded)."""
+        import ssl
+
+        scheme, context = "http", None
+        if self.tls_ca is not None:
+            scheme, context = "https", ssl.create_default_context(cafile=str(self.tls_ca))
+
+        def ready() -> bool:
+            try:
+                return http("GET", f"{scheme}://127.0.0.1:{self.http_port}/v2/health/ready", context=context,
+                            timeout=5)[0] == 200
+            except OSError:  # not listening yet
+                return False
+
+        self._until(ready, "the server to be ready", timeout_s)
+        return self
+
+    def wait_for_log(self, text: str, timeout_s: float = 60) -> None:
+        self._until(lambda: text in self.log, f"the log line {text!r}", timeout_s)
+
+    def in_flight(self) -> int:
+        """The server's own gauge of admitted requests (glm_image_requests_in_flight)."""
+        body = http("GET", f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)[2].decode()
+        line = next(ln for ln in body.splitlines() if ln.startswith("glm_image_requests_in_flight "))
+        return int(float(line.split()[1]))
+
+    def wait_in_flight(self, count: int, timeout_s: float = 60, exactly: bool = False) -> None:
+        """Until `count` or more (`exactly`: just `count`) requests are admitted and not yet done."""
+        if exactly:
+            self._until(lambda: self.in_flight() == count, f"{count} request(s) in flight", timeout_s)
+        else:
+            self._until(lambda: self.in_flight() >= count, f"at least {count} request(s) in flight", timeout_s)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 60) -> int:
+        """SIGTERM (a drain), then the exit code; killed if it does not exit in time."""
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            raise
+
+
+__all__ = ["Limits", "ServeProcess", "ServerThread", "free_port", "glm_inputs", "http", "outputs", "start_server",
+           "tensor", "tritonclient_grpc"]

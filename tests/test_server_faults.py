@@ -13,14 +13,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from _server_helpers import free_port, glm_inputs, outputs, start_server, tensor, tritonclient_grpc as grpcclient
+from _server_helpers import (ServeProcess, free_port, glm_inputs, outputs, start_server, tensor,
+                            tritonclient_grpc as grpcclient)
 from tritonclient.utils import InferenceServerException
 
 CLI = [sys.executable, "-c", "import sys; from glm_image_onnx.cli import main; sys.exit(main())"]
@@ -124,13 +123,6 @@ def server(tiny_package: Path):
     srv.stop()
 
 
-def _wait(cond, timeout: float = 20, what: str = "") -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def test_client_that_disconnects_mid_stream(server):
     """The client goes away after the first progress response: the work stops, the worker is freed."""
     admission = server.server.state.admission
@@ -144,7 +136,7 @@ def test_client_that_disconnects_mid_stream(server):
         assert error is None and "progress_stage" in result.get_response().parameters
         client.stop_stream(cancel_requests=True)
         client.close()
-        _wait(lambda: admission.in_flight == 0, what="the abandoned request to stop")
+        assert admission.wait_idle(60), "the abandoned request did not stop"
     with grpcclient.InferenceServerClient(server.url) as c:
         result = c.infer("glm_image", glm_inputs(prompt="next", height=64, width=64, steps=1, seed=2),
                          outputs=outputs("image"), client_timeout=60)
@@ -155,21 +147,14 @@ def test_client_that_disconnects_mid_stream(server):
 
 def test_shutdown_drains_requests_in_flight(tiny_package: Path, tmp_path: Path):
     """SIGTERM with requests running and queued: those admitted finish, new ones get UNAVAILABLE, exit 0."""
-    port, metrics_port = free_port(), free_port()
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(CLI + ["serve", str(tiny_package), "--port", str(port), "--no-verify",
-                                       "--drain-timeout", "60", "--metrics-port", str(metrics_port)],
-                                stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"127.0.0.1:{port}"
+    server = ServeProcess(tiny_package, "--no-verify", "--drain-timeout", "60", log_path=tmp_path / "serve.log")
     try:
-        _wait(lambda: "ready:" in log_path.read_text() or proc.poll() is not None, 60, "the server to load")
-        assert proc.poll() is None, log_path.read_text()
+        server.wait_ready()
         results: dict[int, object] = {}
 
         def call(i: int) -> None:
             try:
-                with grpcclient.InferenceServerClient(url) as c:
+                with grpcclient.InferenceServerClient(server.url) as c:
                     # ~1 s each on the tiny package: still running or queued when SIGTERM comes
                     r = c.infer("glm_image", glm_inputs(prompt=f"p{i}", height=512, width=512, steps=100, seed=i),
                                 outputs=outputs("image"), client_timeout=60)
@@ -180,15 +165,10 @@ def test_shutdown_drains_requests_in_flight(tiny_package: Path, tmp_path: Path):
         threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
         for t in threads:
             t.start()
-        def in_flight() -> str:  # the server's own gauge of admitted requests
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
-                return response.read().decode()
-
-        # the three are admitted (one running, two queued behind --max-concurrency 1)
-        _wait(lambda: "glm_image_requests_in_flight 3.0" in in_flight(), 60, "the three requests to be admitted")
-        proc.send_signal(signal.SIGTERM)
-        _wait(lambda: "draining" in log_path.read_text(), 10, "the drain to start")
-        with grpcclient.InferenceServerClient(url) as c:
+        server.wait_in_flight(3)  # all three admitted (running, or waiting for the DiT)
+        server.signal(signal.SIGTERM)
+        server.wait_for_log("draining")
+        with grpcclient.InferenceServerClient(server.url) as c:
             try:
                 c.infer("vae_decoder", [tensor("latents", np.zeros((1, 4, 8, 8), np.float32), "FP32")],
                         client_timeout=10)
@@ -197,17 +177,13 @@ def test_shutdown_drains_requests_in_flight(tiny_package: Path, tmp_path: Path):
                 late = e.status()
         for t in threads:
             t.join(timeout=60)
-        assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        code = server.stop()
+    assert code == 0
     assert all(v == (512, 512, 3) for v in results.values()) and len(results) == 3, results
     assert late in ("StatusCode.UNAVAILABLE",), late
-    log = log_path.read_text()
-    assert re.search(r"draining: [1-9]\d* request\(s\) in flight", log), log
-    assert "stopped" in log and "Traceback" not in log
-
+    assert re.search(r"draining: [1-9]\d* request\(s\) in flight", server.log), server.log
+    assert "stopped" in server.log and "Traceback" not in server.log
 
 
 def test_serve_flag_errors_exit_2(package: Path, tmp_path: Path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-import time
 from pathlib import Path
 
 import grpc
@@ -197,13 +196,10 @@ def _good(stub) -> None:
 
 
 def test_fuzzed_requests_get_clean_statuses(server, stub):
-    start = time.monotonic()
-
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(st.one_of(requests(), glm_requests()))
     def check(request):
-        assert time.monotonic() - start < 90, "the fuzz run exceeded its time budget"
         code = _code(stub, request)
         COUNTS["requests"] += 1
         COUNTS["codes"][code.name] = COUNTS["codes"].get(code.name, 0) + 1
@@ -333,14 +329,12 @@ def openai_bodies(draw) -> tuple[bytes, dict[str, str]]:
 
 
 def test_fuzzed_http_requests_get_clean_statuses(server):
-    start = time.monotonic()
     seen: dict[int, int] = {}
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(st.sampled_from(HTTP_ROUTES), st.data())
     def check(route, data):
-        assert time.monotonic() - start < 90, "the fuzz run exceeded its time budget"
         body, headers = data.draw(openai_bodies() if route.startswith("/v1") else kserve_bodies())
         if route.startswith("/v1") and b'"stream": true' in body:
             headers["Accept"] = "text/event-stream"

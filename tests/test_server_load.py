@@ -3,13 +3,9 @@ reflection, metrics, and a SIGTERM drain of the real `glm-image-onnx serve` proc
 
 from __future__ import annotations
 
-import os
 import queue
 import signal
-import subprocess
-import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,22 +13,13 @@ import grpc
 import numpy as np
 import pytest
 
-from _server_helpers import Limits, free_port, glm_inputs, outputs, start_server, tensor, \
-    tritonclient_grpc as grpcclient
+from _server_helpers import (Limits, ServeProcess, glm_inputs, outputs, start_server, tensor,
+                            tritonclient_grpc as grpcclient)
 from tritonclient.utils import InferenceServerException
 
 # 256x256 on the tiny preset takes ~10 ms per denoising step: LONG runs for a minute if not stopped.
 LONG = dict(prompt="a long one", height=256, width=256, steps=5000, seed=1)
 SMALL = dict(prompt="a short one", height=64, width=64, steps=2, seed=1)
-
-
-def _wait(predicate, timeout: float = 20.0, what: str = "condition") -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-    return time.monotonic() - start
 
 
 @pytest.fixture(scope="module")
@@ -162,39 +149,23 @@ def test_health_while_loading_then_serving_and_reflection(tiny_package: Path):
         srv.stop()
 
 
-def test_sigterm_drains_in_flight_requests(tiny_package: Path):
+def test_sigterm_drains_in_flight_requests(tiny_package: Path, tmp_path: Path):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    port, metrics_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "glm_image_onnx", "serve", str(tiny_package), "--port", str(port),
-                             "--no-verify", "--max-steps", "100000", "--drain-timeout", "60",
-                             "--metrics-port", str(metrics_port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"127.0.0.1:{port}"
+    server = ServeProcess(tiny_package, "--no-verify", "--max-steps", "100000", "--drain-timeout", "60",
+                          log_path=tmp_path / "serve.log")
     try:
-        with grpcclient.InferenceServerClient(url) as client:
-            def ready() -> bool:
-                try:
-                    return client.is_server_ready()
-                except InferenceServerException:
-                    return False
-
-            _wait(ready, timeout=60, what="the server process to load")
+        server.wait_ready()
+        with grpcclient.InferenceServerClient(server.url) as client:
             done: queue.Queue = queue.Queue()
             client.async_infer("glm_image", glm_inputs(**{**LONG, "steps": 120}), outputs=outputs("image"),
                                callback=lambda result, error: done.put((result, error)))
-            metrics = f"http://127.0.0.1:{metrics_port}/metrics"
-
-            def admitted() -> bool:
-                return "glm_image_requests_in_flight 1.0" in urllib.request.urlopen(metrics, timeout=5).read().decode()
-
-            _wait(admitted, what="the long request to be admitted")  # it then runs ~2 s (AR plan + 120 steps)
-            proc.send_signal(signal.SIGTERM)
-            with grpc.insecure_channel(url) as channel:
+            server.wait_in_flight(1)  # admitted; it then runs ~2 s (AR plan + 120 steps)
+            server.signal(signal.SIGTERM)
+            server.wait_for_log("draining")
+            with grpc.insecure_channel(server.url) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
-                _wait(lambda: stub.Check(health_pb2.HealthCheckRequest()).status
-                      == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=5, what="health NOT_SERVING")
+                assert stub.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
             assert not client.is_server_ready()
             with pytest.raises(InferenceServerException) as info:
                 client.infer("glm_image", glm_inputs(**SMALL))
@@ -202,11 +173,9 @@ def test_sigterm_drains_in_flight_requests(tiny_package: Path):
             result, error = done.get(timeout=60)
             assert error is None, error
             assert result.as_numpy("image").shape == (256, 256, 3)
-        assert proc.wait(timeout=30) == 0
-        log = proc.stdout.read()
-        assert "draining: 1 request(s) in flight" in log and "stopped" in log
-        assert log.count("status=OK") == 1 and "status=UNAVAILABLE" in log
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        code = server.stop(30)
+    assert code == 0
+    log = server.log
+    assert "draining: 1 request(s) in flight" in log and "stopped" in log
+    assert log.count("status=OK") == 1 and "status=UNAVAILABLE" in log

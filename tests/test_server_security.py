@@ -9,12 +9,11 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from _server_helpers import glm_inputs, http, outputs, start_server, tritonclient_grpc as grpcclient
+from _server_helpers import ServeProcess, glm_inputs, http, outputs, start_server, tritonclient_grpc as grpcclient
 
 x509 = pytest.importorskip("cryptography.x509", reason="needs cryptography (test extra)")
 import grpc  # noqa: E402
@@ -288,35 +287,16 @@ def test_security_config_errors_and_exposure_warnings(pki, tmp_path):
     assert bearer([("authorization", "Basic abc")]) is None and bearer([]) is None
 
 
-def _wait_port(proc: subprocess.Popen, log_path: Path, timeout: float = 60) -> int:
-    import re
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text())
-        if m and "ready:" in log_path.read_text():
-            return int(m.group(1))
-        assert proc.poll() is None, log_path.read_text()
-        time.sleep(0.1)
-    raise TimeoutError(log_path.read_text())
-
-
 def test_cli_serve_and_client_with_tls_tokens_and_sighup(tiny_package: Path, pki, tmp_path):
-    from _server_helpers import free_port
-
     tokens = tmp_path / "tokens.txt"
     tokens.write_text(TOKENS[0] + "\n")
-    log_path = tmp_path / "serve.log"
-    port = free_port()
-    cmd = CLI + ["serve", str(tiny_package), "--port", str(port),
-           "--no-verify", "--no-components", "--tls-cert", str(pki["server"]), "--tls-key", str(pki["server_key"]),
-           "--token-file", str(tokens)]
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    server = ServeProcess(tiny_package, "--no-verify", "--no-components", "--tls-cert", str(pki["server"]),
+                          "--tls-key", str(pki["server_key"]), "--token-file", str(tokens),
+                          log_path=tmp_path / "serve.log", tls_ca=pki["ca"])
     try:
-        _wait_port(proc, log_path)
-        client = CLI + ["client", "--url", f"127.0.0.1:{port}", "--prompt",
-                  "a boat", "--height", "64", "--width", "64", "--steps", "1", "--tls-ca", str(pki["ca"])]
+        server.wait_ready()
+        client = CLI + ["client", "--url", server.url, "--prompt",
+                        "a boat", "--height", "64", "--width", "64", "--steps", "1", "--tls-ca", str(pki["ca"])]
         denied = subprocess.run(client + ["--out", str(tmp_path / "a.png")], capture_output=True, text=True,
                                 timeout=60)
         assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
@@ -325,10 +305,8 @@ def test_cli_serve_and_client_with_tls_tokens_and_sighup(tiny_package: Path, pki
         assert ok.returncode == 0, ok.stderr
         assert (tmp_path / "a.png").stat().st_size > 0
         tokens.write_text(TOKENS[1] + "\n")
-        proc.send_signal(signal.SIGHUP)
-        end = time.monotonic() + 10
-        while "reloaded 1 bearer token" not in log_path.read_text() and time.monotonic() < end:
-            time.sleep(0.05)
+        server.signal(signal.SIGHUP)
+        server.wait_for_log("reloaded 1 bearer token")
         stream = subprocess.run(client + ["--token", TOKENS[1], "--stream", "--out", str(tmp_path / "b.png")],
                                 capture_output=True, text=True, timeout=60)
         assert stream.returncode == 0, stream.stderr
@@ -336,9 +314,9 @@ def test_cli_serve_and_client_with_tls_tokens_and_sighup(tiny_package: Path, pki
                              capture_output=True, text=True, timeout=60, env={**os.environ})
         assert old.returncode == 1 and "not accepted" in old.stderr
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    log = log_path.read_text()
+        code = server.stop(30)
+    assert code == 0
+    log = server.log
     assert "TLS, 1 bearer token(s)" in log and "reloaded 1 bearer token(s)" in log
     assert not any(t in log for t in TOKENS)
 
