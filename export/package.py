@@ -84,6 +84,18 @@ class ExportOptions:
 
 
 def _load_component(folder: str, path: Path) -> Any:
+    """The checkpoint component in fp32, eval mode. A file that cannot be read (a truncated
+    download, a foreign format) is the caller's to fix: an ExportUsageError naming the folder."""
+    try:
+        return _from_pretrained(folder, path)
+    except KeyError:
+        raise
+    except Exception as e:  # from_pretrained raises OSError, ValueError, safetensors' own errors, ...
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ExportUsageError(f"cannot load {folder} from {path}: {type(e).__name__}: {first}") from None
+
+
+def _from_pretrained(folder: str, path: Path) -> Any:
     import torch
 
     if folder == "vision_language_encoder":

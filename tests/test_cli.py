@@ -47,6 +47,18 @@ def test_export_refuses_to_overwrite(tiny_checkpoint: Path, tmp_path: Path) -> N
     assert (tmp_path / "pkg" / "keep.txt").read_text() == "mine"
 
 
+def test_export_truncated_weights_is_one_line_exit_2(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import shutil
+
+    ckpt = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    weights = ckpt / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated download
+    proc = run_cli("export", str(ckpt), str(tmp_path / "pkg"), "--components", "vae_decoder")
+    _assert_one_line_error(proc, 2, "cannot load vae from")
+    assert not (tmp_path / "pkg").exists()
+
+
 @pytest.mark.parametrize("args, text", [
     (("--preset", "huge"), "unknown preset 'huge'"),
     (("--preset", "full"), "add --layers N"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from glm_image_onnx.export import graph as graph_mod
-from glm_image_onnx.export.package import GRAPHS, ExportOptions, export_package, load_manifest
+from glm_image_onnx.export.package import GRAPHS, ExportError, ExportOptions, export_package, load_manifest
 from glm_image_onnx.manifest import FORMAT, FORMAT_VERSION, sha256_file
 
 
@@ -76,14 +76,14 @@ def test_failed_export_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path) -> 
     weights = ckpt / "vae" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated download
     logs: list[str] = []
-    with pytest.raises(Exception):
+    with pytest.raises(ExportError, match="cannot load vae from .*broken/vae"):
         export_package(ckpt, tmp_path / "pkg", ExportOptions(graphs=("glyph_encoder", "vae_decoder"), jobs=1),
                        log=logs.append)
     assert any("glyph_encoder: exported" in line for line in logs)  # it failed part-way
     assert not (tmp_path / "pkg").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["broken"]  # no partial folder left behind
     # the same with parallel workers: the worker's error surfaces and nothing is left
-    with pytest.raises(Exception):
+    with pytest.raises(ExportError, match="cannot load vae"):
         export_package(ckpt, tmp_path / "pkg", ExportOptions(graphs=("glyph_encoder", "vae_decoder"), jobs=2),
                        log=logs.append)
     assert [p.name for p in tmp_path.iterdir()] == ["broken"]
@@ -91,8 +91,6 @@ def test_failed_export_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path) -> 
 
 def test_verify_failure_fails_the_export(tiny_checkpoint: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from glm_image_onnx.export.package import ExportError
-
     monkeypatch.setattr(graph_mod, "MAX_RELATIVE_ERROR", 0.0)
     with pytest.raises(ExportError, match="differs from PyTorch"):
         # A zero tolerance: any rounding difference must fail the export.
