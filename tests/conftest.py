@@ -27,22 +27,33 @@ def _verification_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
         os.environ["GLM_IMAGE_ONNX_CACHE"] = before
 
 
+def build_checkpoint(preset: Any, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A random checkpoint of `preset` (seed 0) in a fresh temporary folder."""
+    from glm_image_onnx.models.checkpoint import write_checkpoint
+
+    return write_checkpoint(preset, tmp_path_factory.mktemp("ckpt") / name, seed=0)
+
+
+def build_package(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, name: str, **options: Any) -> Path:
+    """`checkpoint` exported (ExportOptions(**options)) into a fresh temporary folder."""
+    from glm_image_onnx.export.package import ExportOptions, export_package
+
+    out = tmp_path_factory.mktemp("pkg") / name
+    export_package(checkpoint, out, ExportOptions(**options), log=lambda _: None)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from glm_image_onnx.models.checkpoint import write_checkpoint
     from glm_image_onnx.models.presets import TINY
 
-    return write_checkpoint(TINY, tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+    return build_checkpoint(TINY, tmp_path_factory, "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_package(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint exported with --verify (every graph)."""
-    from glm_image_onnx.export.package import ExportOptions, export_package
-
-    out = tmp_path_factory.mktemp("pkg") / "tiny-onnx"
-    export_package(tiny_checkpoint, out, ExportOptions(verify=True), log=lambda _: None)
-    return out
+    return build_package(tiny_checkpoint, tmp_path_factory, "tiny-onnx", verify=True)
 
 
 def greedy_reference(checkpoint: Path) -> Any:
@@ -70,14 +81,8 @@ def greedy_reference(checkpoint: Path) -> Any:
 def export_target(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, target: str,
                   dtypes: tuple[str, ...]) -> dict[str, Path]:
     """`checkpoint` exported for `target` in each of `dtypes`, with --verify: dtype -> package."""
-    from glm_image_onnx.export.package import ExportOptions, export_package
-
-    out = {}
-    for dtype in dtypes:
-        out[dtype] = tmp_path_factory.mktemp(target) / f"tiny-{target}-{dtype}"
-        export_package(checkpoint, out[dtype], ExportOptions(verify=True, target=target, dtype=dtype),
-                       log=lambda _: None)
-    return out
+    return {dtype: build_package(checkpoint, tmp_path_factory, f"tiny-{target}-{dtype}", verify=True, target=target,
+                                 dtype=dtype) for dtype in dtypes}
 
 
 @pytest.fixture(scope="session")

@@ -12,27 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import greedy_reference
+from conftest import build_checkpoint, build_package, greedy_reference
 from glm_image_onnx.models.presets import FULL, TINY_PUBLISHED
 from glm_image_onnx.runtime import GlmImageOnnxPipeline
 
 
 @pytest.fixture(scope="module")
 def published_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from glm_image_onnx.models.checkpoint import write_checkpoint
-
-    return write_checkpoint(TINY_PUBLISHED, tmp_path_factory.mktemp("ckpt") / "tiny-published", seed=0)
+    return build_checkpoint(TINY_PUBLISHED, tmp_path_factory, "tiny-published")
 
 
 @pytest.fixture(scope="module")
 def published_package(published_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from glm_image_onnx.export.package import ExportOptions, export_package
-
-    out = tmp_path_factory.mktemp("pkg") / "tiny-published-onnx"
     # No per-graph --verify (the tiny package's tests have it): the 512x512 comparison with diffusers
     # checks every graph this structure changes, end to end.
-    export_package(published_checkpoint, out, ExportOptions(), log=lambda _: None)
-    return out
+    return build_package(published_checkpoint, tmp_path_factory, "tiny-published-onnx")
 
 
 def _json(path: Path) -> dict[str, Any]:

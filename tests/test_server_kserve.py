@@ -279,12 +279,14 @@ def test_serve_command_errors(server, tiny_package: Path, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
-def test_server_imports_no_torch():
+def test_runtime_and_server_import_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, glm_image_onnx.cli, glm_image_onnx.server.app, glm_image_onnx.server.client, "
-            "glm_image_onnx.server.triton_repo; "
+    code = ("import sys, glm_image_onnx.runtime, glm_image_onnx.runtime.scheduler, glm_image_onnx.runtime.glyphs, "
+            "glm_image_onnx.runtime.prompt, glm_image_onnx.runtime.images, glm_image_onnx.cli, "
+            "glm_image_onnx.server.app, glm_image_onnx.server.client, glm_image_onnx.server.triton_repo, "
+            "glm_image_onnx.server.http_server, glm_image_onnx.server.openai_images; "
             "glm_image_onnx.cli.build_parser(); "
             "bad = [m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules]; "
             "assert not bad, bad")
