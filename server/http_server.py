@@ -123,8 +123,14 @@ class HttpFrontEnd:
             t0 = time.perf_counter()
             request.state.logged = False
             try:
-                self.authenticate(request)
-                response = await handler(request)
+                try:
+                    self.authenticate(request)
+                    response = await handler(request)
+                except RequestError:
+                    raise
+                except Exception as e:  # a bug here still answers in the protocol's shape, and is logged
+                    log.exception("http %s %s failed", request.method, request.url.path)
+                    raise errors.internal(f"internal error: {type(e).__name__}: {e}") from None
             except RequestError as e:
                 response = on_error(e)
                 if e.code == "UNAUTHENTICATED":

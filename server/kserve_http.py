@@ -244,7 +244,10 @@ def routes(front: HttpFrontEnd) -> list[Route]:
 
     async def repository_index(request: Request) -> Response:
         body = await front.read_body(request)
-        wanted = json.loads(body or b"{}") if body.strip() else {}
+        try:
+            wanted = json.loads(body) if body.strip() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise errors.invalid(f"the request body is not valid JSON ({e})") from None
         only_ready = isinstance(wanted, dict) and wanted.get("ready") is True
         out = []
         for name, model in state.models.items():

@@ -95,7 +95,7 @@ class ImagesRequest:
         unknown = sorted(set(body) - KNOWN - ({"image", "image[]", "mask"} if edit else set()))
         if unknown:
             raise errors.invalid(f"unknown parameter '{unknown[0]}' (this server takes: {', '.join(sorted(KNOWN))})",
-                           unknown[0])
+                                 unknown[0])
         model = body.get("model")
         if model not in (None, MODEL):
             raise errors.RequestError("NOT_FOUND", f"model '{model}' is not served here (models: {MODEL})", "model")
@@ -110,22 +110,22 @@ class ImagesRequest:
         response_format = body.get("response_format", "b64_json")
         if response_format != "b64_json":
             raise errors.invalid(f"response_format {response_format!r} is not supported: this server returns images "
-                           "inline (b64_json), it does not host them", "response_format")
+                                 "inline (b64_json), it does not host them", "response_format")
         self.output_format = body.get("output_format", "png")
-        if self.output_format not in FORMATS:
+        if not isinstance(self.output_format, str) or self.output_format not in FORMATS:
             raise errors.invalid(f"output_format must be one of {', '.join(FORMATS)}, got {self.output_format!r}",
-                           "output_format")
+                                 "output_format")
         background = body.get("background", "auto")
         if background not in ("auto", "opaque"):
             raise errors.invalid(f"background {background!r} is not supported (GLM-Image paints opaque images)",
-                           "background")
+                                 "background")
         self.params: dict[str, Any] = {"prompt": body["prompt"]}
         size = body.get("size", "auto")
         if size != "auto":
             match = _SIZE.match(size) if isinstance(size, str) else None
             if match is None:
                 raise errors.invalid(f"size must be 'WIDTHxHEIGHT' (for example '1024x1024') or 'auto', got {size!r}",
-                               "size")
+                                     "size")
             self.params["width"], self.params["height"] = int(match[1]), int(match[2])
         self.params.update({k: body[k] for k in EXTENSIONS if body.get(k) is not None})
         seed = self.params.get("seed")

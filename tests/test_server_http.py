@@ -115,6 +115,9 @@ BAD = [  # (request, status, param, words in the message)
     (dict(prompt="a cat", size="64x64", extra_body={"steps": "many"}), 400, "steps", ["steps", "number"]),
     (dict(prompt="a cat", size="64x64", extra_body={"colour": "red"}), 400, "colour", ["unknown parameter"]),
     (dict(prompt="a cat", size="64x64", model="dall-e-3"), 404, "model", ["dall-e-3", "glm_image"]),
+    (dict(prompt="a cat", size="64x64", extra_body={"output_format": ["png"]}), 400, "output_format", ["one of"]),
+    (dict(prompt=["a", "cat"], size="64x64"), 400, "prompt", ["string"]),
+    (dict(prompt="a cat", size="64x64", extra_body={"seed": {"x": 1}}), 400, "seed", ["number"]),
     (dict(prompt="x" * (20 << 20), size="64x64"), 413, None, ["limit", "--max-message-mb"]),
 ]
 
@@ -230,6 +233,7 @@ KSERVE_BAD = [  # (route, body, headers, status, words)
     ("/v2/models/glm_image/infer",
      b'{"inputs":[{"name":"prompt","shape":[1],"datatype":"BYTES","data":["x"]}],'
      b'"parameters":{"height":50}}', {}, 400, ["height must be a positive multiple of 32"]),
+    ("/v2/repository/index", b"{oops", {}, 400, ["not valid JSON"]),
 ]
 
 
