@@ -587,10 +587,3 @@ def _created_by() -> dict[str, str]:
             pass
     return out
 
-
-def load_manifest(package: Path | str) -> dict[str, Any]:
-    path = Path(package) / MANIFEST
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a glm-image-onnx package manifest")
-    return manifest

@@ -43,6 +43,13 @@ def build_package(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, na
     return out
 
 
+def manifest_of(package: Path) -> dict[str, Any]:
+    """A package's manifest as the runtime reads it (format and version checked)."""
+    from glm_image_onnx.runtime.package import Package
+
+    return Package.open(package, verify_files=False).manifest
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from glm_image_onnx.models.presets import TINY

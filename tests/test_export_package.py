@@ -11,13 +11,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from conftest import manifest_of
 from glm_image_onnx.export import graph as graph_mod
-from glm_image_onnx.export.package import GRAPHS, ExportError, ExportOptions, export_package, load_manifest
+from glm_image_onnx.export.package import GRAPHS, ExportError, ExportOptions, export_package
 from glm_image_onnx.manifest import FORMAT, FORMAT_VERSION, sha256_file
 
 
 def test_manifest_lists_every_graph_verified(tiny_package: Path) -> None:
-    m = load_manifest(tiny_package)
+    m = manifest_of(tiny_package)
     assert m["format"] == FORMAT and m["format_version"] == FORMAT_VERSION
     assert set(m["graphs"]) == set(GRAPHS)
     for name, g in m["graphs"].items():
@@ -30,7 +31,7 @@ def test_manifest_lists_every_graph_verified(tiny_package: Path) -> None:
 
 
 def test_manifest_checksums_match_files(tiny_package: Path) -> None:
-    m = load_manifest(tiny_package)
+    m = manifest_of(tiny_package)
     on_disk = {p.relative_to(tiny_package).as_posix() for p in tiny_package.rglob("*")
                if p.is_file() and p.name != "manifest.json"}
     assert on_disk == set(m["files"])
@@ -45,7 +46,7 @@ def test_manifest_checksums_match_files(tiny_package: Path) -> None:
 
 
 def test_manifest_signatures_match_sessions(tiny_package: Path) -> None:
-    m = load_manifest(tiny_package)
+    m = manifest_of(tiny_package)
     to_np = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(bool)": "bool",
              "tensor(int32)": "int32"}
     for name, g in m["graphs"].items():

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from glm_image_onnx.export.package import ExportOptions, export_package, load_manifest
+from conftest import manifest_of
+from glm_image_onnx.export.package import ExportOptions, export_package
 
 
 def _summary(path: Path) -> tuple[collections.Counter, collections.Counter]:
@@ -44,7 +45,7 @@ def low_memory_package(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathF
 
 
 def test_same_graphs_as_plain_export(tiny_package: Path, low_memory_package: Path) -> None:
-    plain, low = load_manifest(tiny_package), load_manifest(low_memory_package)
+    plain, low = manifest_of(tiny_package), manifest_of(low_memory_package)
     assert list(low["graphs"]) == list(plain["graphs"])
     _assert_same_graphs(tiny_package, low_memory_package, list(plain["graphs"]))
     for name, entry in low["graphs"].items():
@@ -141,7 +142,7 @@ def test_half_precision_same_as_plain(tiny_checkpoint: Path, tmp_path: Path, mon
         export_package(tiny_checkpoint, pkgs[low],
                        ExportOptions(graphs=graphs, target="cuda", dtype=dtype, low_memory=low, jobs=1,
                                      verify=(dtype == "fp16")), log=lambda _: None)
-    plain, low = load_manifest(pkgs[False]), load_manifest(pkgs[True])
+    plain, low = manifest_of(pkgs[False]), manifest_of(pkgs[True])
     for name in graphs:
         a, b = plain["graphs"][name], low["graphs"][name]
         assert (a["inputs"], a["outputs"], a["config"]) == (b["inputs"], b["outputs"], b["config"]), name
