@@ -42,16 +42,12 @@ def child(package: Path, graph: str, rows: int, calls: int) -> float:
     if graph == "ar_planner":
         ar = ArPlanner(session, pkg.graph_config(graph))
         cache = ar.new_cache(rows, 512)
-        io = session.io_binding()
-        cache.bind(io, 0, rows)
         lengths = ar.length_inputs(rows, 1)
         ar.set_lengths(lengths, np.full(rows, 300), 1)  # a decode step at position 300 of each row
-        # held until the calls end: a binding keeps only pointers
         feeds = {"input_ids": np.zeros((rows, 1), np.int64), "position_ids": np.zeros((3, rows, 1), np.int64),
                  **lengths}
-        logits = np.empty((rows, 1, ar.vocab), np.float32)
-        ar.bind_host(io, feeds, logits)
-        call = lambda: session.run_with_iobinding(io)  # noqa: E731
+        binding = ar.bind(cache, 0, rows, feeds, np.empty((rows, 1, ar.vocab), np.float32))
+        call = lambda: ar.run(binding)  # noqa: E731
     elif graph == "dit_decoder":
         cfg = pkg.graph_config(graph)
         empty = np.zeros((cfg["num_layers"], 1, 0, cfg["num_heads"], cfg["head_dim"]), np.float32)

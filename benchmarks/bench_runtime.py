@@ -314,25 +314,18 @@ def child_work(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import onnx
     import onnxruntime as ort
 
-    from glm_image_onnx.runtime import GlmImageOnnxPipeline, providers
+    from glm_image_onnx.runtime import GlmImageOnnxPipeline
 
     graphs = ("ar_planner", "glyph_encoder", "dit_decoder", "vae_decoder")
     prof_dir = Path(tempfile.mkdtemp(prefix="prof-", dir=work))
-    original = providers.session_options
 
-    def profiled(provider: str, threads: int | None = None) -> ort.SessionOptions:
-        so = original(provider, threads)
+    def profiled(so: ort.SessionOptions) -> None:
         # Unfused graphs: every MatMul/Gemm/Conv is its own node with its real shapes.
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.enable_profiling = True
         so.profile_file_prefix = str(prof_dir / "p")
-        return so
 
-    providers.session_options = profiled
-    try:
-        pipe = GlmImageOnnxPipeline.from_package(args.package, threads=args.threads)
-    finally:
-        providers.session_options = original
+    pipe = GlmImageOnnxPipeline.from_package(args.package, threads=args.threads, configure_session=profiled)
     latents = np.load(work / "latents.npy")
     pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=1,
          guidance_scale=args.guidance, latents=latents, do_sample=False)

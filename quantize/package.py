@@ -455,7 +455,7 @@ def evaluate(src: Path, new: Path, selected: list[str], o: QuantizeOptions, log:
     got = capture_mod.open_pipeline(new, o.threads)
     # Every fp32 call made during the evaluation is recorded: those are the fresh graph inputs.
     recorder = capture_mod.Recorder()
-    capture_mod.install(ref, recorder)
+    ref.observe_feeds(recorder)
     prompts = [EVAL_PROMPTS[i % len(EVAL_PROMPTS)] for i in range(o.eval_prompts)]
     report: dict[str, Any] = {"prompts": prompts}
     t0 = time.perf_counter()

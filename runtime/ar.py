@@ -37,6 +37,12 @@ from glm_image_onnx.runtime.shapes import ShapeBuckets
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): stage is "ar" (tokens) or "denoise" (steps). Raising from it
 stops the generation (the server uses this for cancellations and deadlines)."""
+Feeds = dict[str, np.ndarray]
+FeedObserver = Callable[[str, Callable[[], "Feeds | None"]], None]
+"""observer(graph, feeds): told of each call of a graph's session just before it runs (install it
+with GlmImageOnnxPipeline.observe_feeds). `feeds()` gives the call's inputs as host arrays, views
+that the call may overwrite (copy what you keep), or None when some of them live in device memory;
+an observer that skips a call never pays for it. The quantiser records calibration data with it."""
 
 
 @dataclass
@@ -74,6 +80,7 @@ class ArPlanner:
         if self.static and not self.buckets.static:
             raise PackageError("ar_planner: a bucketed kv_cache needs target.shape_buckets in the manifest")
         self.device, self.device_id = device, device_id
+        self.observer: FeedObserver | None = None
 
     def new_cache(self, rows: int, capacity: int) -> "KvCache":
         return KvCache(self, rows, capacity)
@@ -98,11 +105,20 @@ class ArPlanner:
         buffers["seqlens_k"][:] = starts[:, 0] + seq - 1  # the valid length after the call, minus 1
         buffers["total_sequence_length"][()] = starts.max() + seq
 
-    def bind_host(self, io: ort.IOBinding, arrays: dict[str, np.ndarray], logits: np.ndarray) -> None:
-        """Bind host buffers by pointer: a call only rewrites their contents."""
-        for name, arr in arrays.items():
+    def bind(self, cache: "KvCache", first_row: int, rows: int, host: Feeds, logits: np.ndarray) -> "Binding":
+        """An IO binding of cache rows first_row .. first_row + rows - 1 and of host buffers by
+        pointer (a call only rewrites their contents), logits included."""
+        io = self.session.io_binding()
+        cache.bind(io, first_row, rows)
+        for name, arr in host.items():
             io.bind_input(name, "cpu", 0, arr.dtype.type, list(arr.shape), arr.ctypes.data)
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        return Binding(io, host, logits, cache, first_row, rows)
+
+    def run(self, binding: "Binding", run_options: ort.RunOptions | None = None) -> None:
+        if self.observer is not None:
+            self.observer("ar_planner", binding.feeds)
+        self.session.run_with_iobinding(binding.io, run_options)
 
     def prefill(self, cache: "KvCache", row: int, input_ids: np.ndarray, positions: np.ndarray,
                 release: bool = True) -> np.ndarray:
@@ -121,15 +137,14 @@ class ArPlanner:
         chunk_ids, chunk_pos = np.empty((1, chunk), i64), np.empty((3, 1, chunk), i64)
         chunk_logits = np.empty((1, chunk, self.vocab), dtype=np.float32)
         lengths = self.length_inputs(1, chunk)
-        io = self.session.io_binding()
-        cache.bind(io, row, 1)
-        self.bind_host(io, {"input_ids": chunk_ids, "position_ids": chunk_pos, **lengths}, chunk_logits)
+        binding = self.bind(cache, row, 1, {"input_ids": chunk_ids, "position_ids": chunk_pos, **lengths},
+                            chunk_logits)
         for start in range(0, padded, chunk):
             chunk_ids[:], chunk_pos[:] = ids[:, start:start + chunk], pos[:, :, start:start + chunk]
             self.set_lengths(lengths, start, chunk)
             # The prefill's [prompt x capacity] temporaries are not needed by the decode steps.
             last = start + chunk >= padded
-            self.session.run_with_iobinding(io, self.release if last and release else None)
+            self.run(binding, self.release if last and release else None)
             if start <= prompt_len - 1 < start + chunk:
                 logits = chunk_logits[:, prompt_len - 1 - start, :].copy()
         return logits
@@ -152,9 +167,7 @@ class ArPlanner:
         step_logits = np.empty((1, 1, self.vocab), dtype=np.float32)
         positions_by_step = np.ascontiguousarray(decode_positions.transpose(2, 1, 0))  # [L, 3, 1]
         lengths = self.length_inputs(1, 1)
-        io = self.session.io_binding()
-        cache.bind(io, 0, 1)
-        self.bind_host(io, {"input_ids": token_buf, "position_ids": pos_buf, **lengths}, step_logits)
+        binding = self.bind(cache, 0, 1, {"input_ids": token_buf, "position_ids": pos_buf, **lengths}, step_logits)
 
         tokens = np.empty(num_tokens, dtype=i64)
         per_token: list[float] = []
@@ -169,7 +182,7 @@ class ArPlanner:
             token_buf[0, 0] = tokens[step]
             pos_buf[:, :, 0] = positions_by_step[step]
             self.set_lengths(lengths, prompt_len + step, 1)  # this token's cache position
-            self.session.run_with_iobinding(io, self.release if step == num_tokens - 2 else None)
+            self.run(binding, self.release if step == num_tokens - 2 else None)
             logits = step_logits[:, -1, :]
             per_token.append(time.perf_counter() - t1)
         return ArResult(tokens=tokens, prefill_s=prefill_s,
@@ -214,6 +227,30 @@ class KvCache:
             address = ptr + first_row * self.row_bytes
             io.bind_input(past, self.device, self.device_id, self.element, shape, address)
             io.bind_output(present, self.device, self.device_id, self.element, shape, address)
+
+    def host_rows(self, first_row: int, n: int) -> Feeds | None:
+        """The past_key_values.* inputs of a call over these rows, as views of the host cache
+        (None when the cache lives in device memory)."""
+        if not self.buffers or not isinstance(self.buffers[0], np.ndarray):
+            return None
+        return {past: buf[first_row:first_row + n] for (past, _), buf in zip(self.names, self.buffers)}
+
+
+@dataclass
+class Binding:
+    """An AR planner IO binding and the host arrays behind it (held here: the binding keeps only
+    their pointers); `feeds` is what an observer sees."""
+
+    io: ort.IOBinding
+    host: Feeds
+    logits: np.ndarray
+    cache: KvCache
+    first_row: int
+    rows: int
+
+    def feeds(self) -> Feeds | None:
+        past = self.cache.host_rows(self.first_row, self.rows)
+        return None if past is None else {**self.host, **past}
 
 
 def check_decode_positions(num_tokens: int, decode_positions: np.ndarray) -> None:

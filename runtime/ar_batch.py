@@ -86,10 +86,8 @@ class _StepBuffers:
         self.logits = np.empty((n, 1, planner.vocab), np.float32)
         self.lengths = planner.length_inputs(n, 1)
         self.starts = np.zeros(n, np.int64)
-        self.io = planner.session.io_binding()
-        cache.bind(self.io, 0, n)
-        planner.bind_host(self.io, {"input_ids": self.token, "position_ids": self.positions, **self.lengths},
-                          self.logits)
+        self.binding = planner.bind(cache, 0, n, {"input_ids": self.token, "position_ids": self.positions,
+                                                  **self.lengths}, self.logits)
 
 
 class ArBatchEngine:
@@ -247,7 +245,7 @@ class ArBatchEngine:
         last = not self._pending and all(r.done + 1 == r.num_tokens for r in rows)
         # A failing call or sampler fails every row of the call: _loop's handler.
         t0 = time.perf_counter()
-        self.planner.session.run_with_iobinding(buf.io, self.planner.release if last else None)
+        self.planner.run(buf.binding, self.planner.release if last else None)
         seconds = time.perf_counter() - t0
         tokens = sample_rows([r.sampler for r in rows], buf.logits[[r.slot for r in rows], -1, :])
         for row, token in zip(rows, tokens):

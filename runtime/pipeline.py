@@ -23,12 +23,12 @@ from PIL import Image
 from glm_image_onnx.targets import manifest_target
 
 from glm_image_onnx.runtime import glyphs, images, mrope
-from glm_image_onnx.runtime.ar import ArPlanner, Progress
+from glm_image_onnx.runtime.ar import ArPlanner, FeedObserver, Feeds, Progress
 from glm_image_onnx.runtime.ar_batch import ArBatchEngine, ArBatching
 from glm_image_onnx.runtime.package import Package, PackageError, verify_mode
 from glm_image_onnx.runtime.prompt import PromptBuilder
-from glm_image_onnx.runtime.providers import (ProviderRequest, check_target, create_session, device_of,
-                                              input_types, release_arena)
+from glm_image_onnx.runtime.providers import (ConfigureSession, ProviderRequest, check_target, create_session,
+                                              device_of, input_types, release_arena)
 from glm_image_onnx.runtime.sampling import SamplingConfig, TokenSampler
 from glm_image_onnx.runtime.scheduler import FlowMatchSchedule, guidance as cfg_mix, image_seq_len
 from glm_image_onnx.runtime.shapes import ShapeBuckets, pad_right
@@ -103,15 +103,15 @@ class _Condition:
 class GlmImageOnnxPipeline:
     def __init__(self, package: Package, provider: ProviderRequest, threads: int | None = None,
                  vae_tiling: str = "auto", vae_tile_size: int | None = None,
-                 ar_batching: ArBatching = ArBatching()):
+                 ar_batching: ArBatching = ArBatching(), configure_session: ConfigureSession | None = None):
         _check_vae_tiling(vae_tiling, vae_tile_size)
         self.vae_tiling = vae_tiling
         self.package = package
         self.provider = provider
         self.config = package.pipeline
         wanted = T2I_GRAPHS + tuple(g for g in I2I_GRAPHS if package.has(g))
-        self.sessions = {g: create_session(package.graph_path(g), provider, threads, MEMORY.get(g, "pattern"))
-                         for g in wanted}
+        self.sessions = {g: create_session(package.graph_path(g), provider, threads, MEMORY.get(g, "pattern"),
+                                           configure_session) for g in wanted}
         # Where the provider could not start at all, the fallback report has said so; where it runs,
         # a package built for another target is worth one line.
         if any(provider.ort_name in s.get_providers() for s in self.sessions.values()):
@@ -130,6 +130,7 @@ class GlmImageOnnxPipeline:
         # The other graphs run one generation at a time: each call already uses every core (or
         # the whole GPU stream), and concurrent CPU calls would only oversubscribe the cores.
         self._compute = threading.Lock()
+        self.observer: FeedObserver | None = None
         self.prompts = PromptBuilder.from_package(package.root)
         self.glyph_tokenizer = glyphs.ByteTokenizer.from_dir(package.file("tokenizer"))
         self.schedule = FlowMatchSchedule.from_config(self.config["scheduler"])
@@ -160,7 +161,8 @@ class GlmImageOnnxPipeline:
     def from_package(cls, path: Path | str, provider: str = "cpu", provider_options: dict[str, Any] | None = None,
                      strict: bool = False, verify_files: bool | str = True, threads: int | None = None,
                      vae_tiling: str = "auto", vae_tile_size: int | None = None,
-                     ar_batching: ArBatching = ArBatching()) -> "GlmImageOnnxPipeline":
+                     ar_batching: ArBatching = ArBatching(),
+                     configure_session: ConfigureSession | None = None) -> "GlmImageOnnxPipeline":
         """Open an exported package on "cpu", "cuda" or "cann" (see runtime.providers).
 
         verify_files: "cached" (or True) checks each file's sha256 once and then trusts an
@@ -172,13 +174,29 @@ class GlmImageOnnxPipeline:
         `tile_sample_min_size`); default the VAE's sample_size, at most CPU_VAE_TILE on the CPU.
 
         ar_batching: concurrent calls (threads, a batch of prompts) share the AR planner's decode
-        steps (runtime.ar_batch); `ArBatching(enabled=False)` decodes each generation alone."""
+        steps (runtime.ar_batch); `ArBatching(enabled=False)` decodes each generation alone.
+
+        configure_session: adjusts each session's options before it is created
+        (runtime.providers.ConfigureSession)."""
         _check_vae_tiling(vae_tiling, vae_tile_size)  # before opening (and verifying) the package
         request = ProviderRequest(provider, dict(provider_options or {}), strict)
         if verify_mode(verify_files) == "off":
             log.warning("%s: file checksums not verified (--no-verify)", path)
         return cls(Package.open(path, verify_files=verify_files), request, threads, vae_tiling, vae_tile_size,
-                   ar_batching)
+                   ar_batching, configure_session)
+
+    def observe_feeds(self, observer: FeedObserver | None) -> None:
+        """Tell `observer` of every graph call from now on, AR steps and denoising steps included
+        (None: stop); see runtime.ar.FeedObserver."""
+        self.observer = observer
+        self.ar.observer = observer
+
+    def _run(self, graph: str, feeds: Feeds) -> list[np.ndarray]:
+        """One plain call of a graph's session (its run options free the arena after the last
+        call: self.release), seen by the feed observer."""
+        if self.observer is not None:
+            self.observer(graph, lambda: feeds)
+        return self.sessions[graph].run(None, feeds, self.release[graph])
 
     def io_device(self, graph: str) -> tuple[str, int]:
         """Where a graph's buffers live between calls: on the GPU when CUDA really runs the session
@@ -351,12 +369,11 @@ class GlmImageOnnxPipeline:
     # ------------------------------------------------------------------------- image-to-image
     def tokenize_sources(self, sources: list[Image.Image]) -> _Condition:
         """Each source image -> its VQ ids (vision tokenizer), one image per call."""
-        session = self.sessions["vision_tokenizer"]
         grids, ids = [], []
         for img in sources:
             pixels, (gh, gw) = self.image_processor.preprocess_one(img)
-            out = session.run(None, {"pixel_values": pixels, "image_grid_thw": np.array([[1, gh, gw]], np.int64)},
-                              self.release["vision_tokenizer"])[0]
+            out = self._run("vision_tokenizer", {"pixel_values": pixels,
+                                                 "image_grid_thw": np.array([[1, gh, gw]], np.int64)})[0]
             grids.append((gh, gw))
             ids.append(out.astype(np.int64).reshape(-1))
         return _Condition(grids=grids, ids=ids)
@@ -372,9 +389,8 @@ class GlmImageOnnxPipeline:
                 raise ValueError(f"image: a {img.width}x{img.height} source gives {prior.shape[1]} prior tokens "
                                  f"but {tokens} latent tokens; use sides that are multiples of 32")
             latent = self.encode(images.vae_preprocess(img, h, w, self.vae_scale))
-            k, v = self.sessions["dit_condition_write"].run(None, {
-                "hidden_states": latent, "prior_token_id": prior,
-                "target_size": np.array([[h, w]], np.float32)}, self.release["dit_condition_write"])
+            k, v = self._run("dit_condition_write", {"hidden_states": latent, "prior_token_id": prior,
+                                                     "target_size": np.array([[h, w]], np.float32)})
             keys.append(k)
             values.append(v)
         condition.keys = np.concatenate(keys, axis=2)
@@ -416,7 +432,6 @@ class GlmImageOnnxPipeline:
     # ------------------------------------------------------------------------------------ glyphs
     def encode_glyphs(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """(cond, uncond) glyph embeddings [1, T, D]: quoted text of the prompt, and "" for CFG."""
-        session = self.sessions["glyph_encoder"]
 
         def encode(texts: list[str]) -> np.ndarray:
             ids, mask = glyphs.glyph_batch(texts, tokenizer=self.glyph_tokenizer)
@@ -426,11 +441,10 @@ class GlmImageOnnxPipeline:
                     padded_ids = np.full((1, width), self.glyph_tokenizer.pad_id, np.int64)
                     padded_mask = np.zeros((1, width), np.int64)
                     padded_ids[0, : ids.shape[1]], padded_mask[0, : ids.shape[1]] = row_ids, row_mask
-                    hidden = session.run(None, {"input_ids": padded_ids, "attention_mask": padded_mask},
-                                         self.release["glyph_encoder"])[0]
+                    hidden = self._run("glyph_encoder", {"input_ids": padded_ids, "attention_mask": padded_mask})[0]
                     rows.append(glyphs.gather_rows(hidden, padded_mask))
                 return np.concatenate(rows, axis=1).astype(np.float32)
-            hidden = session.run(None, {"input_ids": ids, "attention_mask": mask}, self.release["glyph_encoder"])[0]
+            hidden = self._run("glyph_encoder", {"input_ids": ids, "attention_mask": mask})[0]
             return glyphs.gather_rows(hidden, mask).astype(np.float32)
 
         return encode(glyphs.glyph_texts(prompt)), encode([])
@@ -470,13 +484,13 @@ class GlmImageOnnxPipeline:
 
         if batch_cfg:
             branches = [_DitCall(session, device, latents.shape, *text_rows([cond, uncond]), prior_ids, [False, True],
-                                 height, width, empty, empty)]
+                                 height, width, empty, empty, self.observer)]
         else:
             branches = [_DitCall(session, device, latents.shape, *text_rows([cond]), prior_ids, [False], height, width,
-                                 keys, values)]
+                                 keys, values, self.observer)]
             if use_cfg:
                 branches.append(_DitCall(session, device, latents.shape, *text_rows([uncond]), prior_ids, [True],
-                                         height, width, empty, empty))
+                                         height, width, empty, empty, self.observer))
         per_step = []
         for i, t in enumerate(timesteps):
             t0 = time.perf_counter()
@@ -506,7 +520,7 @@ class GlmImageOnnxPipeline:
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """VAE-encode an image [B, C, H, W] in [-1, 1] -> normalised latents (the mode, (x - mean) / std)."""
         def run(sample: np.ndarray) -> np.ndarray:
-            return self.sessions["vae_encoder"].run(None, {"sample": sample}, self.release["vae_encoder"])[0]
+            return self._run("vae_encoder", {"sample": sample})[0]
 
         if self._vae_tiles(pixels.shape[2], pixels.shape[3], self.vae_tile_sample):
             latent = images.tiled_encode(run, pixels, self.vae_tile_sample, self.vae_tile_latent)
@@ -519,7 +533,7 @@ class GlmImageOnnxPipeline:
         z = (latents * self.latents_std + self.latents_mean).astype(np.float32)
 
         def run(tile: np.ndarray) -> np.ndarray:
-            return self.sessions["vae_decoder"].run(None, {"latents": tile}, self.release["vae_decoder"])[0]
+            return self._run("vae_decoder", {"latents": tile})[0]
 
         if self._vae_tiles(z.shape[2], z.shape[3], self.vae_tile_latent):
             sample = images.tiled_decode(run, z, self.vae_tile_latent, self.vae_tile_sample)
@@ -542,9 +556,10 @@ class _DitCall:
 
     def __init__(self, session: Any, device: tuple[str, int], latent_shape: tuple[int, ...], text: np.ndarray,
                  mask: np.ndarray, prior_ids: np.ndarray, drop_rows: list[bool], height: int, width: int,
-                 keys: np.ndarray, values: np.ndarray):
+                 keys: np.ndarray, values: np.ndarray, observer: FeedObserver | None = None):
         rows, n = len(drop_rows), prior_ids.shape[1]
         self.session = session
+        self.observer = observer
         types = input_types(session)
         self.x = np.empty((rows, *latent_shape[1:]), types["hidden_states"])
         self.timestep = np.empty((rows,), types["timestep"])
@@ -556,9 +571,10 @@ class _DitCall:
             "target_size": np.array([[height, width]] * rows), "crop_coords": np.zeros((rows, 2)),
             "condition_keys": keys, "condition_values": values,
         }
+        typed = {k: np.ascontiguousarray(v, types[k]) for k, v in constant.items()}
+        self._host = typed if observer is not None else {}  # what the observer sees of them
         # OrtValues on the device: bound once, kept here (the binding holds only their pointers).
-        self._bound = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v, types[k]), *device)
-                       for k, v in constant.items()}
+        self._bound = {k: ort.OrtValue.ortvalue_from_numpy(v, *device) for k, v in typed.items()}
         self.io = session.io_binding()
         for name, value in self._bound.items():
             self.io.bind_ortvalue_input(name, value)
@@ -570,5 +586,7 @@ class _DitCall:
     def __call__(self, latents: np.ndarray, timestep: float, run_options: Any = None) -> np.ndarray:
         self.x[:] = latents  # [1, C, h, w] broadcast to every CFG row
         self.timestep[:] = timestep
+        if self.observer is not None:
+            self.observer("dit_decoder", lambda: {**self._host, "hidden_states": self.x, "timestep": self.timestep})
         self.session.run_with_iobinding(self.io, run_options)
         return self.noise

@@ -19,7 +19,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -294,23 +294,37 @@ def _session(path: Path | str, so: ort.SessionOptions, providers: list[Any]) -> 
     return ort.InferenceSession(str(path), so, providers=providers, enable_fallback=0)
 
 
-def _cpu_session(path: Path | str, threads: int | None, memory: str) -> ort.InferenceSession:
+ConfigureSession = Callable[[ort.SessionOptions], None]
+"""configure(options): adjusts a session's options just before it is created (a benchmark's
+profiling, a test's graph-optimisation level): the one way to change them from outside."""
+
+
+def _options(provider: str, threads: int | None, memory: str, configure: ConfigureSession | None
+             ) -> ort.SessionOptions:
+    so = session_options(provider, threads, memory)
+    if configure is not None:
+        configure(so)
+    return so
+
+
+def _cpu_session(path: Path | str, threads: int | None, memory: str,
+                 configure: ConfigureSession | None = None) -> ort.InferenceSession:
     try:
-        return _session(path, session_options("cpu", threads, memory), ["CPUExecutionProvider"])
+        return _session(path, _options("cpu", threads, memory, configure), ["CPUExecutionProvider"])
     except Exception as e:  # a broken graph: name the file
         raise ProviderError(f"{Path(path).name}: cannot create a session on CPUExecutionProvider: {e}") from e
 
 
 def create_session(path: Path | str, request: ProviderRequest, threads: int | None = None,
-                   memory: str = "pattern") -> ort.InferenceSession:
+                   memory: str = "pattern", configure: ConfigureSession | None = None) -> ort.InferenceSession:
     """An InferenceSession on the requested provider; a fallback to CPU is reported (or raised if strict).
-    `memory`: how it allocates on CPU (MEMORY_MODES)."""
+    `memory`: how it allocates on CPU (MEMORY_MODES); `configure`: see ConfigureSession."""
     if request.name == "cpu" or not check_available(request):
-        return _cpu_session(path, threads, memory)
+        return _cpu_session(path, threads, memory, configure)
     try:
-        session = _session(path, session_options(request.name, threads), request.providers())
+        session = _session(path, _options(request.name, threads, "pattern", configure), request.providers())
     except Exception as e:  # the provider failed at session creation, or the graph is broken
-        cpu = _cpu_session(path, threads, memory)  # raises if the graph itself is the problem
+        cpu = _cpu_session(path, threads, memory, configure)  # raises if the graph itself is the problem
         msg = fallback_message(path, request, cpu.get_providers(), e)
         if request.strict:
             raise ProviderError(msg) from e

@@ -158,3 +158,34 @@ def test_a_failing_decode_step_fails_its_rows_and_the_engine_goes_on(pipe: GlmIm
     solo = pipe.ar.generate(a.input_ids, a.prefill_positions, a.decode_positions, a.num_tokens, sampler())
     np.testing.assert_array_equal(again.tokens, solo.tokens)
     engine.close()
+
+
+@pytest.mark.parametrize("batching", [False, True], ids=["alone", "engine"])
+def test_the_feed_observer_sees_every_call_as_it_is_fed(tiny_package: Path, batching: bool) -> None:
+    """observe_feeds: each graph call, the AR steps through either path included, with its inputs
+    as the session gets them (the decode steps' input_ids are the tokens sampled before them)."""
+    pipe = GlmImageOnnxPipeline.from_package(tiny_package, verify_files=False,
+                                             ar_batching=ArBatching(enabled=batching))
+    seen: dict[str, list[dict[str, np.ndarray]]] = {}
+
+    def observer(graph: str, feeds) -> None:
+        feed = feeds()
+        seen.setdefault(graph, []).append({k: np.array(v, copy=True) for k, v in feed.items()})
+
+    pipe.observe_feeds(observer)
+    try:
+        out = pipe("a sign that says 'OPEN'", height=64, width=64, num_inference_steps=3, seed=5)
+    finally:
+        pipe.close()
+    assert {g: len(v) for g, v in seen.items() if g != "ar_planner"} == \
+        {"glyph_encoder": 2, "dit_decoder": 3, "vae_decoder": 1}
+    ar = seen["ar_planner"]
+    inputs = {i.name for i in pipe.sessions["ar_planner"].get_inputs()}
+    assert all(set(f) == inputs for f in ar)
+    decodes = [f for f in ar if f["input_ids"].shape == (1, 1)]
+    assert len(decodes) == len(out.tokens) - 1  # the last token needs no forward pass
+    np.testing.assert_array_equal([int(f["input_ids"][0, 0]) for f in decodes], out.tokens[:-1])
+    past = pipe.ar.past_names[0]
+    assert ar[0][past].shape[0] == 1 and ar[0][past].shape[2] >= ar[0]["input_ids"].shape[1]
+    dit = seen["dit_decoder"]
+    assert [float(f["timestep"][0]) for f in dit] == sorted((float(f["timestep"][0]) for f in dit), reverse=True)
