@@ -22,9 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from glm_image_onnx.errors import UsageError
-
-from glm_image_onnx.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, file_table, sha256_file,  # noqa: F401 (re-exported)
-                        staged_package, write_manifest)
+from glm_image_onnx.manifest import FORMAT, FORMAT_VERSION, file_table, staged_package, write_manifest
 from glm_image_onnx.models.inspect import CheckpointInfo, inspect_checkpoint
 from glm_image_onnx.targets import ELEMENT_TYPE, SHAPE_BUCKETS, check_dtype, get_target
 

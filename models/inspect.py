@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from glm_image_onnx.errors import UsageError
-
 from glm_image_onnx.models.presets import PRESETS
 
 PIPELINE_CLASS = "GlmImagePipeline"

@@ -26,12 +26,11 @@ import numpy as np
 import onnx
 
 from glm_image_onnx.errors import UsageError
-
 from glm_image_onnx.manifest import FORMAT, MANIFEST, file_table, sha256_file, staged_package, write_manifest
-from glm_image_onnx.targets import manifest_target, recipe_refusal
 from glm_image_onnx.quantize import capture as capture_mod
 from glm_image_onnx.quantize import graphs as G
 from glm_image_onnx.quantize import quality as Q
+from glm_image_onnx.targets import manifest_target, recipe_refusal
 
 Log = Callable[[str], None]
 

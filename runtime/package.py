@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from glm_image_onnx.errors import UsageError
-
 from glm_image_onnx.manifest import FORMAT, MANIFEST, SUPPORTED_VERSIONS, sha256_file
 
 log = logging.getLogger(__name__)

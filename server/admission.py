@@ -88,14 +88,8 @@ class Admission:
 
     def wait_idle(self, timeout_s: float | None = None) -> bool:
         """Wait until no request is in flight; False if the timeout passed first."""
-        end = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
-            while self._in_flight > 0:
-                remaining = None if end is None else end - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-        return True
+            return self._cond.wait_for(lambda: self._in_flight == 0, timeout_s)
 
     def wait_for_in_flight(self, count: int, timeout_s: float | None = None) -> bool:
         """Wait until at least `count` requests are in flight (admitted); False if the timeout passed

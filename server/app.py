@@ -23,12 +23,12 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from glm_image_onnx.runtime.ar_batch import ArBatching
+from glm_image_onnx.server.admission import Admission
 from glm_image_onnx.server.glm_image_model import GlmImageModel, Limits
 from glm_image_onnx.server.http_server import HttpFrontEnd
 from glm_image_onnx.server.kserve import InferenceService, server_version
 from glm_image_onnx.server.metrics import Metrics
 from glm_image_onnx.server.models import BatchingOptions, ComponentLimits, ComponentModel, Model
-from glm_image_onnx.server.admission import Admission
 from glm_image_onnx.server.security import SecurityConfig, TokenStore, auth_interceptor, exposure_warnings
 from glm_image_onnx.server.state import DRAINING, FAILED, LOADING, READY, STOPPED, ServerState
 from glm_image_onnx.server.tensors import FROM_NUMPY, NUMPY

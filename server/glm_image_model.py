@@ -14,14 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from glm_image_onnx.targets import manifest_target
-
 from glm_image_onnx.server import glm_image_request as glm
+from glm_image_onnx.server.admission import Admission
 from glm_image_onnx.server.context import RequestContext
 from glm_image_onnx.server.glm_image_request import Limits
 from glm_image_onnx.server.metrics import Metrics
 from glm_image_onnx.server.models import Model, Prepared, Progress, Result
-from glm_image_onnx.server.admission import Admission
+from glm_image_onnx.targets import manifest_target
 
 __all__ = ["GlmImageModel", "Limits"]
 

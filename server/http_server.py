@@ -123,15 +123,13 @@ class HttpFrontEnd:
             t0 = time.perf_counter()
             request.state.logged = False
             try:
-                try:
-                    self.authenticate(request)
-                    response = await handler(request)
-                except RequestError:
-                    raise
-                except Exception as e:  # a bug here still answers in the protocol's shape, and is logged
+                self.authenticate(request)
+                response = await handler(request)
+            except Exception as caught:
+                e = caught if isinstance(caught, RequestError) else None
+                if e is None:  # a bug here still answers in the protocol's shape, and is logged
                     log.exception("http %s %s failed", request.method, request.url.path)
-                    raise errors.internal(f"internal error: {type(e).__name__}: {e}") from None
-            except RequestError as e:
+                    e = errors.internal(f"internal error: {type(caught).__name__}: {caught}")
                 response = on_error(e)
                 if e.code == "UNAUTHENTICATED":
                     response.headers["WWW-Authenticate"] = "Bearer"

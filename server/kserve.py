@@ -94,12 +94,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryIndex(self, request, context):
         response = service_pb2.RepositoryIndexResponse()
-        for name, model in self.state.models.items():
-            state = "READY" if model.ready and self.state.phase in ("READY", "DRAINING") else "UNAVAILABLE"
-            if request.ready and state != "READY":
-                continue
-            response.models.add(name=name, version=VERSION, state=state,
-                                reason="" if state == "READY" else self.state.phase.lower())
+        for entry in self.state.repository_index(request.ready):
+            response.models.add(**entry)
         return response
 
     # ------------------------------------------------------------------------------ inference

@@ -248,26 +248,18 @@ def routes(front: HttpFrontEnd) -> list[Route]:
             wanted = json.loads(body) if body.strip() else {}
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise errors.invalid(f"the request body is not valid JSON ({e})") from None
-        only_ready = isinstance(wanted, dict) and wanted.get("ready") is True
-        out = []
-        for name, model in state.models.items():
-            ok = model.ready and state.phase in ("READY", "DRAINING")
-            if only_ready and not ok:
-                continue
-            out.append({"name": name, "version": VERSION, "state": "READY" if ok else "UNAVAILABLE",
-                        "reason": "" if ok else state.phase.lower()})
-        return JSONResponse(out)
+        return JSONResponse(state.repository_index(isinstance(wanted, dict) and wanted.get("ready") is True))
 
     async def model_infer(request: Request) -> Response:
         model_name = request.path_params["model"]
         body = await front.read_body(request)
         ctx = RequestContext(model_name, "", None, front.peer(request), protocol="http")
-        box: dict[str, Any] = {}
+        binary: dict[str, bool] = {}  # output name ("*": the default) -> sent binary
 
         def decode() -> Decoded:
-            request_id, decoded, binary = decode_request(body, request.headers.get(HEADER_LENGTH),
-                                                         front.max_tensor_elements)
-            ctx.request_id, box["id"], box["binary"] = request_id, request_id, binary
+            ctx.request_id, decoded, wanted = decode_request(body, request.headers.get(HEADER_LENGTH),
+                                                             front.max_tensor_elements)
+            binary.update(wanted)
             timeout_us = decoded.parameters.pop("timeout", None)  # Triton's request timeout, microseconds
             if timeout_us is not None:
                 if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us <= 0:
@@ -276,7 +268,7 @@ def routes(front: HttpFrontEnd) -> list[Route]:
             return decoded
 
         def encode(model: Model, result: Result) -> Response:
-            return encode_response(model, box["id"], result, box["binary"])
+            return encode_response(model, ctx.request_id, result, binary)
 
         return await front.until_disconnect(request, infer(state, ctx, request.path_params.get("version", ""),
                                                            decode, encode))

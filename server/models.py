@@ -18,12 +18,11 @@ import onnxruntime as ort
 from tritonclient.grpc import model_config_pb2, service_pb2
 
 from glm_image_onnx.runtime.ar import Progress
-
 from glm_image_onnx.server import errors
+from glm_image_onnx.server.admission import Admission
 from glm_image_onnx.server.batching import DynamicBatcher
 from glm_image_onnx.server.context import RequestContext
 from glm_image_onnx.server.result import Result
-from glm_image_onnx.server.admission import Admission
 from glm_image_onnx.server.specs import TensorSpec, graph_specs
 from glm_image_onnx.server.stats import ModelStats
 from glm_image_onnx.server.tensors import CONFIG_TYPE, datatype_of

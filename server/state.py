@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from glm_image_onnx.server import errors
+from glm_image_onnx.server.admission import Admission
 from glm_image_onnx.server.metrics import Metrics
 from glm_image_onnx.server.models import VERSION, Model
-from glm_image_onnx.server.admission import Admission
 
 LOADING, READY, DRAINING, STOPPED, FAILED = "LOADING", "READY", "DRAINING", "STOPPED", "FAILED"
 
@@ -35,3 +35,14 @@ class ServerState:
         if version not in ("", VERSION):
             raise errors.not_found(f"model '{name}' has no version '{version}' (served version: {VERSION})")
         return model
+
+    def repository_index(self, only_ready: bool = False) -> list[dict[str, str]]:
+        """KServe's repository index (name, version, state, reason), for both front ends."""
+        out = []
+        for name, model in self.models.items():
+            ok = model.ready and self.phase in (READY, DRAINING)
+            if only_ready and not ok:
+                continue
+            out.append({"name": name, "version": VERSION, "state": "READY" if ok else "UNAVAILABLE",
+                        "reason": "" if ok else self.phase.lower()})
+        return out
