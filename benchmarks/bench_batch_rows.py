@@ -37,10 +37,10 @@ def child(package: Path, graph: str, rows: int, calls: int) -> float:
 
     pkg = Package.open(package, verify_files=False)
     session = create_session(pkg.graph_path(graph), ProviderRequest("cpu", {}, False), None, MEMORY.get(graph, "pattern"))
-    latent = 256 // int(pkg.pipeline["vae"]["scale_factor"])
-    channels = int(pkg.pipeline["vae"]["latent_channels"])
+    latent = 256 // pkg.pipeline.vae.scale_factor
+    channels = pkg.pipeline.vae.latent_channels
     if graph == "ar_planner":
-        ar = ArPlanner(session, pkg.graph_config(graph))
+        ar = ArPlanner(session, pkg.graphs[graph].config)
         cache = ar.new_cache(rows, 512)
         lengths = ar.length_inputs(rows, 1)
         ar.set_lengths(lengths, np.full(rows, 300), 1)  # a decode step at position 300 of each row
@@ -49,11 +49,11 @@ def child(package: Path, graph: str, rows: int, calls: int) -> float:
         binding = ar.bind(cache, 0, rows, feeds, np.empty((rows, 1, ar.vocab), np.float32))
         call = lambda: ar.run(binding)  # noqa: E731
     elif graph == "dit_decoder":
-        cfg = pkg.graph_config(graph)
-        empty = np.zeros((cfg["num_layers"], 1, 0, cfg["num_heads"], cfg["head_dim"]), np.float32)
+        cfg = pkg.graphs[graph].config
+        empty = np.zeros((cfg.num_layers, 1, 0, cfg.num_heads, cfg.head_dim), np.float32)
         text_dim = next(i.shape[2] for i in session.get_inputs() if i.name == "encoder_hidden_states")
         rng = np.random.default_rng(0)
-        tokens = (latent // int(cfg["patch_size"])) ** 2
+        tokens = (latent // cfg.patch_size) ** 2
         dit = _DitCall(session, ("cpu", 0), (1, channels, latent, latent),
                        rng.standard_normal((rows, 20, text_dim), dtype=np.float32), np.ones((rows, 20), np.int64),
                        np.zeros((1, tokens), np.int64), [False, True] * (rows // 2), 256, 256, empty, empty)

@@ -35,15 +35,15 @@ def rss_anon() -> int:
 
 def feeds(package: Package, size: int, text_len: int, seed: int = 0) -> dict[str, np.ndarray]:
     """One unpadded text-to-image row at size x size, shapes from the manifest."""
-    cfg = package.graphs["dit_decoder"]["config"]
+    cfg = package.graphs["dit_decoder"].config
     rng = np.random.default_rng(seed)
-    side = size // package.pipeline["vae"]["scale_factor"]  # latent pixels
-    n = (side // cfg["patch_size"]) ** 2  # image tokens
-    empty = np.zeros((cfg["num_layers"], 1, 0, cfg["num_heads"], cfg["head_dim"]), np.float32)
+    side = size // package.pipeline.vae.scale_factor  # latent pixels
+    n = (side // cfg.patch_size) ** 2  # image tokens
+    empty = np.zeros((cfg.num_layers, 1, 0, cfg.num_heads, cfg.head_dim), np.float32)
     return {
-        "hidden_states": rng.standard_normal((1, cfg["in_channels"], side, side), np.float32),
-        "encoder_hidden_states": rng.standard_normal((1, text_len, cfg["text_embed_dim"]), np.float32),
-        "prior_token_id": rng.integers(0, cfg["prior_codebook_size"], (1, n), dtype=np.int64),
+        "hidden_states": rng.standard_normal((1, cfg.in_channels, side, side), np.float32),
+        "encoder_hidden_states": rng.standard_normal((1, text_len, cfg.text_embed_dim), np.float32),
+        "prior_token_id": rng.integers(0, cfg.prior_codebook_size, (1, n), dtype=np.int64),
         "prior_token_drop": np.zeros((1, n), bool),
         "timestep": np.array([500.0], np.float32),
         "target_size": np.array([[size, size]], np.float32),

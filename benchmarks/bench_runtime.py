@@ -345,8 +345,8 @@ def child_work(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 per_run[i] += _node_flops(e, nodes, shapes)
         total, gathered = _weight_bytes(path)
         result[g] = {"flops_per_run": per_run, "weight_bytes": total, "gathered_bytes": gathered}
-    ar = pipe.package.graph_config("ar_planner")
-    result["kv_bytes_per_position"] = 2 * ar["num_layers"] * ar["num_kv_heads"] * ar["head_dim"] * 4
+    ar = pipe.package.graphs["ar_planner"].config
+    result["kv_bytes_per_position"] = 2 * ar.num_layers * ar.num_kv_heads * ar.head_dim * 4
     return result
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from glm_image_onnx.quantize.package import QuantizeOptions, evaluate
 from glm_image_onnx.runtime.placement import check_package
-from glm_image_onnx.targets import get_target, manifest_target
+from glm_image_onnx.manifest import Manifest, to_json
+from glm_image_onnx.targets import get_target
 
 
 def main() -> int:
@@ -34,13 +35,13 @@ def main() -> int:
     args = ap.parse_args()
     rows = []
     for path in args.packages:
-        manifest = json.loads((path / "manifest.json").read_text())
-        target = manifest_target(manifest)
-        provider = get_target(target["name"]).provider
+        manifest = Manifest.read(path)
+        target = manifest.target
+        provider = get_target(target.name).provider
         falling = sum(len(r.problems) for r in check_package(path, provider))
-        row = {"package": str(path), "target": target, "falls_back": falling,
-               "mb": sum(f["bytes"] for f in manifest["files"].values()) / 1e6}
-        if target["dtype"] != "bf16":
+        row = {"package": str(path), "target": to_json(target), "falls_back": falling,
+               "mb": sum(f.bytes for f in manifest.files.values()) / 1e6}
+        if target.dtype != "bf16":
             t0 = time.perf_counter()
             options = QuantizeOptions(eval_prompts=args.eval_prompts, height=args.height, width=args.width,
                                       steps=args.steps)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
-from glm_image_onnx.manifest import KV_CAPACITY_BUCKETED, KV_CAPACITY_RULE, KV_LAYOUT
+from glm_image_onnx.manifest import KV_CAPACITY_BUCKETED, KV_CAPACITY_RULE, KV_LAYOUT, POSITION_IDS_LAYOUT
 # (importing ar_wrappers also registers torch.ops.glm_image_onnx)
 from glm_image_onnx.models.ar_wrappers import ArPlannerDecoder, StaticCacheDecoder
 from glm_image_onnx.targets import TARGETS, Target
@@ -194,7 +194,6 @@ def graph_specs(model: Any, checkpoint_dir: Path, target: Target = TARGETS["cpu"
 
     config = {
         **_config(model, sizes),
-        "input_names": ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"],
         # The cache contract the runtime allocates by; export.package sets the dtype of the target.
         "kv_cache": {"dtype": "float32", "layout": KV_LAYOUT, "capacity": KV_CAPACITY_RULE, "update": "in place: bind each present.* to its past_key_values.* buffer"},
     }
@@ -241,7 +240,6 @@ def _static_specs(model: Any) -> list[GraphSpec]:
 
     config = {
         **_config(model, sizes),
-        "input_names": ["input_ids", "position_ids", "cache_position"],
         "kv_cache": {"dtype": "float32", "layout": KV_LAYOUT, "capacity": KV_CAPACITY_BUCKETED,
                      "update": "ScatterND at cache_position: bind each present.* to its past_key_values.* buffer"},
     }
@@ -274,19 +272,13 @@ def _dynamic_shapes(num_layers: int, lengths: Any) -> dict[str, Any]:
 
 
 def _config(model: Any, sizes: dict[str, Any]) -> dict[str, Any]:
-    """What the runtime needs besides the inputs and the cache contract."""
-    cfg = model.config
+    """What the runtime needs besides the inputs and the cache contract (the special tokens are the
+    pipeline's: manifest.Tokens)."""
     return {
         **sizes,
         "past_key_template": PAST_KEY,
         "past_value_template": PAST_VALUE,
         "present_key_template": PRESENT_KEY,
         "present_value_template": PRESENT_VALUE,
-        "position_ids_layout": "[3, batch, seq] = (temporal, height, width)",
-        "image_start_token_id": int(cfg.image_start_token_id),
-        "image_end_token_id": int(cfg.image_end_token_id),
-        "image_token_id": int(cfg.image_token_id),
-        "pad_token_id": cfg.text_config.pad_token_id,
-        "eos_token_id": cfg.text_config.eos_token_id,
-        "codebook_size": int(cfg.vq_config.num_embeddings),
+        "position_ids_layout": POSITION_IDS_LAYOUT,
     }

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from glm_image_onnx.errors import UsageError
-from glm_image_onnx.manifest import FORMAT, FORMAT_VERSION, file_table, staged_package, write_manifest
+from glm_image_onnx.atomic import staged_folder
+from glm_image_onnx.manifest import (FORMAT, FORMAT_VERSION, Defaults, Generation, Grid, Layout, Manifest, Pipeline,
+                                     Source, Target, Tokens, Vae, file_table, read_graphs)
 from glm_image_onnx.models.inspect import CheckpointInfo, inspect_checkpoint
 from glm_image_onnx.targets import ELEMENT_TYPE, SHAPE_BUCKETS, check_dtype, get_target
 
@@ -120,48 +122,46 @@ def _first(size: int | list[int]) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
-def pipeline_config(info: CheckpointInfo) -> dict[str, Any]:
+def pipeline_config(info: CheckpointInfo) -> Pipeline:
     """What the runtime needs from the source configs besides the graphs."""
     c = info.configs
-    ar, vae, dit = c["vision_language_encoder"], c["vae"], c["transformer"]
+    ar, vae = c["vision_language_encoder"], c["vae"]
     text = ar["text_config"]
     root = info.root
-    tok_cfg = json.loads((root / "processor" / "tokenizer_config.json").read_text()) \
-        if (root / "processor" / "tokenizer_config.json").exists() else {}
+    layout = Layout()
+    tok_cfg = json.loads((root / layout.ar_config).read_text()) if (root / layout.ar_config).exists() else {}
     gen_path = root / "vision_language_encoder" / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
     latent_channels = vae["latent_channels"]
-    return {
-        "grid": {"factor": 32, "preview_base": 16, "prior_upsample": 2},
-        "tokens": {
-            "image_start_token_id": ar["image_start_token_id"],
-            "image_end_token_id": ar["image_end_token_id"],
-            "image_token_id": ar["image_token_id"],
-            "pad_token_id": text.get("pad_token_id"),
-            "codebook_size": ar["vq_config"]["num_embeddings"],
-            "vision_vocab_size": text["vision_vocab_size"],
-            "image_token": tok_cfg.get("image_token", "<|image|>"),
-            "grid_bos_token": tok_cfg.get("grid_bos_token", "<sop>"),
-            "grid_eos_token": tok_cfg.get("grid_eos_token", "<eop>"),
-            "bos_token": tok_cfg.get("bos_token"),
-        },
-        "generation": {k: gen[k] for k in ("do_sample", "temperature", "top_p", "top_k") if k in gen},
-        "scheduler": c["scheduler"],
-        "vae": {
-            "scale_factor": 2 ** (len(vae["block_out_channels"]) - 1),
-            "latent_channels": latent_channels,
-            "latents_mean": vae.get("latents_mean") or [0.0] * latent_channels,
-            "latents_std": vae.get("latents_std") or [1.0] * latent_channels,
+    token_names = {f.name: f.default for f in dataclasses.fields(Tokens) if f.name.endswith("_token")}
+    return Pipeline(
+        tokens=Tokens(
+            image_start_token_id=ar["image_start_token_id"],
+            image_end_token_id=ar["image_end_token_id"],
+            image_token_id=ar["image_token_id"],
+            pad_token_id=text.get("pad_token_id"),
+            codebook_size=ar["vq_config"]["num_embeddings"],
+            vision_vocab_size=text["vision_vocab_size"],
+            **{k: _token(tok_cfg.get(k, default)) for k, default in token_names.items()},
+        ),
+        generation=Generation(**{k: gen[k] for k in ("do_sample", "temperature", "top_p", "top_k") if k in gen}),
+        scheduler=c["scheduler"],
+        vae=Vae(
+            scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
+            latent_channels=latent_channels,
+            latents_mean=vae.get("latents_mean") or [0.0] * latent_channels,
+            latents_std=vae.get("latents_std") or [1.0] * latent_channels,
             # the runtime's VAE tile size (diffusers: tile_sample_min_size = sample_size, or its first entry)
-            "sample_size": _first(vae.get("sample_size", 1024)),
-        },
-        "dit": {"patch_size": dit["patch_size"], "in_channels": dit["in_channels"],
-                "num_layers": dit["num_layers"]},
-        "defaults": {"guidance_scale": 1.5, "num_inference_steps": 50, "height": 1024, "width": 1024},
-        "tokenizers": {"ar": "processor/tokenizer.json", "ar_config": "processor/tokenizer_config.json",
-                       "chat_template": "processor/chat_template.jinja",
-                       "image_processor": "processor/processor_config.json", "glyph": "tokenizer"},
-    }
+            sample_size=_first(vae.get("sample_size", 1024)),
+        ),
+        # GLM-Image's grid and the copied files' places: the schema's defaults
+        grid=Grid(), defaults=Defaults(), tokenizers=layout,
+    )
+
+
+def _token(value: Any) -> Any:
+    """A tokenizer config's token: a string, or an AddedToken record {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
 
 
 def _log(msg: str) -> None:
@@ -184,7 +184,7 @@ def default_jobs(info: CheckpointInfo) -> int:
 
 
 def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptions | None = None,
-                   log: Callable[[str], None] = _log) -> dict[str, Any]:
+                   log: Callable[[str], None] = _log) -> Manifest:
     """Export the selected graphs of `checkpoint` into the package folder `out`; returns the manifest."""
     options = options or ExportOptions()
     unknown = [g for g in options.graphs if g not in GRAPHS]
@@ -205,37 +205,32 @@ def export_package(checkpoint: Path | str, out: Path | str, options: ExportOptio
     if options.low_memory:
         workers = 1  # parallel workers would each hold a component
     t_start = time.perf_counter()
-    with staged_package(out) as tmp:
+    with staged_folder(out) as tmp:
         steps = {g: f"[{i + 1}/{len(selected)}]" for i, g in enumerate(selected)}
         results = _run_jobs(jobs, info.root, tmp, options, steps, workers, log)
         graphs = {g: results[g] for g in selected}
         for folder in COPIED_FOLDERS:
             shutil.copytree(info.root / folder, tmp / folder)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created_by": _created_by(),
-            "source": {"checkpoint": str(info.root.resolve()), "preset": info.preset},
-            "target": _target_record(options),
-            "opset": options.opset,
-            "graphs": graphs,
-            "pipeline": pipeline_config(info),
-            "files": file_table(tmp),
-            "export_seconds": round(time.perf_counter() - t_start, 3),
-        }
-        write_manifest(tmp, manifest)  # last: a folder without a manifest is never a package
-    log(f"wrote {out} ({options.target} {options.dtype}, {len(graphs)} graphs, {sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB) "
-        f"in {manifest['export_seconds']:.1f}s with {workers} worker{'s' if workers > 1 else ''}")
+        # Graph entries are built as JSON records along the way (workers send them back): the schema
+        # reads them here, strictly, so that an export cannot write what the runtime does not take.
+        entries = read_graphs(graphs, strict=True)
+        manifest = Manifest(
+            format=FORMAT, format_version=FORMAT_VERSION, created_by=_created_by(),
+            source=Source(str(info.root.resolve()), info.preset), target=_target_record(options),
+            opset=options.opset, graphs=entries, pipeline=pipeline_config(info), files=file_table(tmp),
+            export_seconds=round(time.perf_counter() - t_start, 3))
+        manifest.write(tmp)  # last: a folder without a manifest is never a package
+    log(f"wrote {out} ({options.target} {options.dtype}, {len(graphs)} graphs, "
+        f"{sum(f.bytes for f in manifest.files.values()) / 1e6:.1f} MB) "
+        f"in {manifest.export_seconds:.1f}s with {workers} worker{'s' if workers > 1 else ''}")
     return manifest
 
 
-def _target_record(options: ExportOptions) -> dict[str, Any]:
+def _target_record(options: ExportOptions) -> Target:
     """The manifest's `target`: name and dtype, and for static-shapes targets the length buckets the
     runtime pads to (runtime.shapes)."""
-    record: dict[str, Any] = {"name": options.target, "dtype": options.dtype}
-    if get_target(options.target).static_shapes:
-        record["shape_buckets"] = SHAPE_BUCKETS
-    return record
+    static = get_target(options.target).static_shapes
+    return Target(options.target, options.dtype, SHAPE_BUCKETS if static else None)
 
 
 def _run_jobs(jobs: list[tuple[str, list[str]]], root: Path, tmp: Path, options: ExportOptions,

@@ -17,7 +17,6 @@ Output:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +53,6 @@ def random_inputs(sizes: dict[str, Any], grid_h: int, grid_w: int, gen: torch.Ge
     }
 
 
-def _image_processor_settings(checkpoint_dir: Path) -> dict[str, Any]:
-    """The processor settings the runtime must reproduce (read from the checkpoint, if present)."""
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        path = Path(checkpoint_dir) / "processor" / name
-        if path.exists():
-            cfg = json.loads(path.read_text())
-            cfg = cfg.get("image_processor", cfg)
-            keys = ("patch_size", "merge_size", "temporal_patch_size", "size", "image_mean", "image_std",
-                    "rescale_factor", "resample", "do_convert_rgb")
-            return {k: cfg[k] for k in keys if k in cfg}
-    return {}
-
-
 def graph_specs(model: Any, checkpoint_dir: Path, target: Target = TARGETS["cpu"]) -> list[GraphSpec]:
     sizes = vision_sizes(model)
     # GridSample and Einsum have no CANN kernel: a static-shapes target gets them as basic ops.
@@ -83,17 +69,7 @@ def graph_specs(model: Any, checkpoint_dir: Path, target: Target = TARGETS["cpu"
         grids = [(6, 10), (14, 4), (8, 8), (1, 6)]
         return [random_inputs(sizes, h * m, w * m, gen) for h, w in grids]
 
-    config = {
-        **sizes,
-        "input_names": ["pixel_values", "image_grid_thw"],
-        "output_name": "image_ids",
-        "images_per_call": 1,
-        "image_processor": _image_processor_settings(checkpoint_dir),
-        "prior_upsample": 2,
-        # The processor halves the image before patching; the DiT condition path (VAE, /16 tokens)
-        # only agrees with the 2x-upsampled ids when source sides are multiples of this.
-        "source_size_multiple": 2 * sizes["patch_size"] * sizes["spatial_merge_size"],
-    }
+    config = dict(sizes)  # the preprocessing settings are the processor's file (manifest.Layout)
     return [GraphSpec(
         name=NAME,
         module=module,

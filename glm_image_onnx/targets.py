@@ -65,10 +65,6 @@ SHAPE_BUCKETS: dict[str, list[int]] = {
 # dtype names (CLI, manifest) -> element type names (onnx_info.DTYPES, manifest signatures).
 ELEMENT_TYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
-# Packages written before targets existed (format 2) are cpu / fp32.
-LEGACY = {"name": "cpu", "dtype": "fp32"}
-
-
 def get_target(name: str) -> Target:
     if name not in TARGETS:
         raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
@@ -91,11 +87,6 @@ def build_command(target: str, dtype: str | None = None) -> str:
     return f"glm-image-onnx export CHECKPOINT PACKAGE{flags}"
 
 
-def manifest_target(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's target record ({"name", "dtype", ...}); legacy packages are cpu / fp32."""
-    return manifest.get("target") or dict(LEGACY)
-
-
 # (built for, opened on) -> what goes wrong, in a few words.
 MISMATCH = {
     ("cpu", "cuda"): "GroupQueryAttention has no fp32 CUDA kernel, so the AR planner's attention runs on the CPU "
@@ -111,12 +102,13 @@ MISMATCH = {
 }
 
 
-def mismatch(target: dict[str, Any], provider: str, provider_name: str, package: Any) -> str:
-    """The line for a package built for `target` opened on `provider`: what goes wrong, what to build."""
+def mismatch(target: Any, provider: str, provider_name: str, package: Any) -> str:
+    """The line for a package built for `target` (manifest.Target) opened on `provider`: what goes
+    wrong, what to build."""
     fix = (build_command(provider) if provider in TARGETS
            else f"glm-image-onnx check {package} --provider {provider} lists what falls back")
-    return (f"built for target {target['name']} ({target.get('dtype')}) but opened on {provider_name}: "
-            f"{MISMATCH.get((target['name'], provider), 'its graphs are not shaped for it')}; "
+    return (f"built for target {target.name} ({target.dtype}) but opened on {provider_name}: "
+            f"{MISMATCH.get((target.name, provider), 'its graphs are not shaped for it')}; "
             f"build one for {provider}: {fix}")
 
 

@@ -13,7 +13,6 @@ package, then evaluate it against the fp32 package (see `quality`).
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -26,11 +25,13 @@ import numpy as np
 import onnx
 
 from glm_image_onnx.errors import UsageError
-from glm_image_onnx.manifest import FORMAT, MANIFEST, file_table, sha256_file, staged_package, write_manifest
+from glm_image_onnx.atomic import staged_folder
+from glm_image_onnx.manifest import (GRAPH_CONFIGS, I2I_GRAPHS, MANIFEST, ArPlannerConfig, Graph, Manifest, Target, file_table, read_graphs,
+                                     sha256_file, to_json)
 from glm_image_onnx.quantize import capture as capture_mod
 from glm_image_onnx.quantize import graphs as G
 from glm_image_onnx.quantize import quality as Q
-from glm_image_onnx.targets import manifest_target, recipe_refusal
+from glm_image_onnx.targets import recipe_refusal
 
 Log = Callable[[str], None]
 
@@ -51,8 +52,7 @@ class Recipe:
     needs_calibration: bool = False
 
 
-ALL_GRAPHS = ("ar_planner", "vision_tokenizer", "glyph_encoder", "dit_decoder", "dit_condition_write",
-              "vae_decoder", "vae_encoder")
+ALL_GRAPHS = tuple(GRAPH_CONFIGS)
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("int8-dynamic", "int8 MatMul weights, activations quantised at run time (quantize_dynamic)",
            ("ar_planner", "vision_tokenizer", "glyph_encoder", "dit_decoder", "dit_condition_write")),
@@ -63,8 +63,6 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("fp16", "float16 weights and compute for GPUs (a cuda/fp16 package, as export --target cuda --dtype fp16 "
            "makes); fp32 I/O except the AR cache, fp32 norms, softmax and rotary", ALL_GRAPHS),
 )}
-# Graphs that only image-to-image runs feed (captured from an edit of a synthetic source image).
-I2I_ONLY = ("vision_tokenizer", "vae_encoder", "dit_condition_write")
 
 
 @dataclass
@@ -117,8 +115,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def select_graphs(recipe: Recipe, manifest: dict[str, Any], wanted: tuple[str, ...] | None) -> list[str]:
-    present = list(manifest["graphs"])
+def select_graphs(recipe: Recipe, manifest: Manifest, wanted: tuple[str, ...] | None) -> list[str]:
+    present = list(manifest.graphs)
     if wanted is None:
         return [g for g in present if g in recipe.default_graphs]
     for g in wanted:
@@ -130,7 +128,7 @@ def select_graphs(recipe: Recipe, manifest: dict[str, Any], wanted: tuple[str, .
 
 
 def quantize_package(package: Path | str, out: Path | str, options: QuantizeOptions | None = None,
-                     log: Log = _log) -> dict[str, Any]:
+                     log: Log = _log) -> Manifest:
     """Quantise `package` into the new package folder `out`; returns the new manifest."""
     from glm_image_onnx.runtime.package import Package, PackageError
 
@@ -146,14 +144,18 @@ def quantize_package(package: Path | str, out: Path | str, options: QuantizeOpti
         source = Package.open(src, verify_files=True)
     except PackageError as e:
         raise QuantizeUsageError(str(e)) from None
-    if "quantization" in source.manifest:
-        raise QuantizeUsageError(f"{src} is already quantised ({source.manifest['quantization'].get('recipe')}); "
-                            "start from an exported package")
-    target = manifest_target(source.manifest)
-    refusal = recipe_refusal(target["name"], recipe.name)
+    if source.manifest.quantization is not None:
+        raise QuantizeUsageError(f"{src} is already quantised ({source.manifest.quantization.get('recipe')}); "
+                                 "start from an exported package")
+    for name in ("height", "width"):  # the evaluation's image size, on the package's grid
+        error = source.pipeline.grid.side_error(name, getattr(options, name))
+        if error:
+            raise QuantizeUsageError(error)
+    target = source.manifest.target
+    refusal = recipe_refusal(target.name, recipe.name)
     if refusal:
         raise QuantizeUsageError(f"{src}: {refusal}")
-    if target["dtype"] == "bf16":
+    if target.dtype == "bf16":
         raise QuantizeUsageError(f"{src} is a bf16 package: the quality report runs it on the CPU, which has no "
                             "bfloat16 kernels; quantise the fp16 package of the same target instead")
     out = Path(out).resolve()
@@ -168,7 +170,7 @@ def quantize_package(package: Path | str, out: Path | str, options: QuantizeOpti
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
     try:
-        with staged_package(out) as tmp:
+        with staged_folder(out) as tmp:
             calibration = _calibration_feeds(recipe, options, src, selected, log)
             entries, per_graph = {}, {}
             for i, name in enumerate(selected):
@@ -180,11 +182,11 @@ def quantize_package(package: Path | str, out: Path | str, options: QuantizeOpti
                 entries[name], per_graph[name] = entry, info
                 log(f"[{i + 1}/{len(selected)}] {name}: {info['bytes_before'] / 1e6:.1f} MB -> "
                     f"{info['bytes_after'] / 1e6:.1f} MB ({info['summary']}) in {info['seconds']:.1f}s")
-            manifest = _assemble(source, src, tmp, entries, selected)
+            graphs = _assemble(source, src, tmp, entries, selected)
             # fp16 makes graphs for a GPU, as `export --target cuda --dtype fp16` does; others keep the target.
-            manifest["target"] = {"name": "cuda", "dtype": "fp16"} if recipe.name == "fp16" else target
-            _check_placement(tmp, manifest, selected)
-            manifest["quantization"] = {
+            target = Target("cuda", "fp16") if recipe.name == "fp16" else target
+            _check_placement(tmp, target, graphs, selected)
+            quantization = {
                 "recipe": recipe.name,
                 "description": recipe.description,
                 "source": {"package": str(src), "manifest_sha256": sha256_file(src / MANIFEST)},
@@ -194,29 +196,31 @@ def quantize_package(package: Path | str, out: Path | str, options: QuantizeOpti
                 "unchanged": [g for g in source.graphs if g not in selected],
             }
             if recipe.name == "fp16":
-                manifest["quantization"]["cpu"] = ("loads and runs on CPU (onnxruntime inserts no fp16 "
+                quantization["cpu"] = ("loads and runs on CPU (onnxruntime inserts no fp16 "
                                                    "kernels it lacks: slower than fp32 there); meant for CUDA/CANN")
-            write_manifest(tmp, manifest)  # the runtime evaluates the staged package
+            manifest = source.manifest.replace(graphs=graphs, files=file_table(tmp), target=target,
+                                               quantization=quantization)
+            manifest.write(tmp)  # the runtime evaluates the staged package
 
             log("evaluating against the fp32 package")
             report = evaluate(src, tmp, selected, options, log)
-            sizes = {g: per_graph.get(g) or {"bytes_before": source.graphs[g]["bytes"],
-                                             "bytes_after": source.graphs[g]["bytes"], "summary": "unchanged"}
+            sizes = {g: per_graph.get(g) or {"bytes_before": source.graphs[g].bytes,
+                                             "bytes_after": source.graphs[g].bytes, "summary": "unchanged"}
                      for g in source.graphs}
             table = Q.format_table(recipe.name, sizes, report)
             report["table"] = table
             log(table)
             failures = options.thresholds.failures(report)
-            q = manifest["quantization"]
+            q = quantization
             q.update({"report": report, "thresholds": options.thresholds.as_dict(), "passed": not failures,
                       "seconds": round(time.perf_counter() - t_start, 3)})
             if failures:
                 raise QuantizeError(f"{recipe.name} is below the quality thresholds: " + "; ".join(failures)
                                     + "; nothing written")
-            write_manifest(tmp, manifest)  # last: a folder without a manifest is never a package
+            manifest.write(tmp)  # last: a folder without a manifest is never a package
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    total = sum(f["bytes"] for f in manifest["files"].values())
+    total = sum(f.bytes for f in manifest.files.values())
     log(f"wrote {out} ({recipe.name}, {total / 1e6:.1f} MB) in {q['seconds']:.1f}s")
     return manifest
 
@@ -237,10 +241,6 @@ def _check_options(o: QuantizeOptions) -> None:
         raise QuantizeUsageError(f"block size must be a power of two >= 16, got {o.block_size}")
     if o.accuracy_level is not None and o.accuracy_level not in (0, 1, 2, 3, 4):
         raise QuantizeUsageError(f"accuracy level must be 0..4, got {o.accuracy_level}")
-    for name in ("height", "width"):
-        v = getattr(o, name)
-        if v < 32 or v % 32:
-            raise QuantizeUsageError(f"{name} must be a positive multiple of 32, got {v}")
     if o.steps < 1 or o.eval_prompts < 1:
         raise QuantizeUsageError("steps and eval prompts must be >= 1")
     if o.calibration_limit is not None and o.calibration_limit < 1:
@@ -267,7 +267,7 @@ def _calibration_feeds(recipe: Recipe, o: QuantizeOptions, src: Path, selected: 
         raise QuantizeUsageError(f"calibration prompts: {e}") from None
     limit = o.calibration_limit or (None if recipe.needs_calibration else 2)
     prompts = prompts[:limit] if limit else prompts
-    i2i = 1 if any(g in I2I_ONLY for g in selected) else 0
+    i2i = 1 if any(g in I2I_GRAPHS for g in selected) else 0
     log(f"capturing calibration inputs: {len(prompts)} prompts{' + 1 image edit' if i2i else ''} "
         f"at {o.height}x{o.width}, {o.steps} steps (fp32 runtime)")
     # Seeds far from the evaluation's, so that evaluation inputs are fresh.
@@ -286,15 +286,15 @@ def _quantize_graph(recipe: Recipe, o: QuantizeOptions, source: Any, name: str, 
     info: dict[str, Any] = {"bytes_before": G.graph_bytes(src_path)}
     try:
         if recipe.name == "fp16":
-            settings = G.fp16(src_path, dst, native_io=cache_names(source.graph_config(name)))
+            settings = G.fp16(src_path, dst, native_io=cache_names(source.graphs[name]))
             fr = settings["fp16_range"]
             summary = (f"fp16, {settings['kept_fp32_nodes']} nodes fp32, "
                        f"{fr['overflow_values']} weights beyond fp16")
-        elif recipe.name == "int4-weight" and source.graphs[name].get("dtype", "fp32") != "fp32":
+        elif recipe.name == "int4-weight" and source.graphs[name].dtype != "fp32":
             # A half-precision graph goes to the quantiser as it is: quant_pre_process would run
             # onnxruntime's CPU optimiser, which wraps every fp16 weight in a Cast the quantiser skips.
             settings = G.int4_weight(src_path, dst, o.block_size, o.accuracy_level)
-            summary = f"int4 block {o.block_size}, {source.graphs[name]['dtype']} activations"
+            summary = f"int4 block {o.block_size}, {source.graphs[name].dtype} activations"
             G.normalize_external_data(dst)
             G.check_model(dst)
         else:
@@ -320,7 +320,7 @@ def _quantize_graph(recipe: Recipe, o: QuantizeOptions, source: Any, name: str, 
         raise QuantizeError(str(e)) from None
     except Exception as e:  # onnxruntime's tools raise anything
         raise QuantizeError(f"{name}: {recipe.name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    native = cache_names(source.graph_config(name)) if recipe.name == "fp16" else []
+    native = cache_names(source.graphs[name]) if recipe.name == "fp16" else []
     _check_signature(name, source.graphs[name], dst, native)
     after = G.weight_stats(dst)
     files = G.graph_files(dst)
@@ -335,7 +335,7 @@ def _quantize_graph(recipe: Recipe, o: QuantizeOptions, source: Any, name: str, 
         "fp32_weight_share": after["bytes_by_dtype"].get("float32", 0) / max(before["total"], 1),
         "largest_fp32_left": after["largest_fp32"],
     })
-    entry = dict(source.graphs[name])
+    entry = to_json(source.graphs[name])
     entry.pop("verify", None)  # the fp32 graph's check against PyTorch; this graph's is in the report
     if recipe.name == "fp16":
         entry["dtype"] = "fp16"
@@ -386,66 +386,58 @@ def choose_per_channel(per_tensor_error: float, per_channel_error: float) -> boo
     return per_channel_error <= (1 - PER_CHANNEL_MIN_GAIN) * per_tensor_error
 
 
-def cache_names(config: dict[str, Any]) -> list[str]:
+def cache_names(graph: Graph) -> list[str]:
     """The AR planner's cache inputs and outputs (from its manifest config); [] for other graphs."""
-    if "past_key_template" not in config:
-        return []
-    return [config[t] % i for i in range(int(config["num_layers"]))
-            for t in ("past_key_template", "past_value_template", "present_key_template", "present_value_template")]
+    return graph.config.cache_names() if isinstance(graph.config, ArPlannerConfig) else []
 
 
-def _check_signature(name: str, entry: dict[str, Any], path: Path, retyped: Sequence[str] = ()) -> None:
+def _check_signature(name: str, entry: Graph, path: Path, retyped: Sequence[str] = ()) -> None:
     """Same input/output names and dtypes as the source graph (except `retyped`, the cache whose
     dtype the manifest's kv_cache states): the runtime loads it unchanged."""
     sig = G.signature(path)
     for kind in ("inputs", "outputs"):
-        want = [(v["name"], "*" if v["name"] in retyped else v["dtype"]) for v in entry[kind]]
+        want = [(v.name, "*" if v.name in retyped else v.dtype) for v in getattr(entry, kind)]
         got = [(v["name"], "*" if v["name"] in retyped else v["dtype"]) for v in sig[kind]]
         if want != got:
             diff = next(((w, g) for w, g in zip(want, got) if w != g), (want[len(got):], got[len(want):]))
             raise QuantizeError(f"{name}: the quantised graph's {kind} differ from the fp32 graph's ({diff[0]} -> {diff[1]})")
 
 
-def _check_placement(folder: Path, manifest: dict[str, Any], selected: list[str]) -> None:
+def _check_placement(folder: Path, target: Target, graphs: dict[str, Graph], selected: list[str]) -> None:
     """Every quantised graph runs on its target's provider, or the recipe is refused (one line)."""
     from glm_image_onnx.runtime.placement import check_model
     from glm_image_onnx.targets import get_target
 
-    provider = get_target(manifest_target(manifest)["name"]).provider
+    provider = get_target(target.name).provider
     for name in selected:
-        report = check_model(onnx.load(str(folder / manifest["graphs"][name]["file"]), load_external_data=False),
-                             name, provider)
+        report = check_model(onnx.load(str(folder / graphs[name].file), load_external_data=False), name, provider)
         if report.problems:
             raise QuantizeError(f"the result would not run on its target: {report.summary()}; nothing written")
 
 
-def _assemble(source: Any, src: Path, tmp: Path, entries: dict[str, Any], selected: list[str]) -> dict[str, Any]:
-    """Copy unchanged graphs and every non-graph file, then the manifest with the new file table."""
-    manifest = json.loads(json.dumps(source.manifest))
+def _assemble(source: Any, src: Path, tmp: Path, entries: dict[str, Any], selected: list[str]) -> dict[str, Graph]:
+    """Copy unchanged graphs and every non-graph file; the new package's graphs."""
     graph_files: set[str] = set()
     for g, e in source.graphs.items():
-        graph_files.update([e["file"], *e.get("external_data", [])])
+        graph_files.update([e.file, *e.external_data])
     for g, e in source.graphs.items():
         if g in selected:
             continue
-        for rel in [e["file"], *e.get("external_data", [])]:
+        for rel in [e.file, *e.external_data]:
             target = tmp / rel
             if not target.exists():
                 shutil.copy2(src / rel, target)
-    for rel in source.manifest["files"]:
+    for rel in source.manifest.files:
         if rel not in graph_files:
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / rel, target)
-    manifest["graphs"] = {g: entries.get(g, e) for g, e in source.graphs.items()}
-    manifest["files"] = file_table(tmp)
-    assert manifest["format"] == FORMAT
-    return manifest
+    return {**source.graphs, **read_graphs(entries, strict=True)}
 
 
 # ------------------------------------------------------------------------------------ evaluation
 def _input_names(package: Any, graph: str) -> list[str]:
-    return [i["name"] for i in package.graphs[graph].get("inputs", [])]
+    return [i.name for i in package.graphs[graph].inputs]
 
 
 def evaluate(src: Path, new: Path, selected: list[str], o: QuantizeOptions, log: Log) -> dict[str, Any]:
@@ -464,7 +456,7 @@ def evaluate(src: Path, new: Path, selected: list[str], o: QuantizeOptions, log:
     log(f"  AR agreement done in {time.perf_counter() - t0:.1f}s")
     t0 = time.perf_counter()
     report["end_to_end"] = Q.end_to_end(ref, got, prompts, priors, o.height, o.width, o.steps, o.seed)
-    if any(g in I2I_ONLY for g in selected) and ref.supports_image_to_image:
+    if any(g in I2I_GRAPHS for g in selected) and ref.supports_image_to_image:
         recorder.new_run()
         image = capture_mod.source_image(min(o.height, o.width), o.seed)
         kw = dict(height=o.height, width=o.width, num_inference_steps=o.steps, seed=o.seed, image=image)

@@ -193,7 +193,7 @@ def end_to_end(ref: Any, got: Any, prompts: Sequence[str], priors: Sequence[np.n
                width: int, steps: int, seed: int, guidance_scale: float | None = None,
                free_running: bool = True) -> dict[str, Any]:
     """Image PSNR/SSIM vs fp32: with the fp32 tokens and latents, and free-running (same seed)."""
-    scale = float(guidance_scale if guidance_scale is not None else ref.defaults.get("guidance_scale", 1.5))
+    scale = float(guidance_scale if guidance_scale is not None else ref.defaults.guidance_scale)
     fixed, free = [], []
     for k, (prompt, prior) in enumerate(zip(prompts, priors)):
         shape = (1, ref.latent_channels, height // ref.vae_scale, width // ref.vae_scale)

@@ -28,7 +28,8 @@ from typing import Any, Callable
 import numpy as np
 import onnxruntime as ort
 
-from glm_image_onnx.manifest import KV_CAPACITY_BUCKETED, KV_CAPACITY_RULE, KV_LAYOUT
+from glm_image_onnx.manifest import (KV_CAPACITY_BUCKETED, KV_CAPACITY_RULE, KV_LAYOUT, POSITION_IDS_LAYOUT,
+                                     ArPlannerConfig)
 from glm_image_onnx.runtime.package import PackageError
 from glm_image_onnx.runtime.providers import release_arena
 from glm_image_onnx.runtime.sampling import TokenSampler
@@ -63,17 +64,20 @@ CACHE_ELEMENT_TYPES: dict[str, Any] = {"float32": np.float32, "float16": np.floa
 class ArPlanner:
     """Drives an AR planner graph; `buckets` pads a static-shapes package's calls (runtime.shapes)."""
 
-    def __init__(self, session: ort.InferenceSession, config: dict[str, Any], device: str = "cpu",
+    def __init__(self, session: ort.InferenceSession, config: ArPlannerConfig, device: str = "cpu",
                  device_id: int = 0, buckets: ShapeBuckets | None = None):
         self.session = session
-        self.num_layers = int(config["num_layers"])
-        self.kv_heads = int(config["num_kv_heads"])
-        self.head_dim = int(config["head_dim"])
-        self.vocab = int(config["vision_vocab_size"])
+        self.num_layers = config.num_layers
+        self.kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.vocab = config.vision_vocab_size
         self.past_names = [t % i for i in range(self.num_layers)
-                           for t in (config["past_key_template"], config["past_value_template"])]
+                           for t in (config.past_key_template, config.past_value_template)]
         self.present_names = [t % i for i in range(self.num_layers)
-                              for t in (config["present_key_template"], config["present_value_template"])]
+                              for t in (config.present_key_template, config.present_value_template)]
+        if config.position_ids_layout != POSITION_IDS_LAYOUT:
+            raise PackageError(f"ar_planner: position_ids_layout {config.position_ids_layout!r} is not supported "
+                               f"by this runtime (it computes {POSITION_IDS_LAYOUT!r}: runtime.mrope)")
         self.cache_dtype, self.static = cache_contract(config)
         self.buckets = buckets or ShapeBuckets()
         self.release = release_arena(session, device, device_id)
@@ -259,19 +263,17 @@ def check_decode_positions(num_tokens: int, decode_positions: np.ndarray) -> Non
                          f"{decode_positions.shape[-1]} were precomputed")
 
 
-def cache_contract(config: dict[str, Any]) -> tuple[str, bool]:
+def cache_contract(config: ArPlannerConfig) -> tuple[str, bool]:
     """(cache dtype, bucketed?) of an AR planner's manifest config, after checking the contract is one
     this runtime implements (layout, capacity rule, in-place update). Format-2 packages: float32."""
-    kv = config.get("kv_cache")
-    if not isinstance(kv, dict):  # format 2: the contract was prose, the cache float32
-        return "float32", False
-    if kv.get("layout") != KV_LAYOUT:
-        raise PackageError(f"ar_planner: kv_cache.layout {kv.get('layout')!r} is not supported by this runtime "
+    kv = config.kv_cache
+    if kv.layout != KV_LAYOUT:
+        raise PackageError(f"ar_planner: kv_cache.layout {kv.layout!r} is not supported by this runtime "
                            f"(it implements {KV_LAYOUT!r})")
-    if kv.get("capacity") not in (KV_CAPACITY_RULE, KV_CAPACITY_BUCKETED):
-        raise PackageError(f"ar_planner: kv_cache.capacity {kv.get('capacity')!r} is not supported by this runtime "
+    if kv.capacity not in (KV_CAPACITY_RULE, KV_CAPACITY_BUCKETED):
+        raise PackageError(f"ar_planner: kv_cache.capacity {kv.capacity!r} is not supported by this runtime "
                            f"(it implements {KV_CAPACITY_RULE!r} and {KV_CAPACITY_BUCKETED!r})")
-    if kv.get("dtype") not in CACHE_ELEMENT_TYPES:
-        raise PackageError(f"ar_planner: kv_cache.dtype {kv.get('dtype')!r} is not supported "
+    if kv.dtype not in CACHE_ELEMENT_TYPES:
+        raise PackageError(f"ar_planner: kv_cache.dtype {kv.dtype!r} is not supported "
                            f"(supported: {', '.join(CACHE_ELEMENT_TYPES)})")
-    return kv["dtype"], kv["capacity"] == KV_CAPACITY_BUCKETED
+    return kv.dtype, kv.capacity == KV_CAPACITY_BUCKETED

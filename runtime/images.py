@@ -5,7 +5,7 @@
   which is the one reproduced here (PIL resize on uint8, then float64 rescale, float32 normalize).
 - `vae_preprocess` / `vae_postprocess` / `to_pil`: diffusers' `VaeImageProcessor` as the pipeline
   builds it (`VaeImageProcessor(vae_scale_factor=...)`: lanczos resize, no RGB conversion, [-1, 1]).
-- `upsample_prior_ids`: the pipeline's `_upsample_token_ids` (2x nearest on the token grid).
+- `upsample_prior_ids`: the pipeline's `_upsample_token_ids` (nearest on the token grid).
 - `tiled_decode` / `tiled_encode`: diffusers' `AutoencoderKL` tiled VAE, around a one-tile session call.
 """
 
@@ -96,11 +96,9 @@ class ImageProcessor:
         return cls(**kw)
 
     @classmethod
-    def from_package(cls, folder: Path | str) -> "ImageProcessor":
-        """A package / checkpoint root (uses `processor/processor_config.json`) or the processor folder."""
-        folder = Path(folder)
-        folder = folder / "processor" if (folder / "processor").is_dir() else folder
-        return cls.from_config(json.loads((folder / "processor_config.json").read_text()))
+    def from_file(cls, path: Path | str) -> "ImageProcessor":
+        """From a processor_config.json (a package's: manifest `Layout.image_processor`)."""
+        return cls.from_config(json.loads(Path(path).read_text()))
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """(grid_h, grid_w) in patches for an input of this pixel size."""
@@ -190,13 +188,14 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(im) for im in images]
 
 
-def upsample_prior_ids(ids: np.ndarray, h: int, w: int) -> np.ndarray:
-    """`_upsample_token_ids`: an h*w token grid -> int64 [1, 4*h*w], each token repeated 2x2.
+def upsample_prior_ids(ids: np.ndarray, h: int, w: int, factor: int) -> np.ndarray:
+    """`_upsample_token_ids`: an h*w token grid -> int64 [1, factor^2*h*w], each token repeated
+    factor x factor (GLM-Image: 2, manifest `Grid.prior_upsample`).
 
     The pipeline goes through float32 (exact for ids < 2**24, i.e. any codebook index).
     """
     grid = np.asarray(ids, dtype=np.int64).reshape(h, w)
-    return grid.repeat(2, axis=0).repeat(2, axis=1).reshape(1, -1)
+    return grid.repeat(factor, axis=0).repeat(factor, axis=1).reshape(1, -1)
 
 
 # ------------------------------------------------------------------------------ tiled VAE

@@ -19,26 +19,9 @@ longest sample by repeating its last column). The graph input is `position_ids` 
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
-
-# The processor's grid rule (GlmImageProcessor._get_target_shape): target tokens are 32 px, the
-# preview grid keeps the aspect ratio at about 16 x 16 tokens.
-GRID_FACTOR = 32
-
-
-def target_shape(height: int, width: int, factor: int = GRID_FACTOR) -> tuple[int, int, int, int]:
-    """(token_h, token_w, preview_h, preview_w) for a target image size, as the processor computes."""
-    height = (height // factor) * factor
-    width = (width // factor) * factor
-    token_h, token_w = height // factor, width // factor
-    ratio = token_h / token_w
-    preview_h = int(math.sqrt(ratio) * (factor // 2))
-    preview_w = int(math.sqrt(1 / ratio) * (factor // 2))
-    return token_h, token_w, preview_h, preview_w
-
 
 def _slice_ramp(start: int, length: int, limit: int) -> np.ndarray:
     # `torch.arange(limit)[start:start + length]` with Python slice semantics (clipped, never negative).

@@ -16,15 +16,15 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from glm_image_onnx.atomic import write_text
 from glm_image_onnx.errors import UsageError
-from glm_image_onnx.manifest import FORMAT, MANIFEST, SUPPORTED_VERSIONS, sha256_file
+from glm_image_onnx.manifest import MANIFEST, Graph, Manifest, ManifestError, Pipeline, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class PackageError(UsageError):
 @dataclass(frozen=True)
 class Package:
     root: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @classmethod
     def open(cls, root: Path | str, verify_files: bool | VerifyMode = "cached") -> "Package":
@@ -86,23 +86,13 @@ class Package:
         if not root.is_dir():
             raise PackageError(f"package folder {root} does not exist")
         try:
-            manifest = json.loads(path.read_text())
+            manifest = Manifest.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:
             raise PackageError(f"{path} is missing: not an exported glm-image-onnx package") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PackageError(f"{path} is malformed ({e})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise PackageError(f"{path}: not a glm-image-onnx manifest (format {manifest.get('format')!r})"
-                               if isinstance(manifest, dict) else f"{path}: not a JSON object")
-        version = manifest.get("format_version")
-        if version not in SUPPORTED_VERSIONS:
-            older = isinstance(version, int) and version < min(SUPPORTED_VERSIONS)
-            raise PackageError(f"{path}: format_version {version!r} is not supported by this runtime "
-                               f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})"
-                               + ("; re-export the checkpoint with this version" if older else ""))
-        for key in ("graphs", "pipeline", "files"):
-            if not isinstance(manifest.get(key), dict):
-                raise PackageError(f"{path}: field {key!r} is missing or not an object")
+        except ManifestError as e:
+            raise PackageError(f"{path}: {e}") from None
         package = cls(root, manifest)
         if mode != "off":
             package.verify_files(mode)
@@ -111,20 +101,20 @@ class Package:
     def verify_files(self, mode: VerifyMode = "full") -> None:
         """Check every listed file's size (always: a stat is free) and sha256, except in "cached" mode
         for files the cache vouches for; raises PackageError naming the first bad file."""
-        files: dict[str, Any] = self.manifest["files"]
+        files = self.manifest.files
         stats = {}
         for rel, entry in files.items():
             path = self.root / rel
             if not path.is_file():
                 raise PackageError(f"{path} is missing (listed in {MANIFEST})")
             stats[rel] = _stat_key(path.stat())
-            if stats[rel][0] != entry.get("bytes"):
+            if stats[rel][0] != entry.bytes:
                 # the old wording ("does not match its sha256") kept: callers and tests match on it
                 raise PackageError(f"{path} does not match its sha256 in {MANIFEST} ({stats[rel][0]} bytes, "
-                                   f"the manifest lists {entry.get('bytes')}: truncated or modified)")
+                                   f"the manifest lists {entry.bytes}: truncated or modified)")
         cache_file = _cache_file(self.root)
         cached = _read_cache(cache_file) if mode == "cached" else {}
-        good = {rel: stats[rel] + [entry.get("sha256")] for rel, entry in files.items()}
+        good = {rel: stats[rel] + [entry.sha256] for rel, entry in files.items()}
         good = {rel: key for rel, key in good.items() if cached.get(rel) == key}
         todo = [rel for rel in files if rel not in good]
         if not todo:
@@ -133,7 +123,7 @@ class Package:
         biggest_first = sorted(todo, key=lambda rel: -stats[rel][0])  # the big weights files bound the wall time
         with ThreadPoolExecutor(min(HASH_THREADS, len(todo))) as pool:
             digests = dict(zip(biggest_first, pool.map(lambda rel: sha256_file(self.root / rel), biggest_first)))
-        bad = [rel for rel in todo if digests[rel] != files[rel].get("sha256")]  # manifest order
+        bad = [rel for rel in todo if digests[rel] != files[rel].sha256]  # manifest order
         for rel, digest in digests.items():
             # not recorded: a bad file, or one that changed while it was read (its stat is not what was hashed)
             if rel not in bad and _stat_key((self.root / rel).stat()) == stats[rel]:
@@ -145,12 +135,12 @@ class Package:
             raise PackageError(f"{self.root / bad[0]} does not match its sha256 in {MANIFEST} (corrupt or modified)")
 
     @property
-    def graphs(self) -> dict[str, Any]:
-        return self.manifest["graphs"]
+    def graphs(self) -> dict[str, Graph]:
+        return self.manifest.graphs
 
     @property
-    def pipeline(self) -> dict[str, Any]:
-        return self.manifest["pipeline"]
+    def pipeline(self) -> Pipeline:
+        return self.manifest.pipeline
 
     def has(self, graph: str) -> bool:
         return graph in self.graphs
@@ -159,10 +149,7 @@ class Package:
         if graph not in self.graphs:
             raise PackageError(f"{self.root}: the package has no {graph!r} graph "
                                f"(exported: {', '.join(self.graphs)})")
-        return self.root / self.graphs[graph]["file"]
-
-    def graph_config(self, graph: str) -> dict[str, Any]:
-        return self.graphs[graph].get("config", {})
+        return self.root / self.graphs[graph].file
 
     def file(self, rel: str) -> Path:
         return self.root / rel
@@ -178,18 +165,11 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 
 def _write_cache(path: Path, data: dict[str, Any]) -> None:
-    """Atomic (temp file + os.replace), so a reader never sees half a cache; a cache that cannot be
-    written costs the next open a full hash, never this load (warned once per folder)."""
+    """Atomic, so a reader never sees half a cache; a cache that cannot be written costs the next
+    open a full hash, never this load (warned once per folder)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_text(path, json.dumps(data))
     except OSError as e:
         if str(path.parent) not in _warned:
             _warned.add(str(path.parent))

@@ -20,8 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from glm_image_onnx.targets import manifest_target
-
+from glm_image_onnx.manifest import I2I_GRAPHS, T2I_GRAPHS
 from glm_image_onnx.runtime import glyphs, images, mrope
 from glm_image_onnx.runtime.ar import ArPlanner, FeedObserver, Feeds, Progress
 from glm_image_onnx.runtime.ar_batch import ArBatchEngine, ArBatching
@@ -43,8 +42,6 @@ observes: its return value is ignored, and it must not modify the arrays."""
 
 # Largest attention-score buffer (bytes) a batched CFG call may need; above it rows go one by one.
 BATCHED_CFG_MAX_SCORES = 1 << 30
-T2I_GRAPHS = ("ar_planner", "glyph_encoder", "dit_decoder", "vae_decoder")
-I2I_GRAPHS = ("vision_tokenizer", "vae_encoder", "dit_condition_write")
 VAE_TILING = ("auto", "on", "off")
 # How each graph's CPU session allocates (providers.MEMORY_MODES); the others: "pattern". The VAE
 # without its arena: a session's first tile of each shape took 40 s instead of 24-26 s (a 512 px
@@ -108,7 +105,7 @@ class GlmImageOnnxPipeline:
         self.vae_tiling = vae_tiling
         self.package = package
         self.provider = provider
-        self.config = package.pipeline
+        self.config = config = package.pipeline
         wanted = T2I_GRAPHS + tuple(g for g in I2I_GRAPHS if package.has(g))
         self.sessions = {g: create_session(package.graph_path(g), provider, threads, MEMORY.get(g, "pattern"),
                                            configure_session) for g in wanted}
@@ -118,44 +115,49 @@ class GlmImageOnnxPipeline:
             check_target(package, provider)
         self.supports_image_to_image = all(package.has(g) for g in I2I_GRAPHS)
         try:
-            self.buckets = ShapeBuckets.from_manifest(manifest_target(package.manifest))
+            self.buckets = ShapeBuckets.from_manifest(package.manifest.target)
         except ValueError as e:
             raise PackageError(f"{package.root}: {e}") from None
-        ar_cfg = package.graph_config("ar_planner")
         # The last run of each stage frees its arenas' memory.
         self.release = {g: release_arena(s, *self.io_device(g)) for g, s in self.sessions.items()}
-        self.ar = ArPlanner(self.sessions["ar_planner"], ar_cfg, *self.io_device("ar_planner"), buckets=self.buckets)
+        self.ar = ArPlanner(self.sessions["ar_planner"], package.graphs["ar_planner"].config,
+                            *self.io_device("ar_planner"), buckets=self.buckets)
         self.ar_batching = ar_batching
         self.ar_engine = ArBatchEngine(self.ar, ar_batching) if ar_batching.enabled else None
         # The other graphs run one generation at a time: each call already uses every core (or
         # the whole GPU stream), and concurrent CPU calls would only oversubscribe the cores.
         self._compute = threading.Lock()
         self.observer: FeedObserver | None = None
-        self.prompts = PromptBuilder.from_package(package.root)
-        self.glyph_tokenizer = glyphs.ByteTokenizer.from_dir(package.file("tokenizer"))
-        self.schedule = FlowMatchSchedule.from_config(self.config["scheduler"])
-        self.image_processor = images.ImageProcessor.from_package(package.root)
-        tokens = self.config["tokens"]
-        self.codebook_size = int(tokens["codebook_size"])
-        self.image_start_id = int(tokens["image_start_token_id"])
-        self.image_end_id = int(tokens["image_end_token_id"])
-        self.image_token_id = int(tokens["image_token_id"])
-        vae = self.config["vae"]
-        self.vae_scale = int(vae["scale_factor"])
-        self.latent_channels = int(vae["latent_channels"])
-        self.latents_mean = np.asarray(vae["latents_mean"], np.float32).reshape(1, -1, 1, 1)
-        self.latents_std = np.asarray(vae["latents_std"], np.float32).reshape(1, -1, 1, 1)
+        files = config.tokenizers
+        self.grid = config.grid
+        self.prompts = PromptBuilder(package.file(files.ar), package.file(files.ar_config),
+                                     package.file(files.chat_template), package.file(files.image_processor),
+                                     config.tokens, config.grid)
+        self.glyph_tokenizer = glyphs.ByteTokenizer.from_dir(package.file(files.glyph))
+        self.schedule = FlowMatchSchedule.from_config(config.scheduler)
+        self.image_processor = images.ImageProcessor.from_file(package.file(files.image_processor))
+        tokens = config.tokens
+        self.codebook_size = tokens.codebook_size
+        self.image_start_id = tokens.image_start_token_id
+        self.image_end_id = tokens.image_end_token_id
+        self.image_token_id = tokens.image_token_id
+        vae = config.vae
+        self.vae_scale = vae.scale_factor
+        self.latent_channels = vae.latent_channels
+        self.latents_mean = np.asarray(vae.latents_mean, np.float32).reshape(1, -1, 1, 1)
+        self.latents_std = np.asarray(vae.latents_std, np.float32).reshape(1, -1, 1, 1)
         # diffusers' tile sizes: tile_sample_min_size = sample_size (1024 in the published VAE config,
         # the default for packages exported before it was recorded), the latent tile that / scale.
-        self.vae_tile_sample = vae_tile_size or int(vae.get("sample_size", 1024))
+        self.vae_tile_sample = vae_tile_size or vae.sample_size
         # A static-shapes (cann) package keeps the VAE's own tile: every new tile shape would compile.
         if vae_tile_size is None and self.io_device("vae_decoder")[0] == "cpu" and not self.buckets.static:
             self.vae_tile_sample = min(self.vae_tile_sample, CPU_VAE_TILE)
         self.vae_tile_latent = int(self.vae_tile_sample / self.vae_scale)
-        dit = package.graph_config("dit_decoder")
-        self.patch_size = int(dit["patch_size"])
-        self.dit_layers, self.dit_heads, self.dit_head_dim = dit["num_layers"], dit["num_heads"], dit["head_dim"]
-        self.defaults = {**self.config.get("defaults", {}), **self.config.get("generation", {})}
+        dit = package.graphs["dit_decoder"].config
+        self.patch_size = dit.patch_size
+        self.dit_layers, self.dit_heads, self.dit_head_dim = dit.num_layers, dit.num_heads, dit.head_dim
+        self.defaults = config.defaults
+        self.generation = config.generation
 
     @classmethod
     def from_package(cls, path: Path | str, provider: str = "cpu", provider_options: dict[str, Any] | None = None,
@@ -276,14 +278,15 @@ class GlmImageOnnxPipeline:
         timings: dict[str, float] = {}
         sources = self._source_images(image)
         height, width = self._size(height, width, sources)
-        steps = int(num_inference_steps if num_inference_steps is not None else self.defaults.get("num_inference_steps", 50))
-        scale = float(guidance_scale if guidance_scale is not None else self.defaults.get("guidance_scale", 1.5))
+        steps = int(num_inference_steps if num_inference_steps is not None else self.defaults.num_inference_steps)
+        scale = float(guidance_scale if guidance_scale is not None else self.defaults.guidance_scale)
         self.check_inputs(prompt, height, width, steps, scale, latents)
+        gen = self.generation
         sampling = SamplingConfig(
-            do_sample=bool(self.defaults.get("do_sample", True) if do_sample is None else do_sample),
-            temperature=float(self.defaults.get("temperature", 1.0) if temperature is None else temperature),
-            top_p=float(self.defaults.get("top_p", 1.0) if top_p is None else top_p),
-            top_k=top_k if top_k is not None else self.defaults.get("top_k"),
+            do_sample=bool(gen.do_sample if do_sample is None else do_sample),
+            temperature=float(gen.temperature if temperature is None else temperature),
+            top_p=float(gen.top_p if top_p is None else top_p),
+            top_k=top_k if top_k is not None else gen.top_k,
         )
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2 ** 63))
@@ -342,12 +345,12 @@ class GlmImageOnnxPipeline:
     def _size(self, height: int | None, width: int | None, sources: list[Image.Image]) -> tuple[int, int]:
         if height is None or width is None:
             if sources:
-                # Like the pipeline: the first source's size, floored to the 32-pixel token grid.
-                height = height or (sources[0].height // 32) * 32
-                width = width or (sources[0].width // 32) * 32
+                # Like the pipeline: the first source's size, floored to the token grid.
+                height = height or self.grid.floor(sources[0].height)
+                width = width or self.grid.floor(sources[0].width)
             else:
-                height = height or int(self.defaults.get("height", 1024))
-                width = width or int(self.defaults.get("width", 1024))
+                height = height or self.defaults.height
+                width = width or self.defaults.width
         return int(height), int(width)
 
     def check_inputs(self, prompt: str, height: int, width: int, steps: int, scale: float,
@@ -355,8 +358,9 @@ class GlmImageOnnxPipeline:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         for name, value in (("height", height), ("width", width)):
-            if value < 32 or value % 32:
-                raise ValueError(f"{name} must be a positive multiple of 32, got {value}")
+            error = self.grid.side_error(name, value)
+            if error:
+                raise ValueError(error)
         if steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
         if not math.isfinite(scale) or scale < 0:
@@ -383,11 +387,11 @@ class GlmImageOnnxPipeline:
         keys, values = [], []
         for img, (gh, gw), ids in zip(sources, condition.grids, condition.ids):
             h, w = images.condition_size(img, self.vae_scale, self.patch_size)
-            prior = images.upsample_prior_ids(ids, gh, gw)
+            prior = images.upsample_prior_ids(ids, gh, gw, self.grid.prior_upsample)
             tokens = (h // self.vae_scale // self.patch_size) * (w // self.vae_scale // self.patch_size)
             if prior.shape[1] != tokens:
                 raise ValueError(f"image: a {img.width}x{img.height} source gives {prior.shape[1]} prior tokens "
-                                 f"but {tokens} latent tokens; use sides that are multiples of 32")
+                                 f"but {tokens} latent tokens; use sides that are multiples of {self.grid.factor}")
             latent = self.encode(images.vae_preprocess(img, h, w, self.vae_scale))
             k, v = self._run("dit_condition_write", {"hidden_states": latent, "prior_token_id": prior,
                                                      "target_size": np.array([[h, w]], np.float32)})
@@ -416,7 +420,7 @@ class GlmImageOnnxPipeline:
     def generate_prior_tokens(self, prompt: str, height: int, width: int, condition: _Condition | None,
                               sampler: TokenSampler, progress: Progress | None = None
                               ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        """AR planning: (all generated tokens, the target grid upsampled 2x [1, N], timings)."""
+        """AR planning: (all generated tokens, the target grid upsampled [1, N], timings)."""
         a = self.ar_inputs(prompt, height, width, condition)
         planner = self.ar_engine or self.ar
         result = planner.generate(a.input_ids, a.prefill_positions, a.decode_positions, a.num_tokens, sampler,
@@ -427,7 +431,7 @@ class GlmImageOnnxPipeline:
                    "ar_per_token_s": float(np.median(result.per_token_s)) if result.per_token_s else 0.0,
                    "ar_tokens": float(a.num_tokens), "ar_batch_rows": float(result.batch_rows),
                    "ar_queue_s": result.queue_s}
-        return result.tokens, images.upsample_prior_ids(target, th, tw), timings
+        return result.tokens, images.upsample_prior_ids(target, th, tw, self.grid.prior_upsample), timings
 
     # ------------------------------------------------------------------------------------ glyphs
     def encode_glyphs(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:

@@ -11,8 +11,8 @@ Steps, as transformers 5 does them for the pipeline's call:
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ import numpy as np
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+
+from glm_image_onnx.manifest import Grid, Layout, Tokens
 
 
 class _Generation(Extension):
@@ -52,60 +54,56 @@ def _compile(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
-def target_shape(height: int, width: int) -> tuple[int, int, int, int]:
-    """`GlmImageProcessor._get_target_shape`: (th, tw) on the 32-pixel grid and the ~16x16 preview (ph, pw)."""
-    factor = 32
-    token_h = (height // factor) * factor // factor
-    token_w = (width // factor) * factor // factor
-    ratio = token_h / token_w
-    return token_h, token_w, int(math.sqrt(ratio) * (factor // 2)), int(math.sqrt(1 / ratio) * (factor // 2))
-
-
 def _token(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
 class PromptBuilder:
-    """Builds the AR prompt ids from a checkpoint's / package's `processor/` folder."""
+    """Builds the AR prompt ids from the tokenizer files (a package's: manifest `Layout`)."""
 
-    def __init__(self, folder: Path | str):
-        folder = Path(folder)
-        self.folder = folder
-        tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
-        proc_cfg_path = folder / "processor_config.json"
-        proc_cfg = json.loads(proc_cfg_path.read_text()) if proc_cfg_path.exists() else {}
-        self.template = _compile(self._find_template(folder, tok_cfg, proc_cfg))
+    def __init__(self, tokenizer: Path, tokenizer_config: Path, chat_template: Path, processor_config: Path,
+                 tokens: Tokens | None = None, grid: Grid = Grid()):
+        """`tokens`: the manifest's special tokens; None takes them from the tokenizer config."""
+        tok_cfg = json.loads(Path(tokenizer_config).read_text())
+        processor_config = Path(processor_config)
+        proc_cfg = json.loads(processor_config.read_text()) if processor_config.exists() else {}
+        self.template = _compile(self._find_template(Path(chat_template), tok_cfg, proc_cfg))
         # Every special token the tokenizer knows by name is a template variable (`special_tokens_map`).
         self.special = {k: _token(v) for k, v in tok_cfg.items()
                         if k.endswith("_token") and isinstance(_token(v), str)}
-        self.bos = self.special.get("bos_token")
-        self.image_token = self.special.get("image_token", "<|image|>")
-        self.grid_bos = self.special.get("grid_bos_token", "<sop>")
-        self.grid_eos = self.special.get("grid_eos_token", "<eop>")
+        defaults = {f.name: f.default for f in dataclasses.fields(Tokens) if f.name.endswith("_token")}
+        names = {k: getattr(tokens, k) if tokens is not None else self.special.get(k, default)
+                 for k, default in defaults.items()}
+        self.bos, self.image_token = names["bos_token"], names["image_token"]
+        self.grid_bos, self.grid_eos = names["grid_bos_token"], names["grid_eos_token"]
         if self.bos is None:
-            raise ValueError(f"{folder}/tokenizer_config.json has no bos_token (the image-start token)")
+            raise ValueError(f"{tokenizer_config} has no bos_token (the image-start token)")
+        self.grid = grid
         self.merge_size = int(proc_cfg.get("image_processor", proc_cfg).get("merge_size", 2))
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer = Tokenizer.from_file(str(tokenizer))
         # transformers' __call__ without padding/truncation switches both off whatever the json says
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
 
     @staticmethod
-    def _find_template(folder: Path, tok_cfg: dict, proc_cfg: dict) -> str:
-        if (folder / "chat_template.jinja").exists():
-            return (folder / "chat_template.jinja").read_text()
-        if (folder / "chat_template.json").exists():  # legacy processor file
-            return json.loads((folder / "chat_template.json").read_text())["chat_template"]
+    def _find_template(path: Path, tok_cfg: dict, proc_cfg: dict) -> str:
+        if path.exists():
+            return path.read_text()
+        legacy = path.with_suffix(".json")  # an older processor's chat_template.json
+        if legacy.exists():
+            return json.loads(legacy.read_text())["chat_template"]
         for cfg in (proc_cfg, tok_cfg):
             if isinstance(cfg.get("chat_template"), str):
                 return cfg["chat_template"]
-        raise ValueError(f"{folder}: no chat template (chat_template.jinja or a `chat_template` config entry)")
+        raise ValueError(f"{path.parent}: no chat template ({path.name} or a `chat_template` config entry)")
 
     @classmethod
-    def from_package(cls, folder: Path | str) -> "PromptBuilder":
-        """A package / checkpoint root (uses its `processor/`) or the processor folder itself."""
-        folder = Path(folder)
-        return cls(folder / "processor" if (folder / "processor").is_dir() else folder)
+    def from_package(cls, root: Path | str, layout: Layout = Layout(), tokens: Tokens | None = None,
+                     grid: Grid = Grid()) -> "PromptBuilder":
+        """From a package or checkpoint folder whose files lie where `layout` says."""
+        root = Path(root)
+        return cls(root / layout.ar, root / layout.ar_config, root / layout.chat_template,
+                   root / layout.image_processor, tokens, grid)
 
     def render(self, prompt: str, num_images: int = 0, height: int | None = None,
                width: int | None = None) -> str:
@@ -128,9 +126,9 @@ class PromptBuilder:
         """
         grids = [tuple(map(int, g)) for g in (source_grids or [])]
         text_to_image = not grids
-        th, tw, ph, pw = target_shape(height, width)
-        if min(th, tw) < 1:
-            raise ValueError(f"height and width must be at least 32 (got {height}x{width})")
+        if min(height, width) < self.grid.factor:
+            raise ValueError(f"height and width must be at least {self.grid.factor} (got {height}x{width})")
+        th, tw, ph, pw = self.grid.target_shape(height, width)
         text = self.render(prompt, len(grids), height, width)
         if text.count(self.image_token) != len(grids):
             raise ValueError(f"the prompt has {text.count(self.image_token) - len(grids)} extra "

@@ -369,13 +369,13 @@ def input_types(session: ort.InferenceSession) -> dict[str, Any]:
 
 def check_target(package: Any, request: ProviderRequest) -> None:
     """One line when a package is opened on a provider it was not built for (an error if strict)."""
-    from glm_image_onnx.targets import TARGETS, manifest_target, mismatch
+    from glm_image_onnx.targets import TARGETS, mismatch
 
-    target = manifest_target(package.manifest)
-    if target["name"] == request.name:
+    target = package.manifest.target
+    if target.name == request.name:
         return
     msg = f"{package.root}: {mismatch(target, request.name, request.ort_name, package.root)}"
-    if request.strict or target["name"] not in TARGETS:
+    if request.strict or target.name not in TARGETS:
         raise ProviderError(msg)
     log.warning(msg)
 

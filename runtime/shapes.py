@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from glm_image_onnx.manifest import Target
+
 BUCKET_KINDS = ("prompt", "capacity", "glyph", "dit_text")
 
 
@@ -24,8 +26,8 @@ class ShapeBuckets:
     buckets: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
-    def from_manifest(cls, target: dict[str, Any]) -> "ShapeBuckets":
-        raw = target.get("shape_buckets") or {}
+    def from_manifest(cls, target: Target) -> "ShapeBuckets":
+        raw = target.shape_buckets or {}
         if not isinstance(raw, dict) or (raw and sorted(raw) != sorted(BUCKET_KINDS)):
             raise ValueError(f"target.shape_buckets must list {', '.join(BUCKET_KINDS)}, got {raw!r}")
         out = {}

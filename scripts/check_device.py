@@ -59,7 +59,7 @@ def main() -> int:
         total = time.perf_counter() - t0
         t = out.timings
         ar_bytes = sum((package / f).stat().st_size for f in
-                       [pipe.package.graphs["ar_planner"]["file"], *pipe.package.graphs["ar_planner"]["external_data"]])
+                       [pipe.package.graphs["ar_planner"].file, *pipe.package.graphs["ar_planner"].external_data])
         floor_ms = ar_bytes / args.bandwidth * 1e3
         floor = (f" (weight-bandwidth floor {floor_ms:.4f} ms, {t['ar_per_token_s'] * 1e3 / floor_ms:.1f}x)"
                  if args.provider == "cuda" else "")

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from glm_image_onnx.manifest import Graph
 from glm_image_onnx.runtime.ar_batch import ArBatching
 from glm_image_onnx.server.admission import Admission
 from glm_image_onnx.server.glm_image_model import GlmImageModel, Limits
@@ -90,13 +91,13 @@ def load_models(config: ServerConfig, metrics: Metrics) -> dict[str, Model]:
     return models
 
 
-def not_carried(graph: dict) -> str | None:
+def not_carried(graph: Graph) -> str | None:
     """Why a graph cannot be a KServe model of this server (tensors numpy cannot hold), or None."""
-    odd = [t["name"] for t in graph["inputs"] + graph["outputs"] if FROM_NUMPY.get(t["dtype"]) not in NUMPY]
+    odd = [t for t in graph.inputs + graph.outputs if FROM_NUMPY.get(t.dtype) not in NUMPY]
     if not odd:
         return None
-    return (f"{', '.join(odd[:2])}{', ...' if len(odd) > 2 else ''} are "
-            f"{next(t['dtype'] for t in graph['inputs'] + graph['outputs'] if t['name'] == odd[0])}, which this "
+    return (f"{', '.join(t.name for t in odd[:2])}{', ...' if len(odd) > 2 else ''} are "
+            f"{odd[0].dtype}, which this "
             "server does not carry over KServe (no numpy type); glm_image runs it, Triton (triton-repo) serves it")
 
 

@@ -20,7 +20,6 @@ from glm_image_onnx.server.context import RequestContext
 from glm_image_onnx.server.glm_image_request import Limits
 from glm_image_onnx.server.metrics import Metrics
 from glm_image_onnx.server.models import Model, Prepared, Progress, Result
-from glm_image_onnx.targets import manifest_target
 
 __all__ = ["GlmImageModel", "Limits"]
 
@@ -43,14 +42,14 @@ class GlmImageModel(Model):
             self.executor = ThreadPoolExecutor(self.batching.max_rows, thread_name_prefix="glm-image-generation")
             if metrics is not None:
                 pipeline.ar_engine.on_step = metrics.ar_call
-        self.limits = limits.for_package(pipeline.image_processor)
+        self.limits = limits.for_package(pipeline.image_processor, pipeline.grid)
         self.inputs = list(glm.INPUTS)
         self.outputs = list(glm.OUTPUTS)
         self.instance_kind = "KIND_CPU" if pipeline.providers[0] == "CPUExecutionProvider" else "KIND_GPU"
         # The recipe that made the package (`glm-image-onnx quantize`); "none" for an exported fp32 one.
-        self.quantization = pipeline.package.manifest.get("quantization", {}).get("recipe", "none")
-        target = manifest_target(pipeline.package.manifest)
-        self.target = f"{target['name']} {target['dtype']}"  # what the package was built for (glm_image_onnx.targets)
+        manifest = pipeline.package.manifest
+        self.quantization = (manifest.quantization or {}).get("recipe", "none")
+        self.target = f"{manifest.target.name} {manifest.target.dtype}"  # what the package was built for (glm_image_onnx.targets)
 
     def config(self):
         cfg = super().config()

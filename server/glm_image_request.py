@@ -9,7 +9,7 @@ Inputs (each also accepted as a request parameter of the same name; a tensor win
 |---|---|---|
 | `prompt` | BYTES [1] | UTF-8 prompt (required) |
 | `image` | BYTES [k] | encoded PNG / JPEG / WebP source image(s) to edit, k <= 4 (as a parameter: one, base64) |
-| `height`, `width` | INT32 [1] | pixels, multiples of 32 (default: the source image's, else the package's) |
+| `height`, `width` | INT32 [1] | pixels, multiples of the package's grid factor, 32 for GLM-Image (default: the source image's, else the package's) |
 | `steps` | INT32 [1] | denoising steps |
 | `guidance` | FP32 [1] | classifier-free guidance scale |
 | `seed` | INT64 [1] | >= 0; the same seed gives the same image |
@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from glm_image_onnx.manifest import Defaults, Grid
 from glm_image_onnx.server import errors
 from glm_image_onnx.server.result import Result
 from glm_image_onnx.server.specs import TensorSpec
@@ -61,12 +62,14 @@ class Limits:
     max_prompt_bytes: int = 16384
     max_image_bytes: int = 32 << 20
     max_source_pixels: int = 4096 * 4096
+    grid: Grid = Grid()  # the package's token grid: image sides are multiples of its factor
 
-    def for_package(self, processor: Any) -> "Limits":
+    def for_package(self, processor: Any, grid: Grid) -> "Limits":
         """The unset size bounds from an `images.ImageProcessor`: its pixel range, and a side of at
-        most sqrt(max_pixels) (the published vision encoder's image_size is that 2048 too)."""
+        most sqrt(max_pixels) (the published vision encoder's image_size is that 2048 too); the
+        package's grid (manifest `pipeline.grid`)."""
         max_pixels = self.max_pixels or processor.max_pixels
-        return dataclasses.replace(self, max_pixels=max_pixels,
+        return dataclasses.replace(self, max_pixels=max_pixels, grid=grid,
                                    min_pixels=processor.min_pixels if self.min_pixels is None else self.min_pixels,
                                    max_side=self.max_side or math.isqrt(max_pixels))
 
@@ -207,8 +210,9 @@ def _check(v: dict[str, Any], lim: Limits, image_to_image: bool) -> GlmImageRequ
     for name in ("height", "width"):
         if name in v:
             size = v[name]
-            if size < 32 or size % 32:
-                raise errors.invalid(f"{name} must be a positive multiple of 32, got {size}", name)
+            error = lim.grid.side_error(name, size)
+            if error:
+                raise errors.invalid(error, name)
             if lim.max_side is not None and size > lim.max_side:
                 raise errors.invalid(f"{name} {size} is larger than this server's limit of {lim.max_side} pixels",
                                      name)
@@ -251,19 +255,19 @@ def _open_image(data: bytes, lim: Limits, image_to_image: bool) -> Image.Image:
     return image
 
 
-def output_size(r: GlmImageRequest, source: Image.Image | None, defaults: dict[str, Any],
+def output_size(r: GlmImageRequest, source: Image.Image | None, defaults: Defaults,
                 lim: Limits) -> tuple[int, int]:
     """The size the pipeline will produce, checked against the limits before any work."""
     if source is not None:
-        height = r.height or (source.height // 32) * 32
-        width = r.width or (source.width // 32) * 32
+        height = r.height or lim.grid.floor(source.height)
+        width = r.width or lim.grid.floor(source.width)
     else:
-        height = r.height or int(defaults.get("height", 1024))
-        width = r.width or int(defaults.get("width", 1024))
+        height = r.height or defaults.height
+        width = r.width or defaults.width
     origin = "the source image" if source is not None else "the package default"
     for name, size in (("height", height), ("width", width)):
-        if size < 32:
-            raise errors.invalid(f"{name} {size} (from {origin}) is less than 32; pass {name}", name)
+        if size < lim.grid.factor:
+            raise errors.invalid(f"{name} {size} (from {origin}) is less than {lim.grid.factor}; pass {name}", name)
     try:
         lim.check_size(height, width, origin)
     except ValueError as e:

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from tritonclient.grpc import model_config_pb2, service_pb2
 
+from glm_image_onnx.manifest import Graph
 from glm_image_onnx.runtime.ar import Progress
 from glm_image_onnx.server import errors
 from glm_image_onnx.server.admission import Admission
@@ -134,7 +135,7 @@ class ComponentModel(Model):
     platform = "onnxruntime_onnx"
     backend = "onnxruntime"
 
-    def __init__(self, name: str, graph: dict[str, Any], session: ort.InferenceSession,
+    def __init__(self, name: str, graph: Graph, session: ort.InferenceSession,
                  batching: BatchingOptions = BatchingOptions(),
                  on_execution: Callable[[str, int, float], None] | None = None,
                  limits: ComponentLimits = ComponentLimits()):
@@ -142,8 +143,8 @@ class ComponentModel(Model):
         self.name = name
         self.limits = limits
         self.session = session
-        self.description = graph.get("description", "")
-        self.quantization = graph.get("quantization", {}).get("recipe", "none")
+        self.description = graph.description
+        self.quantization = (graph.quantization or {}).get("recipe", "none")
         self.inputs, self.outputs, self.batchable = graph_specs(graph)
         self.instance_kind = "KIND_CPU" if session.get_providers()[0] == "CPUExecutionProvider" else "KIND_GPU"
         self.batcher: DynamicBatcher | None = None

@@ -8,8 +8,7 @@ when every input and output starts with the manifest's `batch` axis.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
+from glm_image_onnx.manifest import Graph
 from glm_image_onnx.server.tensors import FROM_NUMPY
 
 
@@ -24,9 +23,9 @@ class TensorSpec:
         return [d if isinstance(d, int) else -1 for d in self.shape]
 
 
-def graph_specs(graph: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec], bool]:
+def graph_specs(graph: Graph) -> tuple[list[TensorSpec], list[TensorSpec], bool]:
     """(inputs, outputs, batchable) of one manifest graph entry."""
-    inputs = [TensorSpec(t["name"], FROM_NUMPY[t["dtype"]], tuple(t["shape"])) for t in graph["inputs"]]
-    outputs = [TensorSpec(t["name"], FROM_NUMPY[t["dtype"]], tuple(t["shape"])) for t in graph["outputs"]]
+    inputs = [TensorSpec(t.name, FROM_NUMPY[t.dtype], tuple(t.shape)) for t in graph.inputs]
+    outputs = [TensorSpec(t.name, FROM_NUMPY[t.dtype], tuple(t.shape)) for t in graph.outputs]
     batchable = all(s.shape and s.shape[0] == "batch" for s in inputs + outputs)
     return inputs, outputs, batchable

@@ -65,7 +65,7 @@ class TritonPythonModel:
         self.limits = glm.Limits(max_side=int(params["max_side"]) if params.get("max_side") else None,
                                  max_pixels=int(params["max_pixels"]) if params.get("max_pixels") else None,
                                  max_steps=int(params.get("max_steps", 100))
-                                 ).for_package(self.pipeline.image_processor)
+                                 ).for_package(self.pipeline.image_processor, self.pipeline.grid)
 
     def execute(self, requests):
         return [self._one(request) for request in requests]

@@ -19,11 +19,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from glm_image_onnx.manifest import Graph
 from glm_image_onnx.runtime.package import Package
 from glm_image_onnx.server import glm_image_request as glm
 from glm_image_onnx.server.specs import TensorSpec, graph_specs
@@ -79,12 +80,12 @@ def _instances(cfg: mc.ModelConfig, options: RepoOptions) -> None:
     cfg.instance_group.add(count=options.instances, kind=kind)
 
 
-def component_config(name: str, graph: dict[str, Any], options: RepoOptions) -> mc.ModelConfig:
+def component_config(name: str, graph: Graph, options: RepoOptions) -> mc.ModelConfig:
     inputs, outputs, batchable = graph_specs(graph)
     batched = batchable and options.max_batch_size > 0
     cfg = mc.ModelConfig(name=name, platform="onnxruntime_onnx", backend="onnxruntime",
                          max_batch_size=options.max_batch_size if batched else 0,
-                         default_model_filename=Path(graph["file"]).name)
+                         default_model_filename=Path(graph.file).name)
     _add_tensors(cfg, inputs, outputs, batched)
     if batched and options.max_batch_size > 1:
         cfg.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
@@ -103,8 +104,8 @@ def component_config(name: str, graph: dict[str, Any], options: RepoOptions) -> 
         # one op at a time on all cores, as the runtime's CPU sessions (chains of large MatMuls)
         cfg.parameters["execution_mode"].string_value = "0"
         cfg.parameters["inter_op_thread_count"].string_value = "1"
-    if graph.get("description"):
-        cfg.parameters["description"].string_value = graph["description"]
+    if graph.description:
+        cfg.parameters["description"].string_value = graph.description
     return cfg
 
 
@@ -174,8 +175,8 @@ def write_repository(package_dir: Path, out: Path, options: RepoOptions = RepoOp
             for name, graph in package.graphs.items():
                 write_config(component_config(name, graph, options), tmp / name)
                 version = tmp / name / "1"
-                _place(package.graph_path(name), version / Path(graph["file"]).name, options.files)
-                for extra in graph.get("external_data", []):  # relative to the graph file, kept beside it
+                _place(package.graph_path(name), version / Path(graph.file).name, options.files)
+                for extra in graph.external_data:  # relative to the graph file, kept beside it
                     _place(package.file(extra), version / Path(extra).name, options.files)
         if options.pipeline:
             write_config(pipeline_config(options), tmp / "glm_image")
