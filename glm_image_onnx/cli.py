@@ -195,6 +195,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_FAILED if falling else 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from glm_image_onnx.info import describe
+    from glm_image_onnx.manifest import to_json
+    from glm_image_onnx.runtime.package import Package, PackageError
+
+    try:
+        package = Package.open(args.package, verify_files="full" if args.verify else "off")
+    except PackageError as e:
+        raise CliError(str(e)) from None
+    print(json.dumps(to_json(package.manifest), indent=2) if args.json else describe(package.manifest, package.root))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-image-onnx", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -299,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also create each session on this machine and print onnxruntime's own node placement "
                         "(its verbose log; needs the provider's onnxruntime build and device)")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("info", help="what a package holds, from its manifest: target, graphs, sizes, export "
+                                    "checks, pipeline settings, provenance")
+    p.add_argument("package", help="ONNX package folder")
+    p.add_argument("--json", action="store_true", help="the manifest as the schema reads it, as JSON")
+    p.add_argument("--verify", action="store_true", help="also hash every file against the manifest")
+    p.set_defaults(func=cmd_info)
 
     # serve, client, triton-repo (argparse only)
     from glm_image_onnx.server.cli import add_commands as add_server_commands

@@ -310,11 +310,11 @@ class Manifest:
         if not isinstance(data, dict):
             raise ManifestError(f"the manifest is {_kind(data)}, not a JSON object")
         if data.get("format") != FORMAT:
-            raise ManifestError(f"format: {data.get('format')!r} is not {FORMAT!r}")
+            raise ManifestError(f"not a glm-image-onnx manifest (format {data.get('format')!r})")
         version = data.get("format_version")
         if version not in SUPPORTED_VERSIONS:
             older = isinstance(version, int) and version < min(SUPPORTED_VERSIONS)
-            raise ManifestError(f"format_version: {version!r} is not supported by this runtime "
+            raise ManifestError(f"format_version {version!r} is not supported by this runtime "
                                 f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})"
                                 + ("; re-export the checkpoint with this version" if older else ""))
         manifest = _Reader(strict).dataclass(cls, data, "")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
+from glm_image_onnx.atomic import staged_folder
 from glm_image_onnx.models.presets import Preset
 
 COMPONENT_FOLDERS = ("vision_language_encoder", "text_encoder", "transformer", "vae",
@@ -36,9 +35,7 @@ def write_checkpoint(preset: Preset, out: Path, seed: int = 0, dtype: str = "fp3
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output folder {out} exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         # Each component gets its own derived seed so that changing one preset part leaves the
         # other components' weights as they were.
         builders = {
@@ -59,12 +56,6 @@ def write_checkpoint(preset: Preset, out: Path, seed: int = 0, dtype: str = "fp3
         (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
         (tmp / "glm_image_onnx_preset.json").write_text(
             json.dumps({"preset": preset.name, "seed": seed}, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

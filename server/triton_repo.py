@@ -20,10 +20,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from glm_image_onnx.atomic import staged_folder
 from glm_image_onnx.manifest import Graph
 from glm_image_onnx.runtime.package import Package
 from glm_image_onnx.server import glm_image_request as glm
@@ -163,14 +163,9 @@ def write_repository(package_dir: Path, out: Path, options: RepoOptions = RepoOp
     options.check()
     package = Package.open(package_dir)
     out = Path(out)
-    if out.exists():
-        if not options.overwrite and any(out.iterdir()):
-            raise FileExistsError(f"{out} exists and is not empty (use --overwrite)")
-        shutil.rmtree(out)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    if out.exists() and not options.overwrite and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty (use --overwrite)")
+    with staged_folder(out) as tmp:  # an existing repository stays as it was until the new one is whole
         if options.components:
             for name, graph in package.graphs.items():
                 write_config(component_config(name, graph, options), tmp / name)
@@ -184,8 +179,4 @@ def write_repository(package_dir: Path, out: Path, options: RepoOptions = RepoOp
             version.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PYTHON_MODEL, version / "model.py")
             _place_tree(package.root, version / "package", options.files)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

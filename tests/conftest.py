@@ -3,6 +3,8 @@ default real server on loopback, started once per test module that asks for it."
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -44,10 +46,12 @@ def build_package(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, na
 
 
 def manifest_of(package: Path) -> dict[str, Any]:
-    """A package's manifest as the runtime reads it (format and version checked)."""
-    from glm_image_onnx.runtime.package import Package
+    """A package's manifest.json as written, after the schema has read it strictly (no key without a reader)."""
+    from glm_image_onnx.manifest import MANIFEST, Manifest
 
-    return Package.open(package, verify_files=False).manifest
+    data = json.loads((Path(package) / MANIFEST).read_text())
+    Manifest.from_dict(data, strict=True)
+    return data
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ input shapes each graph receives are counted from the bindings the runtime hands
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 import numpy as np
@@ -15,23 +14,22 @@ import onnx
 import pytest
 import torch
 
+from conftest import manifest_of
+
 from glm_image_onnx.cli import main
 from glm_image_onnx.export.package import ExportOptions, export_package
 from glm_image_onnx.runtime import GlmImageOnnxPipeline
 from glm_image_onnx.runtime.placement import check_package
 from glm_image_onnx.runtime.shapes import ShapeBuckets, record_shapes
+from glm_image_onnx.manifest import Target
 from glm_image_onnx.targets import SHAPE_BUCKETS
-
-
-def _manifest(path: Path) -> dict:
-    return json.loads((path / "manifest.json").read_text())
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_cann_package_is_basic_ops_with_buckets_and_a_scattered_cache(cann_packages: dict[str, Path], dtype: str,
                                                                       capsys: pytest.CaptureFixture) -> None:
     path = cann_packages[dtype]
-    m = _manifest(path)
+    m = manifest_of(path)
     assert m["target"] == {"name": "cann", "dtype": dtype, "shape_buckets": SHAPE_BUCKETS}
     kv = m["graphs"]["ar_planner"]["config"]["kv_cache"]
     assert kv["capacity"].startswith("capacity bucket") and kv["dtype"] == {"fp32": "float32", "fp16": "float16"}[dtype]
@@ -115,15 +113,15 @@ def test_a_1024px_generation_gives_each_graph_a_few_shape_sets(cann_packages: di
 
 
 def test_bucket_errors_name_the_length_and_the_fix() -> None:
-    buckets = ShapeBuckets.from_manifest({"shape_buckets": SHAPE_BUCKETS})
+    buckets = ShapeBuckets.from_manifest(Target("cann", "fp16", SHAPE_BUCKETS))
     assert buckets.pad("prompt", 65) == 128 and buckets.pad("capacity", 1281 + 128) == 2048
     assert buckets.prefill(65) == (128, 128) and buckets.prefill(4100) == (4608, 512)  # chunks past 512
     with pytest.raises(ValueError, match="capacity length 70000 exceeds .* largest capacity bucket .65536.; re-export"):
         buckets.pad("capacity", 70000)
     with pytest.raises(ValueError, match="shape_buckets.glyph must be an ascending list"):
-        ShapeBuckets.from_manifest({"shape_buckets": {**SHAPE_BUCKETS, "glyph": [64, 16]}})
+        ShapeBuckets.from_manifest(Target("cann", "fp16", {**SHAPE_BUCKETS, "glyph": [64, 16]}))
     with pytest.raises(ValueError, match="must list prompt, capacity, glyph, dit_text"):
-        ShapeBuckets.from_manifest({"shape_buckets": {"prompt": [64]}})
+        ShapeBuckets.from_manifest(Target("cann", "fp16", {"prompt": [64]}))
 
 
 def test_a_prompt_past_the_largest_bucket_is_prefilled_in_chunks(cann_packages: dict[str, Path],

@@ -14,7 +14,8 @@ import torch
 
 from glm_image_onnx.export import ar_planner, graph, vision_tokenizer
 from glm_image_onnx.models.ar_wrappers import ArPlannerDecoder
-from glm_image_onnx.runtime.mrope import (decode_step_positions, rope_index, target_shape,
+from glm_image_onnx.manifest import Grid
+from glm_image_onnx.runtime.mrope import (decode_step_positions, rope_index,
                                           text_to_image_positions)
 
 
@@ -225,7 +226,7 @@ def test_rope_index_matches_transformers(tiny_model: Any, processor: Any) -> Non
 
 def test_rope_helpers_match_processor(processor: Any) -> None:
     for h, w in ((64, 96), (1024, 1024), (1152, 768), (96, 32)):
-        assert target_shape(h, w) == processor._get_target_shape(height=h, width=w)
+        assert Grid().target_shape(h, w) == processor._get_target_shape(height=h, width=w)
     prefill, decode = text_to_image_positions(9, (2, 3), (13, 19))
     ref_prefill, ref_decode = rope_index(np.full((1, 9), 5), image_start_token_id=1, image_end_token_id=2,
                                          image_grid_thw=np.array([[1, 2, 3], [1, 13, 19]]))
@@ -239,13 +240,13 @@ def test_rope_helpers_match_processor(processor: Any) -> None:
 
 # --- greedy decoding: numpy + onnxruntime against transformers' generate --------------------------
 
-def _greedy_onnx(session: ort.InferenceSession, config: dict, input_ids: np.ndarray, mask: np.ndarray,
+def _greedy_onnx(session: ort.InferenceSession, config: dict, model: Any, input_ids: np.ndarray, mask: np.ndarray,
                  grids: np.ndarray, per_sample: np.ndarray, max_new_tokens: int) -> np.ndarray:
     """The runtime's loop in miniature: host mRoPE, one in-place cache buffer per past/present pair,
     prefill, then 1-token steps. A left-padded batch (the processor's) is fed right-padded: each
     row's tokens moved to the front, its length in seqlens_k, so that rows decode ragged."""
-    prefill, decode = rope_index(input_ids, image_start_token_id=config["image_start_token_id"],
-                                 image_end_token_id=config["image_end_token_id"], image_grid_thw=grids,
+    prefill, decode = rope_index(input_ids, image_start_token_id=model.config.image_start_token_id,
+                                 image_end_token_id=model.config.image_end_token_id, image_grid_thw=grids,
                                  images_per_sample=per_sample, attention_mask=mask)
     batch, seq = input_ids.shape
     lengths = mask.sum(1).astype(np.int32)
@@ -298,7 +299,7 @@ def test_greedy_text_to_image_matches_generate(tiny_graphs: dict, tiny_model: An
     grids = inp["image_grid_thw"].numpy()
     n = int((grids[:, 1] * grids[:, 2]).sum()) + 1  # preview + target + end, as the pipeline asks
     ref = _hf_greedy(tiny_model, inp, n)
-    got = _greedy_onnx(_session(path), spec.config, inp["input_ids"].numpy(), inp["attention_mask"].numpy(),
+    got = _greedy_onnx(_session(path), spec.config, tiny_model, inp["input_ids"].numpy(), inp["attention_mask"].numpy(),
                        grids, inp["images_per_sample"].numpy(), n)
     assert ref.shape == (1, n)
     np.testing.assert_array_equal(got, ref)
@@ -309,7 +310,7 @@ def test_greedy_ragged_batch_matches_generate(tiny_graphs: dict, tiny_model: Any
     inp = _t2i_inputs(processor, ["a cat", "a red bicycle on a hill"], 96, 64)
     assert (inp["attention_mask"] == 0).any()
     ref = _hf_greedy(tiny_model, inp, 12)
-    got = _greedy_onnx(_session(path), spec.config, inp["input_ids"].numpy(), inp["attention_mask"].numpy(),
+    got = _greedy_onnx(_session(path), spec.config, tiny_model, inp["input_ids"].numpy(), inp["attention_mask"].numpy(),
                        inp["image_grid_thw"].numpy(), inp["images_per_sample"].numpy(), 12)
     np.testing.assert_array_equal(got, ref)
 
@@ -325,8 +326,8 @@ def test_greedy_image_to_image_matches_generate(tiny_graphs: dict, tiny_model: A
     src = _session(vt_path).run(None, {"pixel_values": inp["pixel_values"].numpy(),
                                        "image_grid_thw": grids[:1]})[0]
     ids = inp["input_ids"].numpy().copy()
-    ids[ids == spec.config["image_token_id"]] = src
-    got = _greedy_onnx(_session(path), spec.config, ids, inp["attention_mask"].numpy(), grids,
+    ids[ids == tiny_model.config.image_token_id] = src
+    got = _greedy_onnx(_session(path), spec.config, tiny_model, ids, inp["attention_mask"].numpy(), grids,
                        inp["images_per_sample"].numpy(), n)
     np.testing.assert_array_equal(got, ref)
 

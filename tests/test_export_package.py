@@ -67,7 +67,7 @@ def test_manifest_signatures_match_sessions(tiny_package: Path) -> None:
 def test_selected_components_only(tiny_checkpoint: Path, tmp_path: Path) -> None:
     m = export_package(tiny_checkpoint, tmp_path / "pkg",
                        ExportOptions(graphs=("glyph_encoder", "vae_decoder")), log=lambda _: None)
-    assert set(m["graphs"]) == {"glyph_encoder", "vae_decoder"}
+    assert set(m.graphs) == {"glyph_encoder", "vae_decoder"}
     assert not (tmp_path / "pkg" / "dit_decoder.onnx").exists()
 
 
@@ -152,7 +152,7 @@ def test_big_component_graphs_share_one_weights_file(tiny_checkpoint: Path, tmp_
     m = export_package(tiny_checkpoint, pkg, ExportOptions(graphs=("dit_decoder", "dit_condition_write"), jobs=1),
                        log=lambda _: None)
     for name in ("dit_decoder", "dit_condition_write"):
-        assert m["graphs"][name]["external_data"] == ["transformer.weights"]
+        assert m.graphs[name].external_data == ["transformer.weights"]
     assert sorted(p.name for p in pkg.iterdir() if p.suffix in (".data", ".weights")) == ["transformer.weights"]
     model = GlmImageTransformer2DModel.from_pretrained(tiny_checkpoint / "transformer").eval()
     weight_bytes = sum(p.numel() * 4 for p in model.parameters())
@@ -160,5 +160,5 @@ def test_big_component_graphs_share_one_weights_file(tiny_checkpoint: Path, tmp_
     for spec in dit_decoder.graph_specs(model, tiny_checkpoint):
         result = graph_mod.verify(spec, pkg / f"{spec.name}.onnx")
         assert result["passed"], (spec.name, result)
-    for rel, entry in m["files"].items():
-        assert sha256_file(pkg / rel) == entry["sha256"], rel
+    for rel, entry in m.files.items():
+        assert sha256_file(pkg / rel) == entry.sha256, rel

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from glm_image_onnx.manifest import FORMAT, FORMAT_VERSION, file_table, write_manifest
+from glm_image_onnx.manifest import FORMAT, FORMAT_VERSION, Manifest, Pipeline, Tokens, Vae, file_table
 from glm_image_onnx.provider_args import add_provider_arguments, provider_settings
 from glm_image_onnx.runtime import Package, PackageError
 from glm_image_onnx.runtime import package as package_mod
@@ -48,8 +48,8 @@ def pkg(tmp_path: Path) -> Path:
     (root / "a.onnx").write_bytes(os.urandom(3000))
     (root / "a.weights").write_bytes(os.urandom(70_000))
     (root / "processor" / "tokenizer.json").write_text('{"model": {}}')
-    write_manifest(root, {"format": FORMAT, "format_version": FORMAT_VERSION, "graphs": {}, "pipeline": {},
-                          "files": file_table(root)})
+    pipeline = Pipeline(tokens=Tokens(1, 2, 3, None, 8, 8), vae=Vae(8, 4, [0.0] * 4, [1.0] * 4), scheduler={})
+    Manifest(FORMAT, FORMAT_VERSION, graphs={}, pipeline=pipeline, files=file_table(root)).write(root)
     return root
 
 

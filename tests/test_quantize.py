@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from glm_image_onnx.manifest import to_json
 from glm_image_onnx.quantize import QuantizeError, QuantizeOptions, Thresholds, quantize_package
 from glm_image_onnx.quantize import graphs as G
 from glm_image_onnx.quantize import quality as Q
@@ -43,16 +44,16 @@ def test_recipe_writes_a_package_the_runtime_runs(quantized: dict[str, Path], ti
     path = quantized[recipe]
     package = Package.open(path, verify_files=True)  # every sha256 and size recomputed
     source = Package.open(tiny_package)
-    q = package.manifest["quantization"]
+    q = package.manifest.quantization
     assert q["recipe"] == recipe and q["passed"] is True
     assert set(package.graphs) == set(source.graphs)
-    assert set(package.manifest["files"]) == {p.relative_to(path).as_posix() for p in path.rglob("*")
+    assert set(package.manifest.files) == {p.relative_to(path).as_posix() for p in path.rglob("*")
                                               if p.is_file() and p.name != "manifest.json"}
-    for name, entry in package.graphs.items():
-        src = source.graphs[name]
+    for name, graph in package.graphs.items():
+        entry, src = to_json(graph), to_json(source.graphs[name])
         # The runtime's contract: same names and dtypes, except the AR cache, which is in the dtype
         # the manifest's kv_cache states (float16 after the fp16 recipe).
-        cache = set(cache_names(entry["config"]))
+        cache = set(cache_names(graph))
         kv_dtype = entry["config"].get("kv_cache", {}).get("dtype")
 
         def expected(values: list) -> list:
@@ -190,7 +191,7 @@ def test_cli_quantize(tiny_package: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "quantization recipe int8-dynamic" in proc.stderr and "dit_decoder" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert Package.open(out).manifest["quantization"]["thresholds"] == {"min_psnr": 30.0}
+    assert Package.open(out).manifest.quantization["thresholds"] == {"min_psnr": 30.0}
     bad = subprocess.run([sys.executable, "-m", "glm_image_onnx", "quantize", str(tiny_package), str(out),
                           "--recipe", "int8-dynamic"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "already exists" in bad.stderr and "Traceback" not in bad.stderr

@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 
 from PIL import Image  # noqa: E402
 
+from glm_image_onnx.manifest import Layout  # noqa: E402
 from glm_image_onnx.runtime import glyphs, images, prompt, scheduler  # noqa: E402
 
 
@@ -190,7 +191,7 @@ def test_prompt_and_pixels_image_to_image(tiny_checkpoint, processor, count):
     # of the PIL backend's numpy grids).
     ref = processor.apply_chat_template(messages, tokenize=True, target_h=128, target_w=64,
                                         return_dict=True, return_tensors="pt")
-    pixels = images.ImageProcessor.from_package(tiny_checkpoint)(sources)
+    pixels = images.ImageProcessor.from_file(tiny_checkpoint / Layout().image_processor)(sources)
     if processor.image_processor.backend == "pil":  # the fallback without torchvision: bit-identical
         np.testing.assert_array_equal(pixels["pixel_values"], ref["pixel_values"].numpy())
     np.testing.assert_array_equal(pixels["image_grid_thw"], ref["image_grid_thw"][:count].numpy())
@@ -218,7 +219,7 @@ def test_image_processor_matches_transformers(tiny_checkpoint, processor):
                _rand_image(rs, 17, 60)]
     for ref_proc, ours, batch in [
             (GlmImageImageProcessorPil.from_pretrained(tiny_checkpoint / "processor"),
-             images.ImageProcessor.from_package(tiny_checkpoint), sources),
+             images.ImageProcessor.from_file(tiny_checkpoint / Layout().image_processor), sources),
             (GlmImageImageProcessorPil(), images.ImageProcessor(), sources[:-1])]:  # merge 2, temporal 2
         ref = ref_proc(batch, return_tensors="np")
         got = ours(batch)
@@ -263,7 +264,7 @@ def test_upsample_prior_ids():
 
     for h, w in [(1, 1), (6, 5), (32, 24)]:
         ids = torch.randint(0, 16512, (h * w,))
-        got = images.upsample_prior_ids(ids.numpy(), h, w)
+        got = images.upsample_prior_ids(ids.numpy(), h, w, 2)
         assert got.dtype == np.int64 and got.shape == (1, 4 * h * w)
         np.testing.assert_array_equal(got, GlmImagePipeline._upsample_token_ids(ids, h, w).numpy())
 
@@ -289,7 +290,7 @@ def tiled_pipe(tiny_package):
     from glm_image_onnx.runtime import GlmImageOnnxPipeline
 
     default = GlmImageOnnxPipeline.from_package(tiny_package, verify_files=False)
-    assert default.config["vae"]["sample_size"] == 1024  # recorded by the export from the VAE config
+    assert default.config.vae.sample_size == 1024  # recorded by the export from the VAE config
     assert (default.vae_tile_sample, default.vae_tile_latent) == (512, 64)  # the CPU's cap
     pipe = GlmImageOnnxPipeline.from_package(tiny_package, verify_files=False, vae_tiling="auto",
                                              vae_tile_size=_TILE_SAMPLE)

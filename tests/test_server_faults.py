@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import manifest_of
 from _server_helpers import (ServeProcess, free_port, glm_inputs, outputs, start_server, tensor,
                             tritonclient_grpc as grpcclient)
 from tritonclient.utils import InferenceServerException
@@ -45,10 +46,6 @@ def _error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def _manifest(package: Path) -> dict:
-    return json.loads((package / "manifest.json").read_text())
-
-
 # ------------------------------------------------------------------------------------- integrity
 def test_missing_malformed_or_unknown_manifest_exit_2(package: Path):
     (package / "manifest.json").rename(package / "moved.json")
@@ -71,7 +68,7 @@ def test_missing_malformed_or_unknown_manifest_exit_2(package: Path):
 
 
 def test_corrupt_graph_fails_its_checksum_exit_2(package: Path):
-    graph = package / _manifest(package)["graphs"]["vae_decoder"]["file"]
+    graph = package / manifest_of(package)["graphs"]["vae_decoder"]["file"]
     data = bytearray(graph.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
     graph.write_bytes(bytes(data))
@@ -82,7 +79,7 @@ def test_corrupt_graph_fails_its_checksum_exit_2(package: Path):
 
 
 def test_truncated_graph_without_verify_is_a_clear_load_error(package: Path):
-    graph = package / _manifest(package)["graphs"]["dit_decoder"]["file"]
+    graph = package / manifest_of(package)["graphs"]["dit_decoder"]["file"]
     graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 3])
     proc = _serve(package, "--no-verify")
     line = _error_line(proc)
@@ -94,7 +91,7 @@ def test_truncated_graph_without_verify_is_a_clear_load_error(package: Path):
 
 
 def test_missing_tokenizer_file(package: Path):
-    files = _manifest(package)["files"]
+    files = manifest_of(package)["files"]
     tokenizer = next(rel for rel in files if rel.endswith("tokenizer.json"))
     (package / tokenizer).unlink()
     proc = _serve(package)

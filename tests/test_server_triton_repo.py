@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import manifest_of
 from _server_helpers import free_port, glm_inputs, outputs, tritonclient_grpc as grpcclient
 from glm_image_onnx.cli import main as cli_main
 from glm_image_onnx.server.triton_repo import RepoOptions, read_config, write_repository
@@ -35,13 +36,11 @@ TRITON_HOME = Path(os.environ.get("GLM_IMAGE_TRITON_HOME", Path.home() / ".cache
 INSTALL_HINT = ("python -m pip install --no-deps --target {home}/pytriton nvidia-pytriton==0.7.0 && "
                 "python -m pip install --target {home}/numpy1 'numpy<2' && apt-get install -y libpython{py}")
 
-
 def test_repository_configs_parse_and_match_the_manifest(tiny_package: Path, tmp_path: Path):
-    from glm_image_onnx.runtime import Package
 
     out = tmp_path / "repo"
     assert cli_main(["triton-repo", str(tiny_package), str(out)]) == 0
-    graphs = Package.open(tiny_package, verify_files=False).graphs
+    graphs = manifest_of(tiny_package)["graphs"]
     assert sorted(p.name for p in out.iterdir()) == sorted(["glm_image", *graphs])
     for name, graph in graphs.items():
         cfg = read_config(out / name / "config.pbtxt")

@@ -6,9 +6,9 @@ under the CPU EP; bf16 numerics are for scripts/check_cuda.sh on a GPU."""
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +17,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import export_target
+from conftest import export_target, manifest_of
 from glm_image_onnx.cli import main
 from glm_image_onnx.export.package import ExportError, ExportOptions
+from glm_image_onnx.manifest import ArPlannerConfig, Manifest, Target
 from glm_image_onnx.runtime import GlmImageOnnxPipeline, ProviderError
 from glm_image_onnx.runtime.ar import ArPlanner
 from glm_image_onnx.runtime.package import Package, PackageError
@@ -32,15 +33,11 @@ def cuda_packages(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactor
     return export_target(tiny_checkpoint, tmp_path_factory, "cuda", ("fp16", "bf16"))
 
 
-def _manifest(path: Path) -> dict:
-    return json.loads((path / "manifest.json").read_text())
-
-
 @pytest.mark.parametrize("dtype,element", [("fp16", TensorProto.FLOAT16), ("bf16", TensorProto.BFLOAT16)])
 def test_cuda_package_states_target_and_feeds_its_cache_straight_to_attention(
         cuda_packages: dict[str, Path], dtype: str, element: int) -> None:
     path = cuda_packages[dtype]
-    m = _manifest(path)
+    m = manifest_of(path)
     name = {"fp16": "float16", "bf16": "bfloat16"}[dtype]
     assert m["target"] == {"name": "cuda", "dtype": dtype}
     assert all(g["dtype"] == dtype for g in m["graphs"].values())
@@ -72,7 +69,7 @@ def test_cuda_package_states_target_and_feeds_its_cache_straight_to_attention(
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_check_cuda_finds_no_fallback_in_cuda_packages(cuda_packages: dict[str, Path], dtype: str,
                                                        capsys: pytest.CaptureFixture) -> None:
-    for graph in _manifest(cuda_packages[dtype])["graphs"].values():
+    for graph in manifest_of(cuda_packages[dtype])["graphs"].values():
         onnx.checker.check_model(str(cuda_packages[dtype] / graph["file"]))
     assert main(["check", str(cuda_packages[dtype]), "--provider", "cuda"]) == 0
     out = capsys.readouterr()
@@ -145,19 +142,24 @@ def test_placement_prediction_matches_onnxruntime_on_cpu(cuda_packages: dict[str
 
 def test_runtime_allocates_the_cache_in_the_manifests_dtype(tiny_package: Path, tmp_path: Path) -> None:
     session = ort.InferenceSession(str(tiny_package / "ar_planner.onnx"), providers=["CPUExecutionProvider"])
-    config = json.loads((tiny_package / "manifest.json").read_text())["graphs"]["ar_planner"]["config"]
+    config = Manifest.read(tiny_package).graphs["ar_planner"].config
+
+    def with_cache(**changes: str) -> ArPlannerConfig:
+        return replace(config, kv_cache=replace(config.kv_cache, **changes))
+
     assert ArPlanner(session, config).cache_dtype == "float32"
     for dtype in ("float16", "bfloat16"):
-        edited = {**config, "kv_cache": {**config["kv_cache"], "dtype": dtype}}
-        planner = ArPlanner(session, edited)
+        planner = ArPlanner(session, with_cache(dtype=dtype))
         buffers = planner.new_cache(1, 8).buffers  # numpy arrays where numpy has the dtype, else OrtValues
         assert len(buffers) == 2 * planner.num_layers
         assert {b.data_type() if isinstance(b, ort.OrtValue) else f"tensor({b.dtype})" for b in buffers} == {
             f"tensor({dtype})"}
     with pytest.raises(PackageError, match="kv_cache.dtype 'int8'"):
-        ArPlanner(session, {**config, "kv_cache": {**config["kv_cache"], "dtype": "int8"}})
+        ArPlanner(session, with_cache(dtype="int8"))
     with pytest.raises(PackageError, match="kv_cache.capacity"):
-        ArPlanner(session, {**config, "kv_cache": {**config["kv_cache"], "capacity": "sliding window"}})
+        ArPlanner(session, with_cache(capacity="sliding window"))
+    with pytest.raises(PackageError, match="position_ids_layout"):
+        ArPlanner(session, replace(config, position_ids_layout="[batch, seq, 3]"))
 
 
 def test_opening_a_package_on_another_provider_says_so(cuda_packages: dict[str, Path], tiny_package: Path,
@@ -207,7 +209,7 @@ def test_int4_on_a_cuda_fp16_package_keeps_every_node_on_cuda(cuda_packages: dic
     m = quantize_package(cuda_packages["fp16"], out, QuantizeOptions(
         recipe="int4-weight", graphs=("ar_planner",), eval_prompts=1, height=64, width=64, steps=2),
         log=lambda _: None)
-    assert m["target"] == {"name": "cuda", "dtype": "fp16"}
+    assert m.target == Target("cuda", "fp16")
     model = onnx.load(str(out / "ar_planner.onnx"))
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     inits = {t.name: t.data_type for t in model.graph.initializer}
@@ -238,7 +240,7 @@ def test_server_describes_bf16_graphs_it_cannot_carry(cuda_packages: dict[str, P
     from glm_image_onnx.server.app import not_carried
     from glm_image_onnx.server.specs import graph_specs
 
-    graphs = _manifest(cuda_packages["bf16"])["graphs"]
+    graphs = Manifest.read(cuda_packages["bf16"]).graphs
     why = not_carried(graphs["ar_planner"])
     assert why and "past_key_values.0.key" in why and "bfloat16" in why
     assert not_carried(graphs["dit_decoder"]) is None  # fp32 I/O: served as before
