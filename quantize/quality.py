@@ -150,17 +150,18 @@ def ar_agreement(ref: Any, got: Any, prompts: Sequence[str], height: int, width:
     bucket_n = np.zeros(10)
     for prompt in prompts:
         g_ref = _Greedy(ref.codebook_size)
-        tokens_ref, prior_ref, _ = ref.generate_prior_tokens(prompt, height, width, None, g_ref)
+        tokens_ref, prior_ref, _ = ref.generate_prior_tokens(prompt, height=height, width=width, sampler=g_ref)
         priors.append(prior_ref)
         if not compare:
             continue
         forced = _Greedy(got.codebook_size, forced=np.asarray(tokens_ref))
-        got.generate_prior_tokens(prompt, height, width, None, forced)
+        got.generate_prior_tokens(prompt, height=height, width=width, sampler=forced)
         agree = np.asarray(forced.argmax) == np.asarray(tokens_ref)
         pos = (np.arange(agree.size) * 10 // max(agree.size, 1)).astype(int)
         np.add.at(buckets, pos, agree)
         np.add.at(bucket_n, pos, 1)
-        tokens_got, _, _ = got.generate_prior_tokens(prompt, height, width, None, _Greedy(got.codebook_size))
+        tokens_got, _, _ = got.generate_prior_tokens(prompt, height=height, width=width,
+                                                     sampler=_Greedy(got.codebook_size))
         equal = np.asarray(tokens_got) == np.asarray(tokens_ref)
         prefix = int(np.argmin(equal)) if not equal.all() else int(equal.size)
         per_prompt.append({"tokens": int(equal.size), "top1_agreement": float(agree.mean()),
@@ -185,7 +186,8 @@ def ar_agreement(ref: Any, got: Any, prompts: Sequence[str], height: int, width:
 def _image_fixed(pipe: Any, prompt: str, prior: np.ndarray, latents: np.ndarray, height: int, width: int,
                  steps: int, scale: float) -> np.ndarray:
     cond, uncond = pipe.encode_glyphs(prompt)
-    lat, _ = pipe.denoise(latents.copy(), cond, uncond, prior, height, width, steps, scale, None)
+    lat, _ = pipe.denoise(latents.copy(), prompt_embeds=cond, negative_prompt_embeds=uncond, prior_token_ids=prior,
+                          height=height, width=width, num_inference_steps=steps, guidance_scale=scale)
     return pipe.decode(lat)[0]
 
 

@@ -215,7 +215,7 @@ class GlmImageOnnxPipeline:
         return self.sessions["dit_decoder"].get_providers()
 
     # ------------------------------------------------------------------------------------ call
-    def __call__(self, prompt: str | Sequence[str], height: int | None = None, width: int | None = None,
+    def __call__(self, prompt: str | Sequence[str], *, height: int | None = None, width: int | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  seed: int | Sequence[int] | None = None, latents: np.ndarray | None = None,
                  do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
@@ -266,7 +266,7 @@ class GlmImageOnnxPipeline:
                               timings={**outs[0].timings, "total_s": time.perf_counter() - t_start},
                               seed=outs[0].seed, seeds=[int(o.seed) for o in outs])
 
-    def generate_one(self, prompt: str, height: int | None = None, width: int | None = None,
+    def generate_one(self, prompt: str, *, height: int | None = None, width: int | None = None,
                      num_inference_steps: int | None = None, guidance_scale: float | None = None,
                      seed: int | None = None, latents: np.ndarray | None = None, do_sample: bool | None = None,
                      temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
@@ -298,7 +298,8 @@ class GlmImageOnnxPipeline:
             timings["vision_tokenizer_s"] = time.perf_counter() - t
 
         tokens, prior_ids, ar_timings = self.generate_prior_tokens(
-            prompt, height, width, condition, TokenSampler(sampling, self.codebook_size, ar_seed), progress)
+            prompt, height=height, width=width, sampler=TokenSampler(sampling, self.codebook_size, ar_seed),
+            condition=condition, progress=progress)
         timings.update(ar_timings)
 
         with self._compute:
@@ -311,10 +312,12 @@ class GlmImageOnnxPipeline:
                 self.write_condition(sources, condition)
                 timings["condition_s"] = time.perf_counter() - t
 
-            latents = self.prepare_latents(height, width, latents, latent_seed)
+            latents = self.prepare_latents(height=height, width=width, latents=latents, seed=latent_seed)
             t = time.perf_counter()
-            latents, per_step = self.denoise(latents, cond_embeds, uncond_embeds, prior_ids, height, width,
-                                             steps, scale, condition, progress, callback_on_step_end)
+            latents, per_step = self.denoise(
+                latents, prompt_embeds=cond_embeds, negative_prompt_embeds=uncond_embeds, prior_token_ids=prior_ids,
+                height=height, width=width, num_inference_steps=steps, guidance_scale=scale, condition=condition,
+                progress=progress, callback_on_step_end=callback_on_step_end)
             timings["dit_s"] = time.perf_counter() - t
             timings["dit_per_step_s"] = float(np.median(per_step)) if per_step else 0.0
 
@@ -401,7 +404,7 @@ class GlmImageOnnxPipeline:
         condition.values = np.concatenate(values, axis=2)
 
     # ------------------------------------------------------------------------------- AR planner
-    def ar_inputs(self, prompt: str, height: int, width: int, condition: _Condition | None = None) -> ArInputs:
+    def ar_inputs(self, prompt: str, *, height: int, width: int, condition: _Condition | None = None) -> ArInputs:
         """The AR planner's inputs for one generation: prompt ids, mRoPE positions, token count."""
         built = self.prompts.build(prompt, height, width, condition.grids if condition else None)
         input_ids = built["input_ids"]
@@ -417,11 +420,11 @@ class GlmImageOnnxPipeline:
         return ArInputs(input_ids, prefill, decode, built["max_new_tokens"] - 1, tuple(built["target_grid"]),
                         int(built["target_offset"]))
 
-    def generate_prior_tokens(self, prompt: str, height: int, width: int, condition: _Condition | None,
-                              sampler: TokenSampler, progress: Progress | None = None
+    def generate_prior_tokens(self, prompt: str, *, height: int, width: int, sampler: TokenSampler,
+                              condition: _Condition | None = None, progress: Progress | None = None
                               ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """AR planning: (all generated tokens, the target grid upsampled [1, N], timings)."""
-        a = self.ar_inputs(prompt, height, width, condition)
+        a = self.ar_inputs(prompt, height=height, width=width, condition=condition)
         planner = self.ar_engine or self.ar
         result = planner.generate(a.input_ids, a.prefill_positions, a.decode_positions, a.num_tokens, sampler,
                                   progress)
@@ -454,18 +457,21 @@ class GlmImageOnnxPipeline:
         return encode(glyphs.glyph_texts(prompt)), encode([])
 
     # --------------------------------------------------------------------------------- denoising
-    def prepare_latents(self, height: int, width: int, latents: np.ndarray | None,
+    def prepare_latents(self, *, height: int, width: int, latents: np.ndarray | None,
                         seed: np.random.SeedSequence) -> np.ndarray:
         if latents is not None:
             return np.ascontiguousarray(latents, dtype=np.float32)
         shape = (1, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
         return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
-    def denoise(self, latents: np.ndarray, cond: np.ndarray, uncond: np.ndarray, prior_ids: np.ndarray,
-                height: int, width: int, steps: int, scale: float, condition: _Condition | None,
-                progress: Progress | None = None, callback_on_step_end: StepCallback | None = None
-                ) -> tuple[np.ndarray, list[float]]:
-        """The flow-matching Euler loop with classifier-free guidance (`scale > 1`)."""
+    def denoise(self, latents: np.ndarray, *, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray,
+                prior_token_ids: np.ndarray, height: int, width: int, num_inference_steps: int,
+                guidance_scale: float, condition: _Condition | None = None, progress: Progress | None = None,
+                callback_on_step_end: StepCallback | None = None) -> tuple[np.ndarray, list[float]]:
+        """The flow-matching Euler loop with classifier-free guidance (`guidance_scale > 1`), on the
+        glyph embeddings (`encode_glyphs`) and the prior tokens (`generate_prior_tokens`)."""
+        cond, uncond, prior_ids = prompt_embeds, negative_prompt_embeds, prior_token_ids
+        steps, scale = num_inference_steps, guidance_scale
         timesteps, sigmas = self.schedule.timesteps(
             steps, image_seq_len(height, width, self.vae_scale, self.patch_size))
         use_cfg = scale > 1

@@ -37,7 +37,7 @@ def _sampler(pipe: GlmImageOnnxPipeline, job: tuple) -> TokenSampler:
 
 
 def test_rows_join_and_leave_a_running_batch_and_keep_their_tokens(pipe: GlmImageOnnxPipeline) -> None:
-    inputs = [pipe.ar_inputs(p, h, w) for p, h, w, _, _ in JOBS]
+    inputs = [pipe.ar_inputs(p, height=h, width=w) for p, h, w, _, _ in JOBS]
     alone = [pipe.ar.generate(a.input_ids, a.prefill_positions, a.decode_positions, a.num_tokens,
                               _sampler(pipe, job)).tokens for a, job in zip(inputs, JOBS)]
     # A cache of 3 rows for 4 generations: the last one waits for a row to come free.
@@ -75,7 +75,7 @@ def test_rows_join_and_leave_a_running_batch_and_keep_their_tokens(pipe: GlmImag
 
 
 def test_a_generation_needing_a_larger_cache_waits_for_the_rows_to_leave(pipe: GlmImageOnnxPipeline) -> None:
-    small, large = pipe.ar_inputs("x", 64, 64), pipe.ar_inputs("y", 512, 512)
+    small, large = pipe.ar_inputs("x", height=64, width=64), pipe.ar_inputs("y", height=512, width=512)
     engine = ArBatchEngine(pipe.ar, ArBatching(max_rows=4))
     sampler = TokenSampler(SamplingConfig(), pipe.codebook_size, 0)
     first = engine.submit(small.input_ids, small.prefill_positions, small.decode_positions, small.num_tokens, sampler)
@@ -117,7 +117,7 @@ def test_a_static_shapes_package_shares_steps_too(cann_packages: dict[str, Path]
     pipe = GlmImageOnnxPipeline.from_package(cann_packages["fp32"], verify_files=False,
                                              ar_batching=ArBatching(enabled=False))
     jobs = JOBS[:2]
-    inputs = [pipe.ar_inputs(p, h, w) for p, h, w, _, _ in jobs]
+    inputs = [pipe.ar_inputs(p, height=h, width=w) for p, h, w, _, _ in jobs]
     alone = [pipe.ar.generate(a.input_ids, a.prefill_positions, a.decode_positions, a.num_tokens,
                               _sampler(pipe, job)).tokens for a, job in zip(inputs, jobs)]
     engine = ArBatchEngine(pipe.ar, ArBatching(max_rows=2))
@@ -140,7 +140,7 @@ def test_a_static_shapes_package_shares_steps_too(cann_packages: dict[str, Path]
 
 
 def test_a_failing_decode_step_fails_its_rows_and_the_engine_goes_on(pipe: GlmImageOnnxPipeline) -> None:
-    a = pipe.ar_inputs("x", 64, 64)
+    a = pipe.ar_inputs("x", height=64, width=64)
     engine = ArBatchEngine(pipe.ar, ArBatching(max_rows=2))
 
     def broken(logits: np.ndarray) -> np.ndarray:

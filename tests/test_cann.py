@@ -136,8 +136,8 @@ def test_a_prompt_past_the_largest_bucket_is_prefilled_in_chunks(cann_packages: 
     pipe.ar.buckets = ShapeBuckets({**pipe.buckets.buckets, "prompt": (8, 16)})  # tiny's prompts: ~3 chunks
     seen = record_shapes(pipe)
     prompt = "a shop sign that says 'OPEN 24h'"
-    want = ref.generate_prior_tokens(prompt, 64, 96, None, greedy(ref))[0]
-    got = pipe.generate_prior_tokens(prompt, 64, 96, None, greedy(pipe))[0]
+    want = ref.generate_prior_tokens(prompt, height=64, width=96, sampler=greedy(ref))[0]
+    got = pipe.generate_prior_tokens(prompt, height=64, width=96, sampler=greedy(pipe))[0]
     assert np.array_equal(want, got)
     prefill = [dict(c) for c in seen["ar_planner"] if dict(c)["input_ids"][1] > 1]
     assert len(prefill) >= 2 and all(c["input_ids"] == (1, 16) for c in prefill)

@@ -105,8 +105,8 @@ def test_another_grid_drives_the_runtime_and_the_server(tiny_package: Path, tmp_
 def test_the_manifests_special_tokens_lay_out_the_prompt(tiny_package: Path, tmp_path: Path) -> None:
     package = edited_copy(tiny_package, tmp_path / "swapped", lambda d: d["pipeline"]["tokens"].update(
         grid_bos_token="<eop>", grid_eos_token="<sop>"))
-    ref = GlmImageOnnxPipeline.from_package(tiny_package, verify_files=False).ar_inputs("a fox", 64, 96)
-    got = GlmImageOnnxPipeline.from_package(package, verify_files=False).ar_inputs("a fox", 64, 96)
+    ref = GlmImageOnnxPipeline.from_package(tiny_package, verify_files=False).ar_inputs("a fox", height=64, width=96)
+    got = GlmImageOnnxPipeline.from_package(package, verify_files=False).ar_inputs("a fox", height=64, width=96)
     tokenizer = Tokenizer.from_file(str(package / Layout().ar))
     bos = Manifest.read(package).pipeline.tokens.bos_token
     # 64x96: a 2x3 target grid, then the 13x19 preview; the chat template's own "<sop>" stays

@@ -98,7 +98,9 @@ def test_float_image_matches_within_1e3(reference: Any, runtime: GlmImageOnnxPip
 def _denoised(runtime: GlmImageOnnxPipeline, out: Any, latents: np.ndarray, prompt: str, h: int, w: int,
               steps: int) -> np.ndarray:
     cond, uncond = runtime.encode_glyphs(prompt)
-    x, _ = runtime.denoise(latents, cond, uncond, out.prior_token_ids, h, w, steps, 1.5, None)
+    x, _ = runtime.denoise(latents, prompt_embeds=cond, negative_prompt_embeds=uncond,
+                           prior_token_ids=out.prior_token_ids, height=h, width=w, num_inference_steps=steps,
+                           guidance_scale=1.5)
     return x
 
 
