@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate an image from an ONNX package (no torch needed)")
     p.add_argument("package", help="exported ONNX package folder")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--height", type=int, help="pixels, a multiple of 32 (default: the package's, or the source image's)")
+    p.add_argument("--height", type=int, help="pixels, a multiple of the package's token grid, 32 for GLM-Image "
+                                              "(default: the package's, or the source image's)")
     p.add_argument("--width", type=int)
     p.add_argument("--steps", type=int, help="denoising steps (default 50)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 1.5)")
