@@ -96,12 +96,21 @@ class Tokens:
 
 @dataclass(frozen=True)
 class Generation:
-    """The AR planner's sampling defaults (the checkpoint's generation_config.json): runtime.pipeline."""
+    """The AR planner's sampling settings: the package's defaults (the checkpoint's
+    generation_config.json: runtime.pipeline), and what runtime.sampling draws tokens with."""
 
     do_sample: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
 
 
 @dataclass(frozen=True)
@@ -394,7 +403,10 @@ class _Reader:
                 values[name] = self.dataclass(GRAPH_CONFIGS[graph], data[name], where)
             else:
                 values[name] = self.value(hints[name], data[name], where)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as e:  # a dataclass's own check (Generation's ranges)
+            raise ManifestError(f"{path}: {e}") from None
 
     def value(self, tp: Any, value: Any, path: str) -> Any:
         origin, args = typing.get_origin(tp), typing.get_args(tp)

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from glm_image_onnx.manifest import I2I_GRAPHS, T2I_GRAPHS
+from glm_image_onnx.manifest import I2I_GRAPHS, T2I_GRAPHS, Generation
 from glm_image_onnx.runtime import glyphs, images, mrope
 from glm_image_onnx.runtime.ar import ArPlanner, FeedObserver, Feeds, Progress
 from glm_image_onnx.runtime.ar_batch import ArBatchEngine, ArBatching
@@ -28,7 +28,7 @@ from glm_image_onnx.runtime.package import Package, PackageError, verify_mode
 from glm_image_onnx.runtime.prompt import PromptBuilder
 from glm_image_onnx.runtime.providers import (ConfigureSession, ProviderRequest, check_target, create_session,
                                               device_of, input_types, release_arena)
-from glm_image_onnx.runtime.sampling import SamplingConfig, TokenSampler
+from glm_image_onnx.runtime.sampling import TokenSampler
 from glm_image_onnx.runtime.scheduler import FlowMatchSchedule, guidance as cfg_mix, image_seq_len
 from glm_image_onnx.runtime.shapes import ShapeBuckets, pad_right
 
@@ -282,7 +282,7 @@ class GlmImageOnnxPipeline:
         scale = float(guidance_scale if guidance_scale is not None else self.defaults.guidance_scale)
         self.check_inputs(prompt, height, width, steps, scale, latents)
         gen = self.generation
-        sampling = SamplingConfig(
+        sampling = Generation(
             do_sample=bool(gen.do_sample if do_sample is None else do_sample),
             temperature=float(gen.temperature if temperature is None else temperature),
             top_p=float(gen.top_p if top_p is None else top_p),

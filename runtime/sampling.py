@@ -8,30 +8,15 @@ real model (which diffusers' pipeline would choke on) is never produced.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    do_sample: bool = True
-    temperature: float = 0.9
-    top_p: float = 0.75
-    top_k: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+from glm_image_onnx.manifest import Generation
 
 
 class TokenSampler:
-    def __init__(self, config: SamplingConfig, codebook_size: int, seed: int | None = None):
+    def __init__(self, config: Generation, codebook_size: int, seed: int | None = None):
         self.config = config
         self.codebook_size = codebook_size
         self.rng = np.random.default_rng(seed)
@@ -53,7 +38,7 @@ def sample_rows(samplers: list[Sampler], logits: np.ndarray) -> np.ndarray:
     generator, so a row's token is the one `samplers[i](logits[i:i + 1])` gives alone. Other
     callables are called row by row."""
     out = np.empty(len(samplers), np.int64)
-    groups: dict[tuple[SamplingConfig, int], list[int]] = {}
+    groups: dict[tuple[Generation, int], list[int]] = {}
     for i, s in enumerate(samplers):
         if isinstance(s, TokenSampler):
             groups.setdefault((s.config, s.codebook_size), []).append(i)
@@ -66,7 +51,7 @@ def sample_rows(samplers: list[Sampler], logits: np.ndarray) -> np.ndarray:
     return out
 
 
-def _choose(cfg: SamplingConfig, codebook_size: int, logits: np.ndarray,
+def _choose(cfg: Generation, codebook_size: int, logits: np.ndarray,
             uniforms: Callable[[int], np.ndarray]) -> np.ndarray:
     logits = np.ascontiguousarray(logits[:, :codebook_size], dtype=np.float32)
     greedy = not cfg.do_sample or cfg.top_k == 1

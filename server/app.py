@@ -25,14 +25,15 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from glm_image_onnx.manifest import Graph
 from glm_image_onnx.runtime.ar_batch import ArBatching
 from glm_image_onnx.server.admission import Admission
-from glm_image_onnx.server.glm_image_model import GlmImageModel, Limits
+from glm_image_onnx.server.glm_image_model import GlmImageModel
 from glm_image_onnx.server.http_server import HttpFrontEnd
 from glm_image_onnx.server.kserve import InferenceService, server_version
+from glm_image_onnx.server.limits import ComponentLimits, Limits
 from glm_image_onnx.server.metrics import Metrics
-from glm_image_onnx.server.models import BatchingOptions, ComponentLimits, ComponentModel, Model
+from glm_image_onnx.server.models import BatchingOptions, ComponentModel, Model
 from glm_image_onnx.server.security import SecurityConfig, TokenStore, auth_interceptor, exposure_warnings
 from glm_image_onnx.server.state import DRAINING, FAILED, LOADING, READY, STOPPED, ServerState
-from glm_image_onnx.server.tensors import FROM_NUMPY, NUMPY
+from glm_image_onnx.server.tensors import NUMPY, datatype_of
 
 log = logging.getLogger("glm_image_onnx.server")
 
@@ -93,7 +94,7 @@ def load_models(config: ServerConfig, metrics: Metrics) -> dict[str, Model]:
 
 def not_carried(graph: Graph) -> str | None:
     """Why a graph cannot be a KServe model of this server (tensors numpy cannot hold), or None."""
-    odd = [t for t in graph.inputs + graph.outputs if FROM_NUMPY.get(t.dtype) not in NUMPY]
+    odd = [t for t in graph.inputs + graph.outputs if datatype_of(t.dtype) not in NUMPY]
     if not odd:
         return None
     return (f"{', '.join(t.name for t in odd[:2])}{', ...' if len(odd) > 2 else ''} are "

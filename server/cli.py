@@ -12,6 +12,8 @@ from pathlib import Path
 
 from glm_image_onnx.errors import exit_code
 from glm_image_onnx.provider_args import add_provider_arguments, provider_settings
+from glm_image_onnx.server import limits as limits_mod
+from glm_image_onnx.server.limits import ComponentLimits, Limits
 
 
 def _cli_error(message: str, code: int = 2) -> Exception:
@@ -34,8 +36,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from glm_image_onnx.runtime import ArBatching, Package, PackageError, ProviderError
     from glm_image_onnx.server.app import GlmImageServer, LoadError, ServerConfig
-    from glm_image_onnx.server.glm_image_model import Limits
-    from glm_image_onnx.server.models import ComponentLimits
     from glm_image_onnx.server.security import SecurityConfig, SecurityError
 
     for flag in ("max_concurrency", "max_batch_size"):
@@ -48,14 +48,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          f"{args.ar_join_wait_ms}")
     ar_batching = ArBatching(enabled=not args.no_ar_batching, max_rows=args.ar_max_rows,
                              join_wait_ms=args.ar_join_wait_ms)
-    for flag in ("max_steps", "max_prompt_bytes", "max_image_mb", "max_source_pixels",
-                 "max_tensor_elements", "max_axis_size", "max_message_mb"):
-        if getattr(args, flag) < 1:
-            raise _cli_error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.max_side is not None and args.max_side < 32:
-        raise _cli_error(f"--max-side must be >= 32, got {args.max_side}")
-    if args.max_pixels is not None and args.max_pixels < 1024:
-        raise _cli_error(f"--max-pixels must be >= 1024, got {args.max_pixels}")
+    if args.max_message_mb < 1:
+        raise _cli_error(f"--max-message-mb must be >= 1, got {args.max_message_mb}")
+    try:
+        limits = limits_mod.from_arguments(args, Limits)
+        component_limits = limits_mod.from_arguments(args, ComponentLimits)
+    except ValueError as e:
+        raise _cli_error(str(e)) from None
     if not (Path(args.package) / "manifest.json").is_file():
         raise _cli_error(f"{args.package}: not an exported package (no manifest.json)")
     security = SecurityConfig(tls_cert=_path(args.tls_cert), tls_key=_path(args.tls_key),
@@ -68,11 +67,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise _cli_error(str(e)) from None
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    max_pixels = args.max_pixels or (args.max_side * args.max_side if args.max_side else None)
-    limits = Limits(max_side=args.max_side, max_pixels=max_pixels,
-                    max_steps=args.max_steps, max_prompt_bytes=args.max_prompt_bytes,
-                    max_image_bytes=args.max_image_mb << 20, max_source_pixels=args.max_source_pixels)
-    component_limits = ComponentLimits(max_tensor_elements=args.max_tensor_elements, max_axis_size=args.max_axis_size)
     if args.http_port is not None and not 0 <= args.http_port <= 65535:
         raise _cli_error(f"--http-port must be a port number (0..65535), got {args.http_port}")
     config = ServerConfig(package=Path(args.package), host=args.host, port=args.port, http_port=args.http_port,
@@ -109,7 +103,11 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
     from glm_image_onnx.runtime import PackageError
     from glm_image_onnx.server.triton_repo import RepoOptions, write_repository
 
-    options = RepoOptions(kind=args.kind, max_batch_size=args.max_batch_size,
+    try:
+        limits = limits_mod.from_arguments(args, Limits)
+    except ValueError as e:
+        raise _cli_error(str(e)) from None
+    options = RepoOptions(kind=args.kind, max_batch_size=args.max_batch_size, limits=limits,
                           max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
                           tensorrt=args.tensorrt, fp16=args.fp16, files=args.files,
                           components=not args.no_components, pipeline=not args.no_pipeline,
@@ -147,20 +145,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ar-join-wait-ms", type=float, default=0.0,
                    help="how long an AR decode step waits for new generations to join (default 0: never waits)")
     p.add_argument("--no-components", action="store_true", help="serve only glm_image, not every graph")
-    p.add_argument("--max-side", type=int,
-                   help="largest height/width a request may ask (default: from the package's processor config, "
-                        "sqrt(max_pixels): 2048 for the published model)")
-    p.add_argument("--max-steps", type=int, default=100, help="most denoising steps a request may ask (default 100)")
+    limits_mod.add_arguments(p, Limits, ComponentLimits)  # the request bounds: server.limits
     p.add_argument("--max-message-mb", type=int, default=256, help="gRPC message size limit (default 256 MiB)")
-    p.add_argument("--max-pixels", type=int, help="largest height x width (default: max-side squared)")
-    p.add_argument("--max-prompt-bytes", type=int, default=16384, help="longest prompt in UTF-8 bytes (default 16384)")
-    p.add_argument("--max-image-mb", type=int, default=32, help="largest source image file (default 32 MiB)")
-    p.add_argument("--max-source-pixels", type=int, default=4096 * 4096,
-                   help="most pixels of a source image (default 4096x4096)")
-    p.add_argument("--max-tensor-elements", type=int, default=1 << 28,
-                   help="most elements of one input tensor of any request (default 2^28)")
-    p.add_argument("--max-axis-size", type=int, default=16384,
-                   help="largest dynamic axis (other than batch) of a component model input (default 16384)")
     p.add_argument("--tls-cert", metavar="PEM", help="serve over TLS with this certificate (chain)")
     p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     p.add_argument("--tls-client-ca", metavar="PEM",
@@ -211,6 +197,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="how graph files enter the repository (default link: hard link, else copy)")
     p.add_argument("--no-components", action="store_true", help="only the glm_image Python model")
     p.add_argument("--no-pipeline", action="store_true", help="only the ONNX component models")
+    limits_mod.add_arguments(p, Limits)  # glm_image's request bounds, in its model config
     p.add_argument("--pipeline-provider", default=None, choices=["cpu", "cuda", "cann"],
                    help="execution provider of the glm_image model (default: cuda for --kind gpu, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing repository")

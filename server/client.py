@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-FIELDS = {"height": "INT32", "width": "INT32", "steps": "INT32", "guidance": "FP32", "seed": "INT64",
-          "temperature": "FP32", "top_p": "FP32", "top_k": "INT32"}
-NUMPY = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
+from glm_image_onnx.server.glm_image_request import FIELDS, SETTINGS
+
 
 
 class ClientError(Exception):
@@ -26,7 +25,9 @@ class ClientError(Exception):
 
 
 def build_inputs(prompt: str, image: bytes | None = None, **fields: Any) -> list:
+    """glm_image's inputs, each in the datatype its request table declares (server.glm_image_request)."""
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import triton_to_np_dtype
 
     def tensor(name: str, array: np.ndarray, datatype: str):
         t = grpcclient.InferInput(name, list(array.shape), datatype)
@@ -37,8 +38,11 @@ def build_inputs(prompt: str, image: bytes | None = None, **fields: Any) -> list
     if image is not None:
         inputs.append(tensor("image", np.array([image], dtype=object), "BYTES"))
     for name, value in fields.items():
+        if name not in SETTINGS:
+            raise ValueError(f"{name} is not a glm_image setting ({', '.join(SETTINGS)})")
         if value is not None:
-            inputs.append(tensor(name, np.array([value], dtype=NUMPY[FIELDS[name]]), FIELDS[name]))
+            datatype = FIELDS[name].datatype
+            inputs.append(tensor(name, np.array([value], dtype=triton_to_np_dtype(datatype)), datatype))
     return inputs
 
 
@@ -107,7 +111,7 @@ def generate(args: argparse.Namespace) -> int:
             image = Path(args.image).read_bytes()
         except OSError as e:
             raise ClientError(f"--image {args.image}: {e.strerror}") from None
-    fields = {name: getattr(args, name) for name in FIELDS}
+    fields = {name: getattr(args, name) for name in SETTINGS}
     inputs = build_inputs(args.prompt, image, **fields)
     outputs = [grpcclient.InferRequestedOutput("image_png")]
     start = time.perf_counter()

@@ -17,7 +17,7 @@ import numpy as np
 from glm_image_onnx.server import glm_image_request as glm
 from glm_image_onnx.server.admission import Admission
 from glm_image_onnx.server.context import RequestContext
-from glm_image_onnx.server.glm_image_request import Limits
+from glm_image_onnx.server.limits import Limits, to_parameters
 from glm_image_onnx.server.metrics import Metrics
 from glm_image_onnx.server.models import Model, Prepared, Progress, Result
 
@@ -58,8 +58,8 @@ class GlmImageModel(Model):
         cfg.parameters["providers"].string_value = ",".join(self.pipeline.providers)
         cfg.parameters["quantization"].string_value = self.quantization
         cfg.parameters["target"].string_value = self.target
-        for name, value in dataclasses.asdict(self.limits).items():  # every bound of a request
-            cfg.parameters[name].string_value = str(value)
+        for name, value in to_parameters(self.limits).items():  # every bound of a request
+            cfg.parameters[name].string_value = value
         for name, value in dataclasses.asdict(self.batching).items():  # ar_enabled, ar_max_rows, ar_join_wait_ms
             cfg.parameters[f"ar_{name}"].string_value = str(value).lower()
         return cfg

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import io
 import math
 from dataclasses import dataclass, field
@@ -34,8 +33,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from glm_image_onnx.manifest import Defaults, Grid
+from glm_image_onnx.manifest import Defaults
 from glm_image_onnx.server import errors
+from glm_image_onnx.server.limits import Limits
 from glm_image_onnx.server.result import Result
 from glm_image_onnx.server.specs import TensorSpec
 from glm_image_onnx.server.tensors import datatype_of
@@ -45,46 +45,6 @@ if TYPE_CHECKING:
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_SOURCE_IMAGES = 4  # source images of one edit (GLM-Image conditions on each)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for; larger requests are refused with INVALID_ARGUMENT.
-
-    The size bounds left None come from the package's processor config (`for_package`): the
-    published model takes 512x512 .. 2048x2048, a toy package what its processor says."""
-
-    max_side: int | None = None
-    max_pixels: int | None = None
-    min_pixels: int | None = None
-    max_steps: int = 100
-    max_guidance: float = 50.0
-    max_prompt_bytes: int = 16384
-    max_image_bytes: int = 32 << 20
-    max_source_pixels: int = 4096 * 4096
-    grid: Grid = Grid()  # the package's token grid: image sides are multiples of its factor
-
-    def for_package(self, processor: Any, grid: Grid) -> "Limits":
-        """The unset size bounds from an `images.ImageProcessor`: its pixel range, and a side of at
-        most sqrt(max_pixels) (the published vision encoder's image_size is that 2048 too); the
-        package's grid (manifest `pipeline.grid`)."""
-        max_pixels = self.max_pixels or processor.max_pixels
-        return dataclasses.replace(self, max_pixels=max_pixels, grid=grid,
-                                   min_pixels=processor.min_pixels if self.min_pixels is None else self.min_pixels,
-                                   max_side=self.max_side or math.isqrt(max_pixels))
-
-    def check_size(self, height: int, width: int, origin: str = "") -> None:
-        """ValueError naming the field when (height, width) is outside this server's bounds."""
-        src = f" (from {origin})" if origin else ""
-        for name, size in (("height", height), ("width", width)):
-            if self.max_side is not None and size > self.max_side:
-                raise ValueError(f"{name} {size}{src} is larger than this server's limit of {self.max_side} pixels")
-        if self.max_pixels is not None and height * width > self.max_pixels:
-            raise ValueError(f"height x width = {height}x{width}{src} is more than this server's limit of "
-                             f"{self.max_pixels} pixels")
-        if self.min_pixels and height * width < self.min_pixels:
-            raise ValueError(f"height x width = {height}x{width}{src} is less than this model's minimum of "
-                             f"{self.min_pixels} pixels")
 
 
 @dataclass(frozen=True)
@@ -99,6 +59,7 @@ FIELDS = {
     "guidance": _Field("FP32", "float"), "seed": _Field("INT64", "int"),
     "temperature": _Field("FP32", "float"), "top_p": _Field("FP32", "float"), "top_k": _Field("INT32", "int"),
 }
+SETTINGS = tuple(n for n, f in FIELDS.items() if f.kind in ("int", "float"))  # one number each
 INPUTS = [TensorSpec(n, f.datatype, ("images",) if f.kind == "image" else (1,), optional=(n != "prompt"))
           for n, f in FIELDS.items()]
 OUTPUTS = [TensorSpec("image_png", "BYTES", (1,)), TensorSpec("image", "UINT8", ("height", "width", 3)),

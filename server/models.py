@@ -23,6 +23,7 @@ from glm_image_onnx.server import errors
 from glm_image_onnx.server.admission import Admission
 from glm_image_onnx.server.batching import DynamicBatcher
 from glm_image_onnx.server.context import RequestContext
+from glm_image_onnx.server.limits import ComponentLimits, to_parameters
 from glm_image_onnx.server.result import Result
 from glm_image_onnx.server.specs import TensorSpec, graph_specs
 from glm_image_onnx.server.stats import ModelStats
@@ -36,14 +37,6 @@ class Prepared:
     inputs: dict[str, Any]
     outputs: list[str]
     rows: int = 1
-
-
-@dataclass(frozen=True)
-class ComponentLimits:
-    """What one request to a component model may send, checked before onnxruntime sees it."""
-
-    max_tensor_elements: int = 1 << 28  # elements of one input tensor (also the server-wide decode bound)
-    max_axis_size: int = 16384  # size of any dynamic axis other than `batch` (sequence, pixels, ...)
 
 
 @dataclass(frozen=True)
@@ -210,8 +203,8 @@ class ComponentModel(Model):
 
     def config(self) -> model_config_pb2.ModelConfig:
         cfg = super().config()
-        cfg.parameters["max_tensor_elements"].string_value = str(self.limits.max_tensor_elements)
-        cfg.parameters["max_axis_size"].string_value = str(self.limits.max_axis_size)
+        for name, value in to_parameters(self.limits).items():
+            cfg.parameters[name].string_value = value
         cfg.parameters["quantization"].string_value = self.quantization
         return cfg
 

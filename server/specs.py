@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from glm_image_onnx.manifest import Graph
-from glm_image_onnx.server.tensors import FROM_NUMPY
+from glm_image_onnx.server.tensors import datatype_of
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class TensorSpec:
 
 def graph_specs(graph: Graph) -> tuple[list[TensorSpec], list[TensorSpec], bool]:
     """(inputs, outputs, batchable) of one manifest graph entry."""
-    inputs = [TensorSpec(t.name, FROM_NUMPY[t.dtype], tuple(t.shape)) for t in graph.inputs]
-    outputs = [TensorSpec(t.name, FROM_NUMPY[t.dtype], tuple(t.shape)) for t in graph.outputs]
+    inputs = [TensorSpec(t.name, datatype_of(t.dtype), tuple(t.shape)) for t in graph.inputs]
+    outputs = [TensorSpec(t.name, datatype_of(t.dtype), tuple(t.shape)) for t in graph.outputs]
     batchable = all(s.shape and s.shape[0] == "batch" for s in inputs + outputs)
     return inputs, outputs, batchable

@@ -11,25 +11,19 @@ import struct
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
+from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from glm_image_onnx.server.errors import invalid
+from glm_image_onnx.server.limits import ComponentLimits
 
 if TYPE_CHECKING:
     from tritonclient.grpc import service_pb2
 
-# KServe datatype -> numpy dtype (little-endian); BYTES is an object array of `bytes`.
-NUMPY = {
-    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"), "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype(object),
-}
-# numpy / ONNX manifest dtype names -> KServe datatype
-FROM_NUMPY = {"bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
-              "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64", "float16": "FP16",
-              "float32": "FP32", "float64": "FP64", "object": "BYTES", "string": "BYTES",
-              "bfloat16": "BF16"}  # BF16: described (Triton repositories) but not carried (no numpy type)
+# The KServe datatypes this server carries, as numpy dtypes (tritonclient's table; little-endian on
+# the wire); BYTES is an object array of `bytes`. BF16 is described (Triton repositories) but not
+# carried: numpy has no bfloat16 of its own.
+NUMPY = {name: np.dtype(triton_to_np_dtype(name)).newbyteorder("<") for name in (
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES")}
 # KServe datatype -> Triton model config DataType name
 CONFIG_TYPE = {k: f"TYPE_{k}" for k in NUMPY if k != "BYTES"} | {"BYTES": "TYPE_STRING", "BF16": "TYPE_BF16"}
 
@@ -42,10 +36,16 @@ _CONTENTS_FIELD = {
 
 
 def datatype_of(dtype: str | np.dtype) -> str:
-    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
-    if name not in FROM_NUMPY:
+    """The KServe datatype of a numpy dtype or an ONNX / manifest element type name ("float32",
+    "bfloat16", "string")."""
+    try:
+        name = np.dtype(object if dtype == "string" else dtype)  # ml_dtypes (tritonclient's) names bfloat16
+    except TypeError:
+        name = None
+    datatype = np_to_triton_dtype(name) if name is not None else None
+    if datatype is None:
         raise ValueError(f"no KServe datatype for {dtype!r}")
-    return FROM_NUMPY[name]
+    return datatype
 
 
 def decode_bytes(buffer: bytes, count: int, name: str) -> np.ndarray:
@@ -80,7 +80,7 @@ def encode_bytes(items: Iterable[bytes]) -> bytes:
 
 MAX_DIMS = 16  # dimensions of one input tensor
 MAX_INPUTS = 64  # input tensors of one request
-DEFAULT_MAX_ELEMENTS = 1 << 28  # elements of one input tensor (server-wide; --max-tensor-elements)
+DEFAULT_MAX_ELEMENTS = ComponentLimits().max_tensor_elements  # elements of one input tensor, server-wide
 
 
 def element_count(shape: Sequence[int], name: str, max_elements: int = DEFAULT_MAX_ELEMENTS) -> int:

@@ -45,6 +45,7 @@ class TritonPythonModel:
     def initialize(self, args):
         from glm_image_onnx.runtime import GlmImageOnnxPipeline
         from glm_image_onnx.server import errors, glm_image_request as glm
+        from glm_image_onnx.server.limits import Limits, from_parameters
 
         self.glm, self.errors = glm, errors
         config = json.loads(args["model_config"])
@@ -62,10 +63,7 @@ class TritonPythonModel:
                                                           verify_files=params.get("verify_files") == "true",
                                                           threads=threads)
         # Size bounds not set in the model config come from the package's processor config.
-        self.limits = glm.Limits(max_side=int(params["max_side"]) if params.get("max_side") else None,
-                                 max_pixels=int(params["max_pixels"]) if params.get("max_pixels") else None,
-                                 max_steps=int(params.get("max_steps", 100))
-                                 ).for_package(self.pipeline.image_processor, self.pipeline.grid)
+        self.limits = from_parameters(Limits, params).for_package(self.pipeline.image_processor, self.pipeline.grid)
 
     def execute(self, requests):
         return [self._one(request) for request in requests]

@@ -27,6 +27,7 @@ from glm_image_onnx.atomic import staged_folder
 from glm_image_onnx.manifest import Graph
 from glm_image_onnx.runtime.package import Package
 from glm_image_onnx.server import glm_image_request as glm
+from glm_image_onnx.server.limits import Limits, to_parameters
 from glm_image_onnx.server.specs import TensorSpec, graph_specs
 from glm_image_onnx.server.tensors import CONFIG_TYPE
 
@@ -46,8 +47,7 @@ class RepoOptions:
     pipeline: bool = True
     provider: str | None = None  # glm_image's provider; default cuda for kind gpu, else cpu
     provider_options: dict[str, str] | None = None
-    max_side: int | None = None  # default: from the package's processor config
-    max_steps: int = 100
+    limits: Limits = Limits()  # glm_image's request bounds (server.limits)
     overwrite: bool = False
 
     def check(self) -> None:
@@ -116,9 +116,7 @@ def pipeline_config(options: RepoOptions) -> mc.ModelConfig:
     provider = options.provider or ("cuda" if options.kind == "gpu" else "cpu")
     params = {"package": "package", "provider": provider,
               "provider_options": json.dumps(options.provider_options or {}), "verify_files": "false",
-              "max_steps": str(options.max_steps)}
-    if options.max_side:
-        params.update(max_side=str(options.max_side), max_pixels=str(options.max_side ** 2))
+              **to_parameters(options.limits)}
     for key, value in params.items():
         cfg.parameters[key].string_value = value
     return cfg

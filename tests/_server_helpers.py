@@ -12,7 +12,7 @@ import pytest
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc", reason="needs the serve extra (tritonclient[grpc])")
 
 from glm_image_onnx.server.app import ServerConfig, ServerThread  # noqa: E402
-from glm_image_onnx.server.glm_image_model import Limits  # noqa: E402
+from glm_image_onnx.server.limits import Limits  # noqa: E402
 
 GLM_TYPES = {"prompt": "BYTES", "image": "BYTES", "height": "INT32", "width": "INT32", "steps": "INT32",
              "guidance": "FP32", "seed": "INT64", "temperature": "FP32", "top_p": "FP32", "top_k": "INT32"}

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from glm_image_onnx.manifest import Generation
 from glm_image_onnx.runtime import ArBatching, GlmImageOnnxPipeline
 from glm_image_onnx.runtime.ar_batch import ArBatchEngine
-from glm_image_onnx.runtime.sampling import SamplingConfig, TokenSampler
+from glm_image_onnx.runtime.sampling import TokenSampler
 
 
 class Stop(Exception):
@@ -25,10 +26,10 @@ def pipe(tiny_package: Path) -> GlmImageOnnxPipeline:
 # (prompt, height, width, sampling, seed): different sizes (so different token counts and cache
 # positions) and sampling settings
 JOBS = [
-    ("a sign that says 'OPEN'", 64, 64, SamplingConfig(temperature=0.8, top_p=0.9), 1),
-    ("a red cat", 96, 64, SamplingConfig(temperature=1.2, top_p=1.0, top_k=7), 2),
-    ("a lighthouse", 64, 128, SamplingConfig(do_sample=False), 3),
-    ("a blue door", 128, 128, SamplingConfig(temperature=1.0, top_p=0.5), 4),
+    ("a sign that says 'OPEN'", 64, 64, Generation(temperature=0.8, top_p=0.9), 1),
+    ("a red cat", 96, 64, Generation(temperature=1.2, top_p=1.0, top_k=7), 2),
+    ("a lighthouse", 64, 128, Generation(do_sample=False), 3),
+    ("a blue door", 128, 128, Generation(temperature=1.0, top_p=0.5), 4),
 ]
 
 
@@ -77,16 +78,16 @@ def test_rows_join_and_leave_a_running_batch_and_keep_their_tokens(pipe: GlmImag
 def test_a_generation_needing_a_larger_cache_waits_for_the_rows_to_leave(pipe: GlmImageOnnxPipeline) -> None:
     small, large = pipe.ar_inputs("x", height=64, width=64), pipe.ar_inputs("y", height=512, width=512)
     engine = ArBatchEngine(pipe.ar, ArBatching(max_rows=4))
-    sampler = TokenSampler(SamplingConfig(), pipe.codebook_size, 0)
+    sampler = TokenSampler(Generation(), pipe.codebook_size, 0)
     first = engine.submit(small.input_ids, small.prefill_positions, small.decode_positions, small.num_tokens, sampler)
     first.result(timeout=60)
     capacity = engine._cache.capacity
     # larger than the cache: reallocated once nothing runs, and the tokens are still the solo ones
     big = engine.generate(large.input_ids, large.prefill_positions, large.decode_positions, large.num_tokens,
-                          TokenSampler(SamplingConfig(), pipe.codebook_size, 5))
+                          TokenSampler(Generation(), pipe.codebook_size, 5))
     assert engine._cache.capacity > capacity
     solo = pipe.ar.generate(large.input_ids, large.prefill_positions, large.decode_positions, large.num_tokens,
-                            TokenSampler(SamplingConfig(), pipe.codebook_size, 5))
+                            TokenSampler(Generation(), pipe.codebook_size, 5))
     np.testing.assert_array_equal(big.tokens, solo.tokens)
     engine.close()
     with pytest.raises(RuntimeError, match="stopped"):
@@ -153,7 +154,7 @@ def test_a_failing_decode_step_fails_its_rows_and_the_engine_goes_on(pipe: GlmIm
     with pytest.raises(RuntimeError, match="sampler broke"):
         engine.generate(a.input_ids, a.prefill_positions, a.decode_positions, a.num_tokens, broken)
     assert engine.active_rows == 0
-    sampler = lambda: TokenSampler(SamplingConfig(), pipe.codebook_size, 9)  # noqa: E731
+    sampler = lambda: TokenSampler(Generation(), pipe.codebook_size, 9)  # noqa: E731
     again = engine.generate(a.input_ids, a.prefill_positions, a.decode_positions, a.num_tokens, sampler())
     solo = pipe.ar.generate(a.input_ids, a.prefill_positions, a.decode_positions, a.num_tokens, sampler())
     np.testing.assert_array_equal(again.tokens, solo.tokens)

@@ -126,10 +126,11 @@ def test_bucket_errors_name_the_length_and_the_fix() -> None:
 
 def test_a_prompt_past_the_largest_bucket_is_prefilled_in_chunks(cann_packages: dict[str, Path],
                                                                   tiny_package: Path) -> None:
-    from glm_image_onnx.runtime.sampling import SamplingConfig, TokenSampler
+    from glm_image_onnx.manifest import Generation
+    from glm_image_onnx.runtime.sampling import TokenSampler
 
     def greedy(p: GlmImageOnnxPipeline) -> TokenSampler:
-        return TokenSampler(SamplingConfig(do_sample=False), p.codebook_size, seed=0)
+        return TokenSampler(Generation(do_sample=False), p.codebook_size, seed=0)
 
     ref = GlmImageOnnxPipeline.from_package(tiny_package, verify_files=False)
     pipe = GlmImageOnnxPipeline.from_package(cann_packages["fp32"], verify_files=False)

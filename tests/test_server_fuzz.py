@@ -21,7 +21,9 @@ hypothesis = pytest.importorskip("hypothesis", reason="needs hypothesis (test ex
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 
-from glm_image_onnx.server.models import ComponentLimits  # noqa: E402
+from glm_image_onnx.server import glm_image_request as glm  # noqa: E402
+from glm_image_onnx.server.limits import ComponentLimits  # noqa: E402
+from tritonclient.utils import triton_to_np_dtype  # noqa: E402
 
 EXAMPLES = 200
 CLEAN = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
@@ -145,9 +147,7 @@ def requests(draw):
     return req
 
 
-GLM_FIELDS = {"height": "INT32", "width": "INT32", "steps": "INT32", "guidance": "FP32", "seed": "INT64",
-              "temperature": "FP32", "top_p": "FP32", "top_k": "INT32"}
-NP = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
+GLM_FIELDS = {name: glm.FIELDS[name].datatype for name in glm.SETTINGS}
 
 
 @st.composite
@@ -171,7 +171,7 @@ def glm_requests(draw):
         else:
             value = draw(st.integers(-(2 ** 31), 2 ** 31 - 1))
         req.inputs.add(name=name, datatype=datatype, shape=[1])
-        req.raw_input_contents.append(np.array([value], NP[datatype]).tobytes())
+        req.raw_input_contents.append(np.array([value], triton_to_np_dtype(datatype)).tobytes())
     if draw(st.booleans()):
         req.outputs.add(name="tokens")
     return req
