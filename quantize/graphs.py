@@ -236,14 +236,26 @@ def fp16(src: Path, dst: Path, native_io: Sequence[str] = ()) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------- helpers
 class _quiet:
-    """onnxruntime's quantisers log every node at INFO and print progress; keep the CLI readable."""
+    """onnxruntime's quantisers log every node at INFO and below, through their own loggers and the
+    root logger; keep the CLI readable. Scoped to those records: the onnxruntime.quantization
+    loggers' level, and a root-logger filter on the records its files log there (other code's
+    logging, a server's included, is left as it is)."""
+
+    _LOGGER = "onnxruntime.quantization"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self._dir)
 
     def __enter__(self) -> "_quiet":
-        self._level = logging.root.manager.disable
-        logging.disable(logging.INFO)
+        import onnxruntime.quantization
+
+        self._dir = str(Path(onnxruntime.quantization.__file__).parent)
+        logger = logging.getLogger(self._LOGGER)
+        self._level = logger.level
+        logger.setLevel(logging.WARNING)
+        logging.getLogger().addFilter(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        logging.disable(self._level)
-
-
+        logging.getLogger().removeFilter(self)
+        logging.getLogger(self._LOGGER).setLevel(self._level)

@@ -130,10 +130,21 @@ def select_graphs(recipe: Recipe, manifest: Manifest, wanted: tuple[str, ...] | 
 def quantize_package(package: Path | str, out: Path | str, options: QuantizeOptions | None = None,
                      log: Log = _log) -> Manifest:
     """Quantise `package` into the new package folder `out`; returns the new manifest."""
+    import onnxruntime as ort
+
+    # onnxruntime's C++ warnings (constant folding skipped for fp16 nodes, ...) are noise here; the
+    # severity is process-wide, so it goes back to onnxruntime's default (warnings) afterwards.
+    ort.set_default_logger_severity(3)
+    try:
+        return _quantize(package, out, options, log)
+    finally:
+        ort.set_default_logger_severity(2)
+
+
+def _quantize(package: Path | str, out: Path | str, options: QuantizeOptions | None, log: Log) -> Manifest:
     from glm_image_onnx.runtime.package import Package, PackageError
 
     options = options or QuantizeOptions()
-    _quiet_onnxruntime()
     t_start = time.perf_counter()
     if options.recipe not in RECIPES:
         raise QuantizeUsageError(f"unknown recipe {options.recipe!r}; choose from {', '.join(RECIPES)}")
@@ -223,13 +234,6 @@ def quantize_package(package: Path | str, out: Path | str, options: QuantizeOpti
     total = sum(f.bytes for f in manifest.files.values())
     log(f"wrote {out} ({recipe.name}, {total / 1e6:.1f} MB) in {q['seconds']:.1f}s")
     return manifest
-
-
-def _quiet_onnxruntime() -> None:
-    """onnxruntime's C++ warnings (constant folding skipped for fp16 nodes, ...) are noise here."""
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)
 
 
 def _check_options(o: QuantizeOptions) -> None:

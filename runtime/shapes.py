@@ -81,49 +81,18 @@ def pad_right(rows: list[np.ndarray], length: int | None = None) -> tuple[np.nda
 
 
 # ------------------------------------------------------------------------ counting shape sets
-class _Recording:
-    """A session whose calls also record the input shapes onnxruntime receives (fed or bound)."""
-
-    def __init__(self, session: Any, seen: list[tuple]):
-        self._session, self._seen = session, seen
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._session, name)
-
-    def run(self, names: Any, feed: dict[str, Any], *args: Any) -> Any:
-        self._seen.append(tuple(sorted((k, tuple(np.shape(v))) for k, v in feed.items())))
-        return self._session.run(names, feed, *args)
-
-    def io_binding(self) -> "_RecordingBinding":
-        return _RecordingBinding(self._session.io_binding())
-
-    def run_with_iobinding(self, io: "_RecordingBinding", *args: Any) -> None:
-        self._seen.append(tuple(sorted(io.shapes.items())))
-        self._session.run_with_iobinding(io.binding, *args)
-
-
-class _RecordingBinding:
-    def __init__(self, binding: Any):
-        self.binding, self.shapes = binding, {}
-
-    def bind_input(self, name: str, device: str, device_id: int, dtype: Any, shape: list[int], ptr: int) -> None:
-        self.shapes[name] = tuple(shape)
-        self.binding.bind_input(name, device, device_id, dtype, shape, ptr)
-
-    def bind_ortvalue_input(self, name: str, value: Any) -> None:
-        self.shapes[name] = tuple(value.shape())
-        self.binding.bind_ortvalue_input(name, value)
-
-    def __getattr__(self, name: str) -> Any:  # outputs: not part of a call's input-shape set
-        return getattr(self.binding, name)
-
-
 def record_shapes(pipe: Any) -> dict[str, list[tuple]]:
     """From now on, record each call's input shapes per graph of a GlmImageOnnxPipeline: graph ->
     one sorted ((input, shape), ...) tuple per call. The distinct tuples are what CANN graph mode
-    compiles (once each per process)."""
+    compiles (once each per process). Through the pipeline's feed observer (`observe_feeds`), so
+    the inputs must live on the host (every provider but CUDA keeps them there)."""
     seen: dict[str, list[tuple]] = {g: [] for g in pipe.sessions}
-    for g in pipe.sessions:
-        pipe.sessions[g] = _Recording(pipe.sessions[g], seen[g])
-    pipe.ar.session = pipe.sessions["ar_planner"]
+
+    def observe(graph: str, feeds: Any) -> None:
+        host = feeds()
+        if host is None:
+            raise RuntimeError(f"record_shapes: {graph}'s inputs live in device memory")
+        seen[graph].append(tuple(sorted((name, tuple(np.shape(value))) for name, value in host.items())))
+
+    pipe.observe_feeds(observe)
     return seen
