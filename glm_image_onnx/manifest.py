@@ -153,6 +153,14 @@ class Pipeline:
     defaults: Defaults = Defaults()
     tokenizers: Layout = Layout()
 
+    def image_size(self, height: int | None, width: int | None,
+                   source: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The size a call makes (diffusers' rule): what it asks for, else the first source image's
+        (height, width) floored to the grid, else the package default (runtime, server)."""
+        if source is not None:
+            return height or self.grid.floor(source[0]), width or self.grid.floor(source[1])
+        return height or self.defaults.height, width or self.defaults.width
+
 
 # -------------------------------------------------------------------------------------- graphs
 @dataclass(frozen=True)

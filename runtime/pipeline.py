@@ -346,14 +346,8 @@ class GlmImageOnnxPipeline:
         return out
 
     def _size(self, height: int | None, width: int | None, sources: list[Image.Image]) -> tuple[int, int]:
-        if height is None or width is None:
-            if sources:
-                # Like the pipeline: the first source's size, floored to the token grid.
-                height = height or self.grid.floor(sources[0].height)
-                width = width or self.grid.floor(sources[0].width)
-            else:
-                height = height or self.defaults.height
-                width = width or self.defaults.width
+        source = (sources[0].height, sources[0].width) if sources else None
+        height, width = self.config.image_size(height, width, source)
         return int(height), int(width)
 
     def check_inputs(self, prompt: str, height: int, width: int, steps: int, scale: float,

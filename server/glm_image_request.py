@@ -9,7 +9,7 @@ Inputs (each also accepted as a request parameter of the same name; a tensor win
 |---|---|---|
 | `prompt` | BYTES [1] | UTF-8 prompt (required) |
 | `image` | BYTES [k] | encoded PNG / JPEG / WebP source image(s) to edit, k <= 4 (as a parameter: one, base64) |
-| `height`, `width` | INT32 [1] | pixels, multiples of the package's grid factor, 32 for GLM-Image (default: the source image's, else the package's) |
+| `height`, `width` | INT32 [1] | pixels, multiples of the package's grid (32); default: the source's, else the package's |
 | `steps` | INT32 [1] | denoising steps |
 | `guidance` | FP32 [1] | classifier-free guidance scale |
 | `seed` | INT64 [1] | >= 0; the same seed gives the same image |
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from glm_image_onnx.manifest import Defaults
+from glm_image_onnx.manifest import Pipeline
 from glm_image_onnx.server import errors
 from glm_image_onnx.server.limits import Limits
 from glm_image_onnx.server.result import Result
@@ -216,15 +216,10 @@ def _open_image(data: bytes, lim: Limits, image_to_image: bool) -> Image.Image:
     return image
 
 
-def output_size(r: GlmImageRequest, source: Image.Image | None, defaults: Defaults,
+def output_size(r: GlmImageRequest, source: Image.Image | None, config: Pipeline,
                 lim: Limits) -> tuple[int, int]:
     """The size the pipeline will produce, checked against the limits before any work."""
-    if source is not None:
-        height = r.height or lim.grid.floor(source.height)
-        width = r.width or lim.grid.floor(source.width)
-    else:
-        height = r.height or defaults.height
-        width = r.width or defaults.width
+    height, width = config.image_size(r.height, r.width, (source.height, source.width) if source is not None else None)
     origin = "the source image" if source is not None else "the package default"
     for name, size in (("height", height), ("width", width)):
         if size < lim.grid.factor:
@@ -278,7 +273,7 @@ def run(pipeline: Any, r: GlmImageRequest, outputs: list[str], limits: Limits,
             sources.append(image.convert("RGB"))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise errors.invalid(f"image: cannot decode the {image.format} data ({e})", "image") from None
-    height, width = output_size(r, sources[0] if sources else None, pipeline.defaults, limits)
+    height, width = output_size(r, sources[0] if sources else None, pipeline.config, limits)
     on_step_end = None
     if previews is not None and previews.count > 0:
         on_step_end, progress = _with_previews(pipeline, previews, progress)

@@ -16,7 +16,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from glm_image_onnx.cli import main
-from glm_image_onnx.manifest import MANIFEST, Grid, Layout, Manifest, ManifestError, to_json
+from glm_image_onnx.manifest import (GRAPH_CONFIGS, I2I_GRAPHS, MANIFEST, T2I_GRAPHS, Grid, Layout, Manifest,
+                                     ManifestError, to_json)
 from glm_image_onnx.runtime import GlmImageOnnxPipeline
 from glm_image_onnx.runtime.package import Package, PackageError
 from glm_image_onnx.server import glm_image_request as glm
@@ -48,6 +49,14 @@ def test_the_exported_manifest_reads_strictly_and_writes_back_unchanged(tiny_pac
     manifest = Manifest.from_dict(data, strict=True)  # no key the schema (and so a reader) lacks
     assert to_json(manifest) == data
     assert manifest.pipeline.grid == Grid() and manifest.pipeline.tokenizers == Layout()
+
+
+def test_one_list_of_graphs() -> None:
+    from glm_image_onnx.export.package import GRAPHS
+    from glm_image_onnx.quantize.package import ALL_GRAPHS
+
+    assert list(GRAPHS) == list(GRAPH_CONFIGS) == list(ALL_GRAPHS)
+    assert sorted(T2I_GRAPHS + I2I_GRAPHS) == sorted(GRAPH_CONFIGS)
 
 
 def test_unknown_keys_are_an_error_only_when_strict(tiny_package: Path) -> None:
