@@ -243,8 +243,6 @@ def _run_jobs(jobs: list[tuple[str, list[str]]], root: Path, tmp: Path, options:
             results.update(_export_component(folder, wanted, root, tmp, options, steps, log))
         return results
     import multiprocessing as mp
-    import queue
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     # One task per graph rather than per component: the DiT alone is ~45% of the work, so whole
     # components cannot be split evenly between two workers. Longest first (LPT); a worker keeps
@@ -252,33 +250,37 @@ def _run_jobs(jobs: list[tuple[str, list[str]]], root: Path, tmp: Path, options:
     tasks = sorted(((folder, name) for folder, wanted in jobs for name in wanted),
                    key=lambda t: -_GRAPH_COST.get(t[1], 1))
     ctx = mp.get_context("spawn")  # torch and fork do not mix
-    # A plain queue handed over at worker start (no Manager process to spawn and shut down).
-    lines = ctx.Queue()
+    # Handed over at worker start (no Manager process to spawn and shut down); a SimpleQueue's put
+    # writes to the pipe before it returns, so a finished task's lines are all there.
+    lines = ctx.SimpleQueue()
     threads = max(1, (os.cpu_count() or 1) // workers)
 
     def drain() -> None:
-        while True:
-            try:
-                log(lines.get_nowait())
-            except queue.Empty:
-                return
+        while not lines.empty():
+            log(lines.get())
 
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(lines, threads)) as pool:
-        futures = [pool.submit(_export_graph, folder, name, root, tmp, options, steps[name])
+    # multiprocessing's Pool for its terminate(): once every result is in (or one failed) the
+    # workers are stopped, not waited for while they tear down interpreters full of traced models
+    # (1-3 s each after their last task; their files are closed and their results sent by then).
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(lines, threads))
+    try:
+        running = [pool.apply_async(_export_graph, (folder, name, root, tmp, options, steps[name]))
                    for folder, name in tasks]
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+        while True:
             drain()
-            if any(f.exception() for f in done):
-                for f in pending:
-                    f.cancel()
+            for r in running:
+                if r.ready() and not r.successful():
+                    r.get()  # re-raises the worker's error here
+            waiting = [r for r in running if not r.ready()]
+            if not waiting:
                 break
+            waiting[0].wait(0.2)
         results = {}
-        for f in futures:
-            if f.done() and not f.cancelled():
-                results.update(f.result())  # re-raises a worker's error here
+        for r in running:
+            results.update(r.get())
+    finally:
+        pool.terminate()
+        pool.join()
     drain()
     for folder, wanted in jobs:  # once all of a component's graphs exist, whichever worker wrote them
         _share_component_weights(folder, {g: results[g] for g in wanted}, tmp, log)
@@ -290,28 +292,16 @@ def _run_jobs(jobs: list[tuple[str, list[str]]], root: Path, tmp: Path, options:
 _GRAPH_COST = {"dit_decoder": 24, "ar_planner": 15, "dit_condition_write": 10, "vae_decoder": 7,
                "vae_encoder": 6, "glyph_encoder": 6, "vision_tokenizer": 5}
 
-# Worker-process state: the log queue, torch threads, and the last loaded component (folder, model).
+# Each worker process's own state (set by _init_worker, kept between its tasks): the log queue, its
+# torch threads, and the component it loaded last (folder, model), which its next task may reuse.
 _lines: Any = None
 _threads = 1
 _loaded: tuple[str, Any] | None = None
 
 
 def _init_worker(lines: Any, threads: int) -> None:
-    import atexit
-
     global _lines, _threads
     _lines, _threads = lines, threads
-    # A worker that has traced models spends 1-3 s tearing down the interpreter (collecting
-    # millions of FX / sympy objects) after its last task, and the export waits for it. Its
-    # results are already sent and its files closed, so it may leave without the teardown.
-    # Registered before the tasks import torch, it runs after their exit handlers.
-    atexit.register(_fast_exit)
-
-
-def _fast_exit() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def _export_graph(folder: str, name: str, root: Path, tmp: Path, options: ExportOptions,
