@@ -157,9 +157,12 @@ class Pipeline:
                    source: tuple[int, int] | None = None) -> tuple[int, int]:
         """The size a call makes (diffusers' rule): what it asks for, else the first source image's
         (height, width) floored to the grid, else the package default (runtime, server)."""
+        def default(value: int | None, fallback: int) -> int:
+            return fallback if value is None else value
+
         if source is not None:
-            return height or self.grid.floor(source[0]), width or self.grid.floor(source[1])
-        return height or self.defaults.height, width or self.defaults.width
+            return default(height, self.grid.floor(source[0])), default(width, self.grid.floor(source[1]))
+        return default(height, self.defaults.height), default(width, self.defaults.width)
 
 
 # -------------------------------------------------------------------------------------- graphs
