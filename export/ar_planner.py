@@ -192,28 +192,17 @@ def graph_specs(model: Any, checkpoint_dir: Path, target: Target = TARGETS["cpu"
             random_inputs(sizes, 1, 6, 11, 20, gen),            # chunked continuation (batch 1 only)
         ]
 
-    config = {
-        **_config(model, sizes),
-        # The cache contract the runtime allocates by; export.package sets the dtype of the target.
-        "kv_cache": {"dtype": "float32", "layout": KV_LAYOUT, "capacity": KV_CAPACITY_RULE, "update": "in place: bind each present.* to its past_key_values.* buffer"},
-    }
-    return [GraphSpec(
-        name=NAME,
-        module=module,
-        example_inputs=example,
-        dynamic_shapes=dynamic_shapes,
-        output_names=["logits", *_present_names(n)],
-        verify_inputs=verify_inputs,
-        description=("GLM-Image AR planner: language model + lm_head (image vocabulary), fixed-capacity KV "
-                     "cache updated in place (GroupQueryAttention), mRoPE by RotaryEmbedding; one graph "
-                     "for prefill and decode. "
-                     "position_ids [3,B,S] are host-computed mRoPE positions (runtime/mrope.py mirrors "
-                     "get_rope_index)."),
-        config=config,
+    return [_spec(
+        sizes, module, example, dynamic_shapes, verify_inputs,
+        ("GLM-Image AR planner: language model + lm_head (image vocabulary), fixed-capacity KV "
+         "cache updated in place (GroupQueryAttention), mRoPE by RotaryEmbedding; one graph "
+         "for prefill and decode. "
+         "position_ids [3,B,S] are host-computed mRoPE positions (runtime/mrope.py mirrors "
+         "get_rope_index)."),
+        KV_CAPACITY_RULE, "in place: bind each present.* to its past_key_values.* buffer",
         custom_translation_table={torch.ops.glm_image_onnx.group_query_attention.default: _gqa_onnx,
                                   torch.ops.glm_image_onnx.rotary_embedding.default: _rotary_onnx},
         custom_schemas=[_gqa_schema(), _rotary_schema()],
-        shared_buffers=dict(zip(_present_names(n), _past_names(n))),
     )]
 
 
@@ -238,24 +227,13 @@ def _static_specs(model: Any) -> list[GraphSpec]:
             static_inputs(sizes, 2, 6, 0, 6, gen),
         ]
 
-    config = {
-        **_config(model, sizes),
-        "kv_cache": {"dtype": "float32", "layout": KV_LAYOUT, "capacity": KV_CAPACITY_BUCKETED,
-                     "update": "ScatterND at cache_position: bind each present.* to its past_key_values.* buffer"},
-    }
-    return [GraphSpec(
-        name=NAME,
-        module=module,
-        example_inputs=example,
-        dynamic_shapes=dynamic_shapes,
-        output_names=["logits", *_present_names(n)],
-        verify_inputs=verify_inputs,
-        description=("GLM-Image AR planner for static shapes, basic ops only: language model + lm_head, "
-                     "a fixed-capacity KV cache written at cache_position [B,S] (ScatterND) and read with "
-                     "a causal mask (key position <= the token's cache position). Pad prompts on the right "
-                     "to a bucket; keep one capacity for a whole generation."),
-        config=config,
-        shared_buffers=dict(zip(_present_names(n), _past_names(n))),
+    return [_spec(
+        sizes, module, example, dynamic_shapes, verify_inputs,
+        ("GLM-Image AR planner for static shapes, basic ops only: language model + lm_head, "
+         "a fixed-capacity KV cache written at cache_position [B,S] (ScatterND) and read with "
+         "a causal mask (key position <= the token's cache position). Pad prompts on the right "
+         "to a bucket; keep one capacity for a whole generation."),
+        KV_CAPACITY_BUCKETED, "ScatterND at cache_position: bind each present.* to its past_key_values.* buffer",
     )]
 
 
@@ -271,14 +249,22 @@ def _dynamic_shapes(num_layers: int, lengths: Any) -> dict[str, Any]:
             "past_key_values": tuple(kv_shape for _ in range(2 * num_layers))}
 
 
-def _config(model: Any, sizes: dict[str, Any]) -> dict[str, Any]:
-    """What the runtime needs besides the inputs and the cache contract (the special tokens are the
-    pipeline's: manifest.Tokens)."""
-    return {
+def _spec(sizes: dict[str, Any], module: Any, example: dict[str, torch.Tensor], dynamic_shapes: dict[str, Any],
+          verify_inputs: Any, description: str, capacity: str, update: str, **extra: Any) -> GraphSpec:
+    """Either AR graph's spec. Its config is what the runtime needs besides the inputs (the special
+    tokens are the pipeline's: manifest.Tokens) and the cache contract it allocates by
+    (export.package sets the cache dtype of the target)."""
+    n = sizes["num_layers"]
+    config = {
         **sizes,
         "past_key_template": PAST_KEY,
         "past_value_template": PAST_VALUE,
         "present_key_template": PRESENT_KEY,
         "present_value_template": PRESENT_VALUE,
         "position_ids_layout": POSITION_IDS_LAYOUT,
+        "kv_cache": {"dtype": "float32", "layout": KV_LAYOUT, "capacity": capacity, "update": update},
     }
+    return GraphSpec(name=NAME, module=module, example_inputs=example, dynamic_shapes=dynamic_shapes,
+                     output_names=["logits", *_present_names(n)], verify_inputs=verify_inputs,
+                     description=description, config=config,
+                     shared_buffers=dict(zip(_present_names(n), _past_names(n))), **extra)

@@ -26,8 +26,8 @@ import onnx
 
 from glm_image_onnx.errors import UsageError
 from glm_image_onnx.atomic import staged_folder
-from glm_image_onnx.manifest import (GRAPH_CONFIGS, I2I_GRAPHS, MANIFEST, ArPlannerConfig, Graph, Manifest, Target, file_table, read_graphs,
-                                     sha256_file, to_json)
+from glm_image_onnx.manifest import (GRAPH_CONFIGS, I2I_GRAPHS, MANIFEST, ArPlannerConfig, Graph, Manifest, Target,
+                                     file_table, read_graphs, sha256_file, to_json)
 from glm_image_onnx.quantize import capture as capture_mod
 from glm_image_onnx.quantize import graphs as G
 from glm_image_onnx.quantize import quality as Q
@@ -207,8 +207,8 @@ def _quantize(package: Path | str, out: Path | str, options: QuantizeOptions | N
                 "unchanged": [g for g in source.graphs if g not in selected],
             }
             if recipe.name == "fp16":
-                quantization["cpu"] = ("loads and runs on CPU (onnxruntime inserts no fp16 "
-                                                   "kernels it lacks: slower than fp32 there); meant for CUDA/CANN")
+                quantization["cpu"] = ("loads and runs on CPU (onnxruntime inserts no fp16 kernels it lacks: "
+                                       "slower than fp32 there); meant for CUDA/CANN")
             manifest = source.manifest.replace(graphs=graphs, files=file_table(tmp), target=target,
                                                quantization=quantization)
             manifest.write(tmp)  # the runtime evaluates the staged package
@@ -222,9 +222,8 @@ def _quantize(package: Path | str, out: Path | str, options: QuantizeOptions | N
             report["table"] = table
             log(table)
             failures = options.thresholds.failures(report)
-            q = quantization
-            q.update({"report": report, "thresholds": options.thresholds.as_dict(), "passed": not failures,
-                      "seconds": round(time.perf_counter() - t_start, 3)})
+            quantization.update({"report": report, "thresholds": options.thresholds.as_dict(),
+                                 "passed": not failures, "seconds": round(time.perf_counter() - t_start, 3)})
             if failures:
                 raise QuantizeError(f"{recipe.name} is below the quality thresholds: " + "; ".join(failures)
                                     + "; nothing written")
@@ -232,7 +231,7 @@ def _quantize(package: Path | str, out: Path | str, options: QuantizeOptions | N
     finally:
         shutil.rmtree(work, ignore_errors=True)
     total = sum(f.bytes for f in manifest.files.values())
-    log(f"wrote {out} ({recipe.name}, {total / 1e6:.1f} MB) in {q['seconds']:.1f}s")
+    log(f"wrote {out} ({recipe.name}, {total / 1e6:.1f} MB) in {quantization['seconds']:.1f}s")
     return manifest
 
 
