@@ -53,3 +53,15 @@ def test_the_readme_table_is_the_declaration() -> None:
     start = text.index("<!-- limits: python -m glm_image_onnx.server.limits -->\n")
     table = text[start:text.index("<!-- end limits -->")].split("\n", 1)[1]
     assert table == L.markdown_table(Limits, ComponentLimits) + "\n"
+
+
+def test_triton_repo_flags_reach_the_python_models_config(tiny_package: Path, tmp_path: Path) -> None:
+    from glm_image_onnx.cli import main
+    from glm_image_onnx.server.triton_repo import read_config
+
+    out = tmp_path / "repo"
+    assert main(["triton-repo", str(tiny_package), str(out), "--no-components", "--max-side", "640",
+                 "--max-steps", "7"]) == 0
+    params = {k: v.string_value for k, v in read_config(out / "glm_image" / "config.pbtxt").parameters.items()}
+    assert L.from_parameters(Limits, params) == Limits(max_side=640, max_steps=7)  # what model.py reads back
+    assert main(["triton-repo", str(tiny_package), str(tmp_path / "bad"), "--max-steps", "0"]) == 2
