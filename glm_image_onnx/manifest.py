@@ -2,7 +2,7 @@
 which write it, and the runtime, the server and the quantiser, which read it.
 
 The schema is the dataclasses below. `Manifest.from_dict` reads a whole manifest into them and
-names the field of any error (`pipeline.grid.factor: expected an integer, got "x"`); `to_dict` is
+names the field of any error (`pipeline.grid.factor: expected an integer, got a string "x"`); `to_dict` is
 its inverse, and `write` checks what it writes by reading it back. Every key the exporter writes is
 a field here, and the comment beside each says who reads it; "info" is `glm-image-onnx info`, which
 shows a package's record to a person (sizes, checks, provenance). A key outside the schema is an
