@@ -46,8 +46,9 @@ EXPORT_MODULES: dict[str, tuple[str, ...]] = {
     "transformer": ("dit_decoder",),
     "vae": ("vae",),
 }
-# Files copied verbatim so that the runtime can tokenise without transformers.
-COPIED_FOLDERS = ("processor", "tokenizer", "scheduler")
+# Folders copied verbatim: those the package's file layout points into (the runtime tokenises from
+# them, without transformers), and the checkpoint's scheduler config, for reference.
+COPIED_FOLDERS = (*dict.fromkeys(Path(p).parts[0] for p in dataclasses.astuple(Layout())), "scheduler")
 
 
 class ExportError(RuntimeError):

@@ -30,7 +30,7 @@ class Limits:
     published model takes 512x512 .. 2048x2048, a toy package what its processor says."""
 
     max_side: int | None = bound(None, "largest height or width a request may ask (default: sqrt(max-pixels); "
-                                       "2048 for the published model)", minimum=32)
+                                       "2048 for the published model)", minimum=Grid().factor)  # one token
     max_pixels: int | None = bound(None, "largest height x width (default: max-side squared, else the package's "
                                          "processor config)", minimum=1024)
     min_pixels: int | None = bound(None, "smallest height x width (default: the package's processor config)")
