@@ -24,8 +24,10 @@ from typing import Any, Callable, Iterator
 from glm_image_onnx.errors import UsageError
 from glm_image_onnx.atomic import staged_folder
 from glm_image_onnx.manifest import (FORMAT, FORMAT_VERSION, Defaults, Generation, Grid, Layout, Manifest, Pipeline,
-                                     Source, Target, Tokens, Vae, file_table, read_graphs)
+                                     Source, Target, Tokens, Vae, file_table, read_graphs,
+                                     token_string_defaults)
 from glm_image_onnx.models.inspect import CheckpointInfo, inspect_checkpoint
+from glm_image_onnx.runtime.prompt import token_content
 from glm_image_onnx.targets import ELEMENT_TYPE, SHAPE_BUCKETS, check_dtype, get_target
 
 
@@ -134,7 +136,6 @@ def pipeline_config(info: CheckpointInfo) -> Pipeline:
     gen_path = root / "vision_language_encoder" / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
     latent_channels = vae["latent_channels"]
-    token_names = {f.name: f.default for f in dataclasses.fields(Tokens) if f.name.endswith("_token")}
     return Pipeline(
         tokens=Tokens(
             image_start_token_id=ar["image_start_token_id"],
@@ -143,7 +144,7 @@ def pipeline_config(info: CheckpointInfo) -> Pipeline:
             pad_token_id=text.get("pad_token_id"),
             codebook_size=ar["vq_config"]["num_embeddings"],
             vision_vocab_size=text["vision_vocab_size"],
-            **{k: _token(tok_cfg.get(k, default)) for k, default in token_names.items()},
+            **{k: token_content(tok_cfg.get(k, default)) for k, default in token_string_defaults().items()},
         ),
         generation=Generation(**{k: gen[k] for k in ("do_sample", "temperature", "top_p", "top_k") if k in gen}),
         scheduler=c["scheduler"],
@@ -158,11 +159,6 @@ def pipeline_config(info: CheckpointInfo) -> Pipeline:
         # GLM-Image's grid and the copied files' places: the schema's defaults
         grid=Grid(), defaults=Defaults(), tokenizers=layout,
     )
-
-
-def _token(value: Any) -> Any:
-    """A tokenizer config's token: a string, or an AddedToken record {"content": ...}."""
-    return value.get("content") if isinstance(value, dict) else value
 
 
 def _log(msg: str) -> None:

@@ -94,6 +94,11 @@ class Tokens:
     bos_token: str | None = None  # runtime.prompt (the image-start token that ends the prompt)
 
 
+def token_string_defaults() -> dict[str, str | None]:
+    """`Tokens`' special-token strings (named as in the tokenizer config) and their defaults."""
+    return {f.name: f.default for f in dataclasses.fields(Tokens) if f.name.endswith("_token")}
+
+
 @dataclass(frozen=True)
 class Generation:
     """The AR planner's sampling settings: the package's defaults (the checkpoint's

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from glm_image_onnx.runtime.prompt import token_content
+
 # `get_glyph_texts`: four patterns, concatenated in this order (not in order of appearance).
 _GLYPH_PATTERNS = (r"'([^']*)'", r"\u201c([^\u201c\u201d]*)\u201d", r'"([^"]*)"', r"「([^「」]*)」")
 
@@ -29,10 +31,6 @@ class _Added:
     id: int
     lstrip: bool
     rstrip: bool
-
-
-def _content(token) -> str | None:
-    return token.get("content") if isinstance(token, dict) else token
 
 
 @dataclass
@@ -72,8 +70,8 @@ class ByteTokenizer:
         if not added:
             return cls()
         default = cls()
-        pad = _content(cfg.get("pad_token", "<pad>"))
-        eos = _content(cfg.get("eos_token", "</s>"))
+        pad = token_content(cfg.get("pad_token", "<pad>"))
+        eos = token_content(cfg.get("eos_token", "</s>"))
         pad_id = added[pad].id if pad in added else default.pad_id
         eos_id = added[eos].id if eos in added else default.eos_id
         return cls(pad_id=pad_id, eos_id=eos_id, added=added)

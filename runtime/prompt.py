@@ -11,7 +11,6 @@ Steps, as transformers 5 does them for the pipeline's call:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +22,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from glm_image_onnx.manifest import Grid, Layout, Tokens
+from glm_image_onnx.manifest import Grid, Layout, Tokens, token_string_defaults
 
 
 class _Generation(Extension):
@@ -54,7 +53,8 @@ def _compile(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
-def _token(value: Any) -> str | None:
+def token_content(value: Any) -> str | None:
+    """A tokenizer config's token: a string, or an AddedToken record {"content": ...}."""
     return value.get("content") if isinstance(value, dict) else value
 
 
@@ -69,11 +69,10 @@ class PromptBuilder:
         proc_cfg = json.loads(processor_config.read_text()) if processor_config.exists() else {}
         self.template = _compile(self._find_template(Path(chat_template), tok_cfg, proc_cfg))
         # Every special token the tokenizer knows by name is a template variable (`special_tokens_map`).
-        self.special = {k: _token(v) for k, v in tok_cfg.items()
-                        if k.endswith("_token") and isinstance(_token(v), str)}
-        defaults = {f.name: f.default for f in dataclasses.fields(Tokens) if f.name.endswith("_token")}
+        self.special = {k: token_content(v) for k, v in tok_cfg.items()
+                        if k.endswith("_token") and isinstance(token_content(v), str)}
         names = {k: getattr(tokens, k) if tokens is not None else self.special.get(k, default)
-                 for k, default in defaults.items()}
+                 for k, default in token_string_defaults().items()}
         self.bos, self.image_token = names["bos_token"], names["image_token"]
         self.grid_bos, self.grid_eos = names["grid_bos_token"], names["grid_eos_token"]
         if self.bos is None:
