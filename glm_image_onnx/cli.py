@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from glm_image_onnx.models.presets import PRESETS
 from glm_image_onnx.provider_args import add_provider_arguments, provider_settings
 from glm_image_onnx.targets import TARGETS
 
@@ -215,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init-checkpoint", help="write a random GLM-Image checkpoint (diffusers layout)")
-    p.add_argument("--preset", default="tiny", help="tiny | bench | tiny-published | full (default: tiny)")
+    p.add_argument("--preset", default="tiny",
+                   help=f"{' | '.join(PRESETS)} (default: tiny; demo: the demo model's untrained start)")
     p.add_argument("--layers", type=int, metavar="N",
                    help="N layers in each stack (AR planner, vision encoder, glyph encoder, DiT)")
     p.add_argument("--seed", type=int, default=0)

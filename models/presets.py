@@ -149,7 +149,25 @@ TINY_PUBLISHED = Preset(
     published_layout=True,
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, BENCH, FULL, TINY_PUBLISHED)}
+# The demo model's sizes (`models/demo_train.py` trains it, `models/demo/` ships it): small enough to
+# train on a 2-core CPU, large enough to draw a legible word. The codebook's first 92 entries are
+# the demo scene's tokens (`models/demo_scene.py`); the vision tokenizer is not trained.
+DEMO = Preset(
+    name="demo",
+    ar=ArPlannerSizes(
+        hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=384,
+        codebook_size=96, vision_vocab_size=104, text_vocab_extra=0,
+        mrope_section=(4, 6, 6), partial_rotary_factor=1.0,
+        vision_hidden=32, vision_depth=1, vision_heads=2, vision_intermediate=64, vision_patch=16,
+        vq_embed_dim=32, max_position_embeddings=4096,
+    ),
+    dit=DitSizes(num_layers=4, num_heads=4, head_dim=32, time_embed_dim=64, condition_dim=32),
+    glyph=GlyphEncoderSizes(d_model=64, num_layers=2, num_heads=2, d_kv=32, d_ff=128),
+    vae=VaeSizes(block_out_channels=(16, 32, 64, 64), latent_channels=16, norm_num_groups=8,
+                 quant_convs=False, mid_attention=False, sample_size=256),
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (TINY, BENCH, FULL, TINY_PUBLISHED, DEMO)}
 
 
 def get_preset(name: str) -> Preset:

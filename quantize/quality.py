@@ -183,8 +183,9 @@ def ar_agreement(ref: Any, got: Any, prompts: Sequence[str], height: int, width:
 
 
 # ------------------------------------------------------------------------------------ end to end
-def _image_fixed(pipe: Any, prompt: str, prior: np.ndarray, latents: np.ndarray, height: int, width: int,
-                 steps: int, scale: float) -> np.ndarray:
+def image_fixed(pipe: Any, prompt: str, prior: np.ndarray, latents: np.ndarray, height: int, width: int,
+                steps: int, scale: float) -> np.ndarray:
+    """One image from `prior` tokens and initial `latents` (no AR planner): the DiT and VAE alone."""
     cond, uncond = pipe.encode_glyphs(prompt)
     lat, _ = pipe.denoise(latents.copy(), prompt_embeds=cond, negative_prompt_embeds=uncond, prior_token_ids=prior,
                           height=height, width=width, num_inference_steps=steps, guidance_scale=scale)
@@ -200,8 +201,8 @@ def end_to_end(ref: Any, got: Any, prompts: Sequence[str], priors: Sequence[np.n
     for k, (prompt, prior) in enumerate(zip(prompts, priors)):
         shape = (1, ref.latent_channels, height // ref.vae_scale, width // ref.vae_scale)
         latents = np.random.default_rng(seed + k).standard_normal(shape, dtype=np.float32)
-        a = _image_fixed(ref, prompt, prior, latents, height, width, steps, scale)
-        b = _image_fixed(got, prompt, prior, latents, height, width, steps, scale)
+        a = image_fixed(ref, prompt, prior, latents, height, width, steps, scale)
+        b = image_fixed(got, prompt, prior, latents, height, width, steps, scale)
         fixed.append({"psnr_db": psnr(a, b), "ssim": ssim(a, b), "nonfinite": int(np.size(b) - np.count_nonzero(np.isfinite(b)))})
         if free_running:
             kw = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=scale, seed=seed + k)

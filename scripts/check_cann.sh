@@ -9,6 +9,9 @@
 #     CPU fp32 package at fixed AR tokens and latents, the first 1024x1024 generation (graph compiles
 #     included) and a second one with another prompt (same buckets: nothing to compile), with AR
 #     ms/token, DiT ms/step and VAE time.
+#  3. The trained demo model (models/demo) exported for cann fp16 and fp32: scripts/check_demo.py draws
+#     its two smoke prompts on the NPU, saves the PNGs under $OUT_DIR/demo-images and reads them by OCR
+#     (apt-get install tesseract-ocr on the host, or read the PNGs elsewhere).
 # Needs the CANN toolkit onnxruntime-cann was built against (server/README.md, "Ascend") and its
 # environment: set ASCEND_TOOLKIT_HOME or keep the default /usr/local/Ascend/ascend-toolkit/latest.
 # Never run by CI (no NPU there). Usage: bash scripts/check_cann.sh [--quick]  (quick: 512x512)
@@ -46,3 +49,10 @@ for dtype in fp16 fp32; do .venv/bin/glm-image-onnx check "$OUT/bench-cann-$dtyp
 .venv-cann/bin/python -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.__file__, o.get_available_providers())"
 .venv-cann/bin/python scripts/check_device.py --provider cann --reference "$OUT/bench-cpu-fp32" \
     --packages "$OUT/bench-cann-fp16" "$OUT/bench-cann-fp32" "$@"
+for dtype in fp16 fp32; do
+  pkg="$OUT/demo-cann-$dtype"
+  [ -f "$pkg/manifest.json" ] || { log "export demo cann $dtype"
+    .venv/bin/glm-image-onnx export models/demo "$pkg" --target cann --dtype "$dtype" --overwrite 2>&1 | grep -E "wrote|error"; }
+done
+.venv-cann/bin/python scripts/check_demo.py --provider cann --images "$OUT/demo-images" \
+    --packages "$OUT/demo-cann-fp16" "$OUT/demo-cann-fp32"

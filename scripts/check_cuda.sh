@@ -6,6 +6,9 @@
 #     fallback): onnxruntime's own node placement per graph (its session log), the cache buffers'
 #     device, the image against the CPU fp32 package at fixed AR tokens and latents, and AR ms/token,
 #     DiT ms/step, end-to-end seconds at 1024x1024 with the AR weight-bandwidth floor.
+#  3. The trained demo model (models/demo) exported for cuda bf16 and fp16: scripts/check_demo.py draws
+#     its two smoke prompts on the GPU and saves the PNGs under $IMAGES_DIR (default $OUT_DIR/demo-images;
+#     on the lent machine set IMAGES_DIR=$OUT so they come back), read by OCR where tesseract exists.
 # Two ways to get there:
 #  - a host with a package index: .venv (scripts/setup.sh) exports, .venv-gpu gets onnxruntime-gpu
 #    with the CUDA and cuDNN wheels it needs (its [cuda,cudnn] extra) and the runtime without torch;
@@ -58,3 +61,10 @@ for dtype in bf16 fp16; do "${EXPORT[@]}" check "$OUT/bench-cuda-$dtype" --provi
 "$GPU_PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.__file__, o.get_available_providers())"
 "$GPU_PY" scripts/check_device.py --reference "$OUT/bench-cpu-fp32" \
     --packages "$OUT/bench-cuda-bf16" "$OUT/bench-cuda-fp16" ${ARGS[@]+"${ARGS[@]}"}
+for dtype in bf16 fp16; do
+  pkg="$OUT/demo-cuda-$dtype"
+  [ -f "$pkg/manifest.json" ] || { log "export demo cuda $dtype"
+    "${EXPORT[@]}" export models/demo "$pkg" --target cuda --dtype "$dtype" --overwrite 2>&1 | grep -E "wrote|error"; }
+done
+"$GPU_PY" scripts/check_demo.py --provider cuda --images "${IMAGES_DIR:-$OUT/demo-images}" \
+    --packages "$OUT/demo-cuda-bf16" "$OUT/demo-cuda-fp16"

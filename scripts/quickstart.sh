@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded default: a tiny random GLM-Image checkpoint, exported to
-# a verified ONNX package, served on loopback over gRPC (KServe v2 / Triton protocol) and HTTP, one
-# client request through the stock tritonclient that writes out/tiny.png, and one through the OpenAI
-# Images API over HTTP that writes out/tiny-http.png. Everything under ./out/.
+# The main job end to end on the embedded default: the trained demo GLM-Image (models/demo/, real
+# classes, 256x256 signs), exported to a verified ONNX package, served on loopback over gRPC (KServe
+# v2 / Triton protocol) and HTTP, one client request through the stock tritonclient that writes
+# out/demo.png, and one through the OpenAI Images API over HTTP that writes out/demo-http.png; then,
+# where tesseract is installed, what OCR reads on both. Everything under ./out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-rm -rf out/tiny-checkpoint out/tiny-onnx out/tiny.png out/tiny-http.png
+PROMPT="a red sign with white letters that says 'OPEN'"
+rm -rf out/demo-onnx out/demo.png out/demo-http.png
 mkdir -p out
-.venv/bin/glm-image-onnx init-checkpoint --preset tiny --seed 0 out/tiny-checkpoint
-.venv/bin/glm-image-onnx export out/tiny-checkpoint out/tiny-onnx --verify
+.venv/bin/glm-image-onnx export models/demo out/demo-onnx --verify
 # A free loopback port, then the server in the background (stopped on exit, drained by SIGTERM).
 free_port() { .venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PORT=$(free_port)
 HTTP_PORT=$(free_port)
-.venv/bin/glm-image-onnx serve out/tiny-onnx --host 127.0.0.1 --port "$PORT" --http-port "$HTTP_PORT" \
+.venv/bin/glm-image-onnx serve out/demo-onnx --host 127.0.0.1 --port "$PORT" --http-port "$HTTP_PORT" \
     > out/server.log 2>&1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
@@ -30,10 +31,16 @@ PY
   kill -0 $SERVER 2>/dev/null || { cat out/server.log >&2; exit 1; }
   sleep 0.5
 done
-.venv/bin/glm-image-onnx client --url "127.0.0.1:$PORT" --prompt "a shop sign that says 'OPEN'" \
-    --height 256 --width 256 --steps 8 --seed 0 --stream --out out/tiny.png
+.venv/bin/glm-image-onnx client --url "127.0.0.1:$PORT" --prompt "$PROMPT" \
+    --height 256 --width 256 --steps 20 --seed 0 --stream --out out/demo.png
 # The same request over HTTP, as any OpenAI Images API client sends it (the image comes back base64).
 curl -sS --fail-with-body "http://127.0.0.1:$HTTP_PORT/v1/images/generations" -H 'Content-Type: application/json' \
-    -d '{"prompt": "a shop sign that says '"'OPEN'"'", "size": "256x256", "steps": 8, "seed": 0}' \
-  | .venv/bin/python -c 'import base64, json, sys; open(sys.argv[1], "wb").write(base64.b64decode(json.load(sys.stdin)["data"][0]["b64_json"]))' out/tiny-http.png
-echo "images: out/tiny.png (gRPC), out/tiny-http.png (HTTP) (package: out/tiny-onnx, server log: out/server.log)"
+    -d '{"prompt": "a red sign with white letters that says '"'OPEN'"'", "size": "256x256", "steps": 20, "seed": 1}' \
+  | .venv/bin/python -c 'import base64, json, sys; open(sys.argv[1], "wb").write(base64.b64decode(json.load(sys.stdin)["data"][0]["b64_json"]))' out/demo-http.png
+echo "prompt: $PROMPT"
+echo "images: out/demo.png (gRPC), out/demo-http.png (HTTP) (package: out/demo-onnx, server log: out/server.log)"
+if command -v tesseract >/dev/null; then
+  .venv/bin/python -m glm_image_onnx.models.demo_scene out/demo.png out/demo-http.png
+else
+  echo "(apt-get install tesseract-ocr to have OCR read them back)"
+fi

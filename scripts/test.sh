@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup_triton.sh   # a real tritonserver for the Triton repository test
+bash scripts/setup_ocr.sh      # tesseract: the OCR oracle of the demo model tests
 exec .venv/bin/python -m pytest -q "$@"
