@@ -28,7 +28,7 @@ import random
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
