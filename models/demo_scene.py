@@ -76,6 +76,11 @@ def band_token(bg: str, fg: str) -> int:
     return 1 + len(NAMES) * NAMES.index(bg) + NAMES.index(fg)
 
 
+def upsample(grid: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour upsampling of a token grid (the preview's cells, the DiT's prior tokens)."""
+    return np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
+
+
 @dataclass(frozen=True)
 class Sign:
     word: str  # A..Z, MIN_LETTERS..MAX_LETTERS letters
@@ -103,8 +108,12 @@ class Sign:
     def ar_tokens(self, preview: int = 16) -> np.ndarray:
         """What the AR planner generates: the preview grid (the layout at preview cells), then the target grid."""
         layout = self.layout()
-        up = np.repeat(np.repeat(layout, preview // GRID, axis=0), preview // GRID, axis=1)
-        return np.concatenate([up.ravel(), layout.ravel()])
+        return np.concatenate([upsample(layout, preview // GRID).ravel(), layout.ravel()])
+
+    def prior_tokens(self) -> np.ndarray:
+        """The DiT's `prior_token_id` [1, 256] for this sign: the target grid upsampled 2x, as the
+        pipeline hands it over."""
+        return upsample(self.layout(), 2).reshape(1, -1)
 
     def render(self) -> Image.Image:
         font = ImageFont.load_default(size=FONT_SIZE)
@@ -227,7 +236,8 @@ def read_colours(image: Image.Image) -> tuple[str, str]:
     pixels nearly as far from it as the furthest (the strokes' cores, not their blended edges)."""
     band = _band(image)
     bg = np.median(band.reshape(-1, 3), axis=0)
-    row = band[CELL:2 * CELL].reshape(-1, 3)
+    text = (TEXT_ROW - BAND_ROWS[0]) * CELL
+    row = band[text:text + CELL].reshape(-1, 3)
     dist = np.linalg.norm(row - bg, axis=1)
     ink = row[dist >= 0.8 * np.quantile(dist, 0.995)]
     return nearest_colour(bg), nearest_colour(np.median(ink, axis=0))

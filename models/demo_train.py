@@ -400,8 +400,8 @@ def evaluate(work: Path, seed: int, n: int = 12) -> dict[str, float]:
         saved = torch.load(work / "dit.pt", weights_only=False)
         _loaded(pipe.transformer, saved["modules"]["ema"])
         _loaded(pipe.text_encoder, saved["modules"]["glyph"])
-        images = [pipe(p, prior_token_ids=torch.from_numpy(s.layout()).repeat_interleave(2, 0).repeat_interleave(2, 1)
-                       .reshape(1, -1), height=scene.SIZE, width=scene.SIZE, num_inference_steps=20,
+        images = [pipe(p, prior_token_ids=torch.from_numpy(s.prior_tokens()), height=scene.SIZE,
+                       width=scene.SIZE, num_inference_steps=20,
                        generator=torch.Generator().manual_seed(i)).images[0] for i, (p, s) in enumerate(bench)]
         out["dit_at_true_layout_exact_pct"], out["dit_step"] = exact(images), saved["step"]
     if (work / "ar.pt").exists():
