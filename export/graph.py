@@ -222,22 +222,40 @@ def run_onnx(spec: GraphSpec, path: Path, cases: list[dict[str, torch.Tensor]],
 
 def compare(spec: GraphSpec, cases: list[dict[str, torch.Tensor]], outputs: list[list[np.ndarray]],
             limit: float = MAX_RELATIVE_ERROR) -> dict[str, Any]:
-    """`spec.module` (PyTorch) on `cases` against the graph's `outputs` (run_onnx); worst error per output."""
+    """`spec.module` (PyTorch) on `cases` against the graph's `outputs` (run_onnx); worst error per output.
+
+    Passes only when every output in `spec.output_names` was compared on every case: no cases, a
+    result count other than the case count, or a case where PyTorch or onnxruntime returned another
+    number of outputs than `spec.output_names` is a failure, stated in `problems` (never a pass
+    over whatever `zip` happened to pair up)."""
     worst: dict[str, dict[str, float]] = {}
     shapes = []
-    for inputs, got in zip(cases, outputs):
+    problems = []
+    if not cases:
+        problems.append("no verification cases")
+    if not spec.output_names:
+        problems.append("no output names to compare")
+    if len(outputs) != len(cases):
+        problems.append(f"{len(outputs)} onnxruntime results for {len(cases)} cases")
+    for i, (inputs, got) in enumerate(zip(cases, outputs)):
         with torch.no_grad():
             ref = spec.module(*inputs.values())
         ref = ref if isinstance(ref, (tuple, list)) else (ref,)
         shapes.append({k: list(v.shape) for k, v in inputs.items()})
+        if not len(ref) == len(got) == len(spec.output_names):
+            problems.append(f"case {i}: PyTorch returned {len(ref)} outputs and onnxruntime {len(got)}, "
+                            f"expected {len(spec.output_names)} ({', '.join(spec.output_names)})")
         for name, r, g in zip(spec.output_names, ref, got):
             e = _errors(r.detach().numpy(), g)
             w = worst.setdefault(name, {"max_abs": 0.0, "max_rel": 0.0})
             w["max_abs"] = max(w["max_abs"], e["max_abs"])
             w["max_rel"] = max(w["max_rel"], e["max_rel"])
-    return {"cases": len(cases), "input_shapes": shapes, "outputs": worst,
-            "max_rel": max((w["max_rel"] for w in worst.values()), default=0.0),
-            "limit": limit, "passed": all(w["max_rel"] <= limit for w in worst.values())}
+    result = {"cases": len(cases), "input_shapes": shapes, "outputs": worst,
+              "max_rel": max((w["max_rel"] for w in worst.values()), default=0.0),
+              "limit": limit, "passed": not problems and all(w["max_rel"] <= limit for w in worst.values())}
+    if problems:
+        result["problems"] = problems
+    return result
 
 
 def share_external_data(paths: list[Path], data_name: str, min_bytes: int = 1024, align: int = 4096) -> Path:

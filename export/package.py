@@ -534,6 +534,9 @@ def _verified(spec: Any, path: Path, graph_mod: Any, seed: int, limit: float) ->
 def _passed(name: str, result: dict[str, Any], limit: float) -> dict[str, Any]:
     """`result` (graph.verify / graph.compare); ExportError naming the worst output above `limit`."""
     if not result["passed"]:
+        if result.get("problems"):  # compared nothing, or not every output (graph.compare)
+            raise ExportError(f"{name}: verification against PyTorch compared the wrong things: "
+                              + "; ".join(result["problems"]))
         worst = max(result["outputs"].items(), key=lambda kv: kv[1]["max_rel"])
         raise ExportError(f"{name}: output {worst[0]!r} differs from PyTorch by "
                           f"{worst[1]['max_rel']:.2e} relative (limit {limit:.0e})")

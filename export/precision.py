@@ -101,6 +101,7 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
                 keep_io_types=[n for n in io if n not in set(native_io)], disable_shape_infer=large,
                 op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops)),
                 node_block_list=sorted(blocked))
+        drop_half_round_trips(converted.graph)
         if dtype == "bf16":
             _fp16_to_bf16(converted.graph, originals)
         if provider is None:
@@ -137,6 +138,70 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
     if overflow is not None:
         info["fp16_range"] = overflow
     return info
+
+
+def drop_half_round_trips(graph: onnx.GraphProto) -> int:
+    """Remove the float16 round trips between fp32 nodes; returns how many consumers were rewired.
+
+    The converter gives every node it keeps fp32 a Cast to float16 after each output and a Cast back
+    to float32 before each input, also where one kept node feeds another (Pow -> ReduceMean -> the
+    eps Add -> Sqrt of a decomposed norm): such a value would pass through float16 anyway, and a
+    mean square beyond 65504 would come back inf. Wherever `Cast(to=float32)` reads the output of
+    `Cast(to=float16)` of a float32 tensor, its readers read that float32 tensor instead; Casts left
+    without readers go. Names a subgraph reads, and graph outputs, are left as they are."""
+    f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    outputs = {o.name for o in graph.output}
+    in_subgraphs: set[str] = set()
+
+    def subgraph_inputs(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            in_subgraphs.update(node.input)
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                            attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
+                    subgraph_inputs(sub)
+
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                        attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
+                subgraph_inputs(sub)
+
+    def cast_to(node: onnx.NodeProto) -> int | None:
+        if node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    producers = {o: n for n in graph.node for o in n.output}
+    replace: dict[str, str] = {}  # a float32 copy of a float16 copy -> the float32 original
+    for node in graph.node:
+        first = producers.get(node.input[0]) if node.input else None
+        if (cast_to(node) == f32 and first is not None and cast_to(first) == f16
+                and types.get(first.input[0]) == f32
+                and node.output[0] not in outputs and node.output[0] not in in_subgraphs):
+            replace[node.output[0]] = first.input[0]
+    rewired = 0
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in replace:
+                node.input[i] = replace[name]
+                rewired += 1
+    # Casts nothing reads any more (the float32 copies, and float16 copies only they read)
+    dropped: set[str] = set()
+    while True:
+        read = {i for n in graph.node for i in n.input} | outputs | in_subgraphs
+        keep = [n for n in graph.node if cast_to(n) is None or n.output[0] in read]
+        if len(keep) == len(graph.node):
+            break
+        dropped |= {n.output[0] for n in graph.node if cast_to(n) is not None and n.output[0] not in read}
+        del graph.node[:]
+        graph.node.extend(keep)
+    kept_info = [v for v in graph.value_info if v.name not in dropped]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
+    return rewired
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -11,6 +11,8 @@ No torch here: quantisation runs on a serving host.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import platform
 from pathlib import Path
@@ -156,21 +158,29 @@ def _reader(feeds: Sequence[dict[str, np.ndarray]]):
         def rewind(self) -> None:
             self._it = iter(feeds)
 
+        def set_range(self, start_index: int, end_index: int) -> None:
+            """quantize_static's `CalibStridedMinMax`: the next collection reads these feeds only."""
+            self._it = iter(feeds[start_index:end_index])
+
     return Reader()
 
 
-def saturating_int8_cpu() -> bool:
+def saturating_int8_cpu(cpuinfo: str | None = None, machine: str | None = None) -> bool:
     """True on an x86 CPU without VNNI (AVX2 only): onnxruntime's u8 x s8 kernels there add pairs
     of products in int16 (vpmaddubsw), which saturates with full-range 8-bit weights (tiny DiT:
     relative L2 6.8% instead of 0.5%). Weights are then quantised to 7 bits (`reduce_range`), as
-    onnxruntime advises for non-VNNI machines; recorded per graph (`weight_bits`)."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+    onnxruntime advises for non-VNNI machines; recorded per graph (`weight_bits`).
+    `cpuinfo` / `machine`: /proc/cpuinfo's text and platform.machine() (read here when None)."""
+    machine = platform.machine() if machine is None else machine
+    if machine.lower() not in ("x86_64", "amd64", "i686", "x86"):
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx2" in flags and not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
 def int8_dynamic(prepared: Path, dst: Path, per_channel: bool, op_types: Sequence[str]) -> dict[str, Any]:
@@ -198,8 +208,14 @@ def int8_static(prepared: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]
              "CalibMovingAverage": False}
     if method == CalibrationMethod.Percentile:
         extra["CalibPercentile"] = 99.999
+    if method != CalibrationMethod.MinMax:
+        # The histogram calibrators stack each tensor's values over all the inputs of one collection
+        # (np.asarray of a list): inputs of several shapes (the AR planner's prefill and decode
+        # steps) fail there. One input per collection; the histograms are merged across them.
+        extra["CalibStridedMinMax"] = 1
     reduce = saturating_int8_cpu()
-    with _quiet():
+    # (the histogram calibrators also print a line per collection to stdout)
+    with _quiet(), contextlib.redirect_stdout(io.StringIO()):
         quantize_static(str(prepared), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(op_types), per_channel=per_channel, reduce_range=reduce,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

@@ -366,12 +366,11 @@ def _int8_dynamic(o: QuantizeOptions, name: str, prepared: Path, dst: Path, work
     sample = Q.subsample(feeds, 16)
     for pc in (False, True):
         path = work / f"{name}.int8-{'pc' if pc else 'pt'}.onnx"
-        G.int8_dynamic(prepared, path, pc, op_types)
-        trials[pc] = (Q.graph_errors(prepared, path, sample, o.threads)["worst_rel_l2"], path)
+        made = G.int8_dynamic(prepared, path, pc, op_types)
+        trials[pc] = (Q.graph_errors(prepared, path, sample, o.threads)["worst_rel_l2"], path, made)
     best = choose_per_channel(trials[False][0], trials[True][0])
     G.save_model(onnx.load(str(trials[best][1])), dst)
-    settings = {"per_channel": best, "weight_type": "int8", "activations": "uint8, dynamic per tensor",
-                "op_types": op_types, "per_channel_choice": "auto",
+    settings = {**trials[best][2], "per_channel": best, "per_channel_choice": "auto",
                 "per_channel_rule": f"per-channel if its error is >= {PER_CHANNEL_MIN_GAIN:.0%} below per-tensor's",
                 "calibration_rel_l2": {"per_tensor": trials[False][0], "per_channel": trials[True][0]}}
     return settings

@@ -84,7 +84,7 @@ for ep in "${eps[@]}"; do
   log "$ep: $(".venv-$ep/bin/python" -c 'import onnxruntime as o, numpy as n; print("onnxruntime", o.__version__, "| numpy", n.__version__, "|", ", ".join(o.get_available_providers()))')"
   # -rs lists skips, -s shows what the tests print (the warnings and errors users would see).
   set +e
-  GLM_IMAGE_ONNX_EXPECT_EP=$ep GLM_IMAGE_ONNX_TEST_PACKAGE=$PWD/$PKG GLM_IMAGE_ONNX_TEST_REFERENCE=$PWD/$REF \
+  GLM_IMAGE_ONNX_NO_SILENT_SKIPS=1 GLM_IMAGE_ONNX_EXPECT_EP=$ep GLM_IMAGE_ONNX_TEST_PACKAGE=$PWD/$PKG GLM_IMAGE_ONNX_TEST_REFERENCE=$PWD/$REF \
     GLM_IMAGE_ONNX_TEST_TARGET_PACKAGE=$PWD/$BUILD/tiny-$ep \
     ".venv-$ep/bin/python" -m pytest -q -rs -s tests/test_providers_accelerated.py "$@"
   rc=$?

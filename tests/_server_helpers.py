@@ -64,6 +64,145 @@ def outputs(*names: str) -> list[Any]:
     return [tritonclient_grpc.InferRequestedOutput(n) for n in names]
 
 
+def finished(srv: ServerThread, model: str = "glm_image") -> int:
+    """Executions of `model` that ran to their end (its statistics' execution_count: a generation
+    stopped by a cancel or a deadline never counts). Tests compare it before and after."""
+    return srv.server.state.models[model].stats.execution_count
+
+
+def requests_total(srv: ServerThread, status: str, model: str = "glm_image") -> float:
+    """The server's glm_image_requests_total{model, status}, 0 before the label exists."""
+    value = srv.server.metrics.registry.get_sample_value("glm_image_requests_total",
+                                                         {"model": model, "status": status})
+    return value or 0.0
+
+
+def until(condition: Any, timeout_s: float = 60, what: str = "the condition") -> None:
+    """Poll `condition()` (a read of what the server reports) until it holds; fail after `timeout_s`."""
+    import time
+
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, f"timed out after {timeout_s}s waiting for {what}"
+        time.sleep(0.01)
+
+
+def next_progress(answers: Any, stage: str, timeout_s: float = 60) -> Any:
+    """Read a gRPC stream's (result, error) answers (a queue.Queue the stream callback fills) until a
+    progress response of `stage` ("ar" or "denoise"); returns that response's parameters."""
+    while True:
+        result, error = answers.get(timeout=timeout_s)
+        assert error is None, error
+        params = result.get_response().parameters
+        assert "progress_stage" in params, "the stream ended before its progress reached the stage"
+        if params["progress_stage"].string_param == stage:
+            return params
+
+
+class Run:
+    """One pipeline call of a generation, as the worker made it: the progress calls it got past."""
+
+    def __init__(self, prompt: str):
+        self.prompt = prompt
+        self.passed: list[tuple[str, int, int]] = []  # (stage, done, total) the server's callback let through
+        self.stopped = False  # the server's progress callback raised (a cancel or a deadline) and ended it
+
+    def last(self, stage: str) -> int:
+        """The last `stage` step ("ar": tokens, "denoise": steps) the generation went on from; 0 if none."""
+        return max((done for s, done, _ in self.passed if s == stage), default=0)
+
+    def total(self, stage: str) -> int:
+        return max((total for s, _, total in self.passed if s == stage), default=0)
+
+
+def streamed(stage: str, after: int = 1) -> Any:
+    """A `PipelineSteps` hold: the first `stage` step from `after` on whose progress a stream sends
+    (the server's own throttle of AR progress decides), so a client waiting for it does not wait on
+    the parked worker."""
+    from glm_image_onnx.server.inference import ar_throttled
+
+    def hold(prompt: str, s: str, done: int, total: int) -> bool:
+        sent: list[tuple] = []
+        ar_throttled(lambda *a: sent.append(a))(s, done, total)
+        return s == stage and done >= after and bool(sent)
+
+    return hold
+
+
+class PipelineSteps:
+    """The glm_image pipeline of an in-process server, watched step by step for the duration of a
+    `with`: the model's pipeline is wrapped so that every progress call a generation's worker makes
+    (stage "ar" per token, "denoise" per step) is recorded in `runs`, counting as passed once the
+    server's own callback (which raises when the request was cancelled or is past its deadline)
+    returned. That is the worker's work itself, not what a client was sent or what a metric says.
+
+    `hold(prompt, stage, done, total)`, if given, parks the worker right after the first step it
+    matches (its progress already sent to the client) until `release()`: a test then cancels at a
+    known step and lets the worker go on once the server has taken the cancel, with no race between
+    the cancel and the work finishing on its own. A parked worker waits at most `hold_timeout_s`.
+    With AR batching a generation's AR progress comes from the engine's thread: parked there, every
+    generation's AR planning waits (the DiT and VAE of the others go on)."""
+
+    def __init__(self, srv: ServerThread, hold: Any = None, hold_timeout_s: float = 120):
+        import threading
+
+        self.model = srv.server.state.models["glm_image"]
+        self.runs: list[Run] = []
+        self._hold = hold
+        self._hold_timeout_s = hold_timeout_s
+        self._lock = threading.Lock()
+        self.held = threading.Event()  # set once a worker reached the hold step (then parks after its progress)
+        self.held_at: tuple[str, int, int] | None = None  # (stage, done, total) where it parked
+        self._released = threading.Event()
+        self._original: Any = None
+
+    def run(self, prompt: str) -> Run:
+        """The one recorded generation of `prompt`."""
+        with self._lock:
+            found = [r for r in self.runs if r.prompt == prompt]
+        assert len(found) == 1, f"{len(found)} generations of {prompt!r} recorded"
+        return found[0]
+
+    def release(self) -> None:
+        self._released.set()
+
+    def __enter__(self) -> "PipelineSteps":
+        self._original = pipeline = self.model.pipeline
+        steps = self
+
+        class Watched:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(pipeline, name)
+
+            def __call__(self, prompt: Any, *args: Any, progress: Any = None, **kwargs: Any) -> Any:
+                run = Run(prompt)
+                with steps._lock:
+                    steps.runs.append(run)
+
+                def watched(stage: str, done: int, total: int) -> None:
+                    park = False
+                    if steps._hold is not None and not steps.held.is_set() and steps._hold(prompt, stage, done, total):
+                        park = True
+                        steps.held_at = (stage, done, total)
+                        steps.held.set()  # before its progress goes out: whoever sees that progress sees this
+                    try:
+                        if progress is not None:
+                            progress(stage, done, total)
+                    except BaseException:
+                        run.stopped = True
+                        raise
+                    run.passed.append((stage, done, total))
+                    if park:
+                        steps._released.wait(steps._hold_timeout_s)
+
+                return pipeline(prompt, *args, progress=watched, **kwargs)
+
+        self.model.pipeline = Watched()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._released.set()
+        self.model.pipeline = self._original
 
 
 class ServeProcess:
@@ -154,5 +293,6 @@ class ServeProcess:
             raise
 
 
-__all__ = ["Limits", "ServeProcess", "ServerThread", "free_port", "glm_inputs", "http", "outputs", "start_server",
-           "tensor", "tritonclient_grpc"]
+__all__ = ["Limits", "PipelineSteps", "Run", "ServeProcess", "ServerThread", "finished", "free_port", "glm_inputs",
+           "http", "next_progress", "outputs", "requests_total", "start_server", "streamed", "tensor",
+           "tritonclient_grpc", "until"]

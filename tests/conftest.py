@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
+pytest_plugins = ("skip_policy",)  # no silent skips (tests/skip_policy.py)
+
 if TYPE_CHECKING:
     from glm_image_onnx.server.app import ServerThread
 
@@ -37,11 +39,28 @@ def build_checkpoint(preset: Any, tmp_path_factory: pytest.TempPathFactory, name
 
 
 def build_package(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, name: str, **options: Any) -> Path:
-    """`checkpoint` exported (ExportOptions(**options)) into a fresh temporary folder."""
+    """`checkpoint` exported (ExportOptions(**options)) into a fresh temporary folder.
+
+    With GLM_IMAGE_ONNX_TEST_PACKAGE_CACHE=DIR (scripts/mutation_check.py sets it: many short pytest
+    runs of one unchanged exporter) a package is exported once into DIR, keyed by `name` and the
+    options (the test checkpoints are seeded, so the name stands for the checkpoint), and reused."""
+    import hashlib
+    import os
+    import shutil
+
     from glm_image_onnx.export.package import ExportOptions, export_package
 
     out = tmp_path_factory.mktemp("pkg") / name
+    cache = os.environ.get("GLM_IMAGE_ONNX_TEST_PACKAGE_CACHE")
+    key = hashlib.sha256(repr(sorted(options.items())).encode()).hexdigest()[:12]
+    cached = Path(cache, f"{name}-{key}") if cache else None
+    if cached is not None and cached.exists():
+        return cached
     export_package(checkpoint, out, ExportOptions(**options), log=lambda _: None)
+    if cached is not None:
+        partial = Path(f"{cached}.partial")
+        shutil.copytree(out, partial, dirs_exist_ok=True)
+        os.replace(partial, cached)
     return out
 
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 
 from conftest import manifest_of
 from glm_image_onnx.export import graph as graph_mod
+from glm_image_onnx.export import package as package_mod
 from glm_image_onnx.export.package import GRAPHS, ExportError, ExportOptions, export_package
 from glm_image_onnx.manifest import FORMAT, FORMAT_VERSION, sha256_file
 
@@ -23,8 +27,11 @@ def test_manifest_lists_every_graph_verified(tiny_package: Path) -> None:
     assert set(m["graphs"]) == set(GRAPHS)
     for name, g in m["graphs"].items():
         v = g["verify"]
-        assert v["passed"] and v["cases"] >= 3, name
-        assert v["max_rel"] < graph_mod.MAX_RELATIVE_ERROR, (name, v)
+        assert v["passed"] and v["cases"] >= 3 and "problems" not in v, name
+        # every output of the graph was compared, and each one's worst error is within the bound
+        assert set(v["outputs"]) == {o["name"] for o in g["outputs"]}, name
+        assert all(o["max_rel"] < graph_mod.MAX_RELATIVE_ERROR for o in v["outputs"].values()), (name, v)
+        assert v["max_rel"] == max(o["max_rel"] for o in v["outputs"].values()), name
         # verified at several distinct shapes, not only the export shape
         assert len({json.dumps(s, sort_keys=True) for s in v["input_shapes"]}) >= 3, name
     assert m["source"]["preset"] == "tiny"
@@ -57,7 +64,10 @@ def test_manifest_signatures_match_sessions(tiny_package: Path) -> None:
             assert [len(d["shape"]) for d in declared] == [len(a.shape) for a in actual], name
         # the batch axis is symbolic in every graph's first input
         assert any(isinstance(d, str) for d in g["inputs"][0]["shape"]), name
-        assert onnx.load(str(tiny_package / g["file"]), load_external_data=False).opset_import
+        # the default domain's opset is the one the export asked for, as the manifest states
+        opsets = {o.domain or "ai.onnx": o.version
+                  for o in onnx.load(str(tiny_package / g["file"]), load_external_data=False).opset_import}
+        assert opsets.get("ai.onnx") == g["opset"] == m["opset"] == graph_mod.OPSET, (name, opsets)
     p = m["pipeline"]
     assert p["vae"]["scale_factor"] == 8 and len(p["vae"]["latents_mean"]) == p["vae"]["latent_channels"]
     assert p["tokens"]["image_end_token_id"] == p["tokens"]["image_start_token_id"] + 1
@@ -127,6 +137,77 @@ def _check_external(spec: graph_mod.GraphSpec, tmp_path: Path) -> None:
     assert path.stat().st_size < 1_000_000  # weights live in the data file
     result = graph_mod.verify(spec, path)
     assert result["passed"], result
+
+
+def _measured_max_rel(spec: graph_mod.GraphSpec, path: Path, seed: int = 0) -> dict[str, float]:
+    """graph.verify's measure taken here, without graph.compare: a plain onnxruntime session and the
+    module on the same cases; per output, max |ref - got| / max |ref| over the cases."""
+    cases = spec.verify_inputs(torch.Generator().manual_seed(seed))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst: dict[str, float] = {}
+    for inputs in cases:
+        got = session.run(spec.output_names, {k: v.numpy() for k, v in inputs.items()})
+        with torch.no_grad():
+            ref = spec.module(*inputs.values())
+        ref = ref if isinstance(ref, (tuple, list)) else (ref,)
+        assert len(ref) == len(got) == len(spec.output_names)
+        for name, r, g in zip(spec.output_names, ref, got):
+            r64, g64 = r.numpy().astype(np.float64), np.asarray(g, np.float64)
+            worst[name] = max(worst.get(name, 0.0), float(np.abs(r64 - g64).max() / np.abs(r64).max()))
+    return worst
+
+
+def test_verify_reports_the_error_it_measures_and_fails_a_perturbed_graph(tmp_path: Path) -> None:
+    """graph.verify's numbers are the ones measured independently here; a graph whose weight is off
+    by 1e-2 of the weights' scale fails it, by the error measured here."""
+    torch.manual_seed(0)
+    spec = _affine_spec(64, 32)
+    path = tmp_path / "affine.onnx"
+    graph_mod.export_onnx(spec, path)
+    result = graph_mod.verify(spec, path)
+    mine = _measured_max_rel(spec, path)
+    assert set(result["outputs"]) == set(mine) == {"y"} and result["cases"] == 3
+    assert result["passed"] and max(mine.values()) < graph_mod.MAX_RELATIVE_ERROR
+    assert result["outputs"]["y"]["max_rel"] == pytest.approx(mine["y"], rel=1e-6, abs=1e-12)
+
+    model = onnx.load(str(path))
+    [weight] = [t for t in model.graph.initializer if numpy_helper.to_array(t).shape == (32, 64)
+                or numpy_helper.to_array(t).shape == (64, 32)]
+    w = numpy_helper.to_array(weight).copy()
+    w.flat[7] += 1e-2 * np.abs(w).max()
+    weight.CopyFrom(numpy_helper.from_array(w, weight.name))
+    bad = tmp_path / "perturbed.onnx"
+    onnx.save(model, str(bad))
+    result = graph_mod.verify(spec, bad)
+    mine = _measured_max_rel(spec, bad)
+    assert mine["y"] > graph_mod.MAX_RELATIVE_ERROR  # the perturbation is measurable
+    assert not result["passed"] and result["outputs"]["y"]["max_rel"] == pytest.approx(mine["y"], rel=1e-6)
+    with pytest.raises(ExportError, match=r"affine: output 'y' differs from PyTorch by .* relative \(limit 1e-04\)"):
+        package_mod._passed("affine", result, graph_mod.MAX_RELATIVE_ERROR)
+
+
+def test_compare_fails_when_it_compares_nothing_or_not_every_output() -> None:
+    """graph.compare passes only when every output was compared on every case."""
+    torch.manual_seed(0)
+    spec = _affine_spec(8, 4)
+    cases = spec.verify_inputs(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outputs = [[spec.module(*c.values()).numpy()] for c in cases]  # exactly PyTorch's: error 0
+    good = graph_mod.compare(spec, cases, outputs)
+    assert good["passed"] and good["max_rel"] == 0.0 and set(good["outputs"]) == {"y"} and "problems" not in good
+    for bad_spec, bad_cases, bad_outputs, problem in (
+            (spec, cases, [[] for _ in cases], "case 0: PyTorch returned 1 outputs and onnxruntime 0, expected 1 (y)"),
+            (spec, cases, outputs[:1], "1 onnxruntime results for 3 cases"),
+            (spec, cases, [o + o for o in outputs], "case 0: PyTorch returned 1 outputs and onnxruntime 2"),
+            (spec, [], [], "no verification cases"),
+            (replace(spec, output_names=["y", "z"]), cases, outputs, "expected 2 (y, z)"),
+            (replace(spec, output_names=[]), cases, outputs, "no output names to compare")):
+        result = graph_mod.compare(bad_spec, bad_cases, bad_outputs)
+        assert result["passed"] is False and any(problem in p for p in result["problems"]), (problem, result)
+    # the export stops on such a result, naming what went wrong
+    with pytest.raises(ExportError, match="affine: verification against PyTorch compared the wrong things: "
+                                          "no verification cases"):
+        package_mod._passed("affine", graph_mod.compare(spec, [], []), graph_mod.MAX_RELATIVE_ERROR)
 
 
 def test_external_data_written_past_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _server_helpers import glm_inputs, outputs, start_server, tritonclient_grpc as grpcclient
+from _server_helpers import (PipelineSteps, finished, glm_inputs, outputs, requests_total, start_server, streamed,
+                            tritonclient_grpc as grpcclient, until)
 from glm_image_onnx.runtime import ArBatching
 
 # Different seeds, sizes and sampling settings.
@@ -39,9 +40,19 @@ def test_concurrent_requests_share_ar_steps_and_keep_their_results(server) -> No
     alone = {name: _infer(server.url, fields) for name, fields in (("B", B), ("C", C))}
     assert alone["B"][2] == alone["C"][2] == 1
 
+    sent = streamed("ar")
+
+    def half_way(prompt: str, stage: str, done: int, total: int) -> bool:
+        """A's first AR token from half-way on whose progress the stream sends."""
+        return prompt == A["prompt"] and done >= total // 2 and sent(prompt, stage, done, total)
+
     events: queue.Queue = queue.Queue()
     shared: dict[str, tuple] = {}
-    with grpcclient.InferenceServerClient(server.url) as client:
+    engine = server.server.state.models["glm_image"].pipeline.ar_engine
+    before, cancelled = finished(server), requests_total(server, "CANCELLED")
+    # A's AR is parked (on the engine's thread) at its half-way token until the server has taken its
+    # cancel, then let go: it must leave the batch at its next token.
+    with PipelineSteps(server, hold=half_way) as steps, grpcclient.InferenceServerClient(server.url) as client:
         client.start_stream(callback=lambda result, error: events.put((result, error)))
         client.async_stream_infer("glm_image", glm_inputs(**A), request_id="A", outputs=outputs("tokens"))
         first = True
@@ -58,16 +69,23 @@ def test_concurrent_requests_share_ar_steps_and_keep_their_results(server) -> No
                     t.start()
             if params["progress_stage"].string_param == "ar" and done >= total // 2:
                 break
+        assert steps.held_at == ("ar", done, total)
         client.stop_stream(cancel_requests=True)  # A leaves the batch half-way
+        until(lambda: requests_total(server, "CANCELLED") == cancelled + 1, what="the server to take A's cancel")
+        steps.release()
         for t in threads:
             t.join(timeout=120)
+        assert server.server.state.admission.wait_idle(60)  # A's work really ended
     for name in ("B", "C"):
         tokens, image, rows = shared[name]
         np.testing.assert_array_equal(tokens, alone[name][0], err_msg=name)
         np.testing.assert_array_equal(image, alone[name][1], err_msg=name)
         assert rows >= 2, f"{name} decoded alone"
-    assert server.server.state.admission.wait_idle(60)  # A's work really ended
-    assert server.server.state.models["glm_image"].pipeline.ar_engine.active_rows == 0
+    a = steps.run(A["prompt"])
+    assert a.stopped and a.last("ar") == done < total, f"A went on after its cancel to token {a.last('ar')}/{total}"
+    assert a.last("denoise") == 0
+    assert finished(server) == before + 2  # B and C; A never completed
+    assert engine.active_rows == 0
     # the server goes on serving, and reports the batching
     assert _infer(server.url, B)[0].tolist() == alone["B"][0].tolist()
     metrics = server.server.metrics.text().decode()

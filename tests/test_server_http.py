@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _server_helpers import Limits, glm_inputs, http, outputs, start_server, tritonclient_grpc as grpcclient
+from _server_helpers import (Limits, PipelineSteps, finished, glm_inputs, http, outputs, requests_total, start_server,
+                            tritonclient_grpc as grpcclient, until)
 
 openai = pytest.importorskip("openai", reason="needs the test extra (openai)")
 httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http] (test extra)")
@@ -149,10 +150,14 @@ def test_tritonclient_http_infers_glm_image_and_glyph_encoder(server):
     with httpclient.InferenceServerClient(url) as c, grpcclient.InferenceServerClient(server.url) as g:
         assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("glm_image")
         assert c.get_server_metadata()["name"] == "glm-image-onnx"
-        assert c.get_model_metadata("glyph_encoder") == g.get_model_metadata("glyph_encoder", as_json=True) | {
-            "inputs": c.get_model_metadata("glyph_encoder")["inputs"],
-            "outputs": c.get_model_metadata("glyph_encoder")["outputs"]}
-        assert [t["shape"] for t in c.get_model_metadata("glyph_encoder")["inputs"]] == [[-1, -1], [-1, -1]]
+        over_http = c.get_model_metadata("glyph_encoder")
+        over_grpc = g.get_model_metadata("glyph_encoder", as_json=True)
+        for tensors in ("inputs", "outputs"):  # protobuf's JSON writes int64 dims as strings: the only difference
+            for t in over_grpc[tensors]:
+                t["shape"] = [int(d) for d in t["shape"]]
+        assert over_http == over_grpc
+        assert [t["shape"] for t in over_http["inputs"]] == [[-1, -1], [-1, -1]]
+        assert [t["name"] for t in over_http["outputs"]] == ["last_hidden_state"]
         config = c.get_model_config("glm_image")
         assert config["name"] == "glm_image" and config["parameters"]["ar_enabled"]["string_value"] == "true"
         assert {m["name"] for m in c.get_model_repository_index()} == set(server.server.state.models)
@@ -302,29 +307,32 @@ def _until(condition, attempts: int = 2000) -> bool:
     return any(condition() for _ in range(attempts))
 
 
-def _cancelled(server) -> float:
-    value = server.server.metrics.registry.get_sample_value("glm_image_requests_total",
-                                                            {"model": "glm_image", "status": "CANCELLED"})
-    return value or 0.0
-
-
 def test_a_client_leaving_mid_stream_stops_its_generation(server):
+    """The worker is parked after denoising step 1 (its progress line sent) until the server has taken
+    the disconnect, then let go: it must stop at step 2, and the generation never completes."""
     from http.client import HTTPConnection
 
-    before = _cancelled(server)
-    connection = HTTPConnection(server.http_url.removeprefix("http://"), timeout=60)
-    connection.request("POST", "/v1/images/generations", json.dumps(
-        {"prompt": "never finished", "size": "64x64", "stream": True, "steps": 100}).encode(),
-        {"Content-Type": "application/json"})
-    response = connection.getresponse()
-    assert response.status == 200 and response.headers["content-type"].startswith("text/event-stream")
-    for line in response:
-        if line.startswith(b": progress denoise"):
-            break
-    connection.sock.shutdown(2)  # gone, mid-denoising
-    connection.close()
-    assert server.server.state.admission.wait_idle(60), "the abandoned generation kept running"
-    assert _cancelled(server) == before + 1
+    before, cancelled = finished(server), requests_total(server, "CANCELLED")
+    with PipelineSteps(server, hold=lambda prompt, stage, done, total: stage == "denoise") as steps:
+        connection = HTTPConnection(server.http_url.removeprefix("http://"), timeout=60)
+        connection.request("POST", "/v1/images/generations", json.dumps(
+            {"prompt": "never finished", "size": "64x64", "stream": True, "steps": 100}).encode(),
+            {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response:
+            if line.startswith(b": progress denoise"):
+                break
+        assert line.startswith(b": progress denoise 1/100") and steps.held.is_set(), line
+        connection.sock.shutdown(2)  # gone, mid-denoising
+        connection.close()
+        until(lambda: requests_total(server, "CANCELLED") == cancelled + 1, what="the server to take the disconnect")
+        steps.release()
+        assert server.server.state.admission.wait_idle(60), "the abandoned generation kept running"
+    run = steps.run("never finished")
+    assert run.stopped and run.last("denoise") == 1 < run.total("denoise") == 100, \
+        f"{run.last('denoise')} steps run: the disconnect did not stop it"
+    assert finished(server) == before
     assert http("GET", server.http_url + "/v2/health/ready")[0] == 200
 
 

@@ -95,7 +95,7 @@ def test_image_equals_the_in_process_runtime(client, runtime):
 
 
 def test_parameters_work_like_inputs_and_outputs_are_selectable(client):
-    by_tensor = client.infer("glm_image", glm_inputs(prompt="a cat", **SMALL), outputs=outputs("image"))
+    by_tensor = client.infer("glm_image", glm_inputs(prompt="a cat", **SMALL), outputs=outputs("image", "tokens"))
     by_param = client.infer("glm_image", glm_inputs(prompt="a cat"), outputs=outputs("image"),
                             parameters={"height": 64, "width": 64, "steps": 2, "seed": 1234})
     assert [o.name for o in by_param.get_response().outputs] == ["image"]
@@ -103,8 +103,14 @@ def test_parameters_work_like_inputs_and_outputs_are_selectable(client):
     only_prompt_param = client.infer("glm_image", [], outputs=outputs("tokens"),
                                      parameters={"prompt": "a cat", "height": 64, "width": 64, "steps": 2,
                                                  "seed": 1234})
+    assert [o.name for o in only_prompt_param.get_response().outputs] == ["tokens"]
     assert only_prompt_param.as_numpy("image") is None
-    assert only_prompt_param.as_numpy("tokens").dtype == np.int64
+    tokens = only_prompt_param.as_numpy("tokens")
+    assert tokens.dtype == np.int64
+    np.testing.assert_array_equal(tokens, by_tensor.as_numpy("tokens"))  # the same prompt, size and seed
+    other_prompt = client.infer("glm_image", [], outputs=outputs("tokens"),
+                                parameters={"prompt": "a dog", "height": 64, "width": 64, "steps": 2, "seed": 1234})
+    assert not np.array_equal(other_prompt.as_numpy("tokens"), tokens)  # the prompt parameter is what it planned
 
 
 def test_image_to_image_over_grpc_equals_runtime(client, runtime):

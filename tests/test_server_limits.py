@@ -28,17 +28,16 @@ def test_flags_give_the_declared_defaults_and_units() -> None:
     assert (limits.max_image_bytes, limits.max_side, limits.max_guidance) == (2 << 20, 512, 7.5)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--max-side", "16"], "--max-side must be >= 32, got 16"),
-    (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
-    (["--max-guidance", "-1"], "--max-guidance must be >= 0, got -1.0"),
-    (["--max-axis-size", "0"], "--max-axis-size must be >= 1, got 0"),
+@pytest.mark.parametrize("argv, owner, message", [
+    (["--max-side", "16"], Limits, "--max-side must be >= 32, got 16"),
+    (["--max-steps", "0"], Limits, "--max-steps must be >= 1, got 0"),
+    (["--max-guidance", "-1"], Limits, "--max-guidance must be >= 0, got -1.0"),
+    (["--max-axis-size", "0"], ComponentLimits, "--max-axis-size must be >= 1, got 0"),
 ])
-def test_a_bound_below_its_minimum_names_the_flag(argv: list[str], message: str) -> None:
+def test_a_bound_below_its_minimum_names_the_flag(argv: list[str], owner: type, message: str) -> None:
     args = _parser().parse_args(argv)
     with pytest.raises(ValueError, match=f"^{message}$"):
-        L.from_arguments(args, Limits)
-        L.from_arguments(args, ComponentLimits)
+        L.from_arguments(args, owner)
 
 
 def test_model_config_parameters_round_trip() -> None:

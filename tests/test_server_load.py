@@ -4,6 +4,7 @@ reflection, metrics, and a SIGTERM drain of the real `glm-image-onnx serve` proc
 from __future__ import annotations
 
 import queue
+import re
 import signal
 import threading
 import urllib.request
@@ -13,13 +14,15 @@ import grpc
 import numpy as np
 import pytest
 
-from _server_helpers import (Limits, ServeProcess, glm_inputs, outputs, start_server, tensor,
-                            tritonclient_grpc as grpcclient)
+from _server_helpers import (Limits, PipelineSteps, ServeProcess, finished, glm_inputs, next_progress, outputs,
+                            requests_total, start_server, streamed, tensor, tritonclient_grpc as grpcclient, until)
 from tritonclient.utils import InferenceServerException
 
 # 256x256 on the tiny preset takes ~10 ms per denoising step: LONG runs for a minute if not stopped.
 LONG = dict(prompt="a long one", height=256, width=256, steps=5000, seed=1)
 SMALL = dict(prompt="a short one", height=64, width=64, steps=2, seed=1)
+# Parked at a known step until its cancel is taken (PipelineSteps): no race, so it need not be long.
+WATCHED = dict(prompt="a watched one", height=256, width=256, steps=300, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +34,15 @@ def busy_server(tiny_package: Path):
     srv.stop()
 
 
-def _finished(srv) -> int:
-    """glm_image generations that ran to their end (a cancelled one never counts)."""
-    return srv.server.state.models["glm_image"].stats.execution_count
+def _failed(client) -> int:
+    stats = client.get_inference_statistics("glm_image", as_json=True)["model_stats"][0]
+    return int(stats["inference_stats"].get("fail", {}).get("count", 0))
 
 
 def test_over_the_limit_is_resource_exhausted_and_cancel_stops_the_work(busy_server):
     with grpcclient.InferenceServerClient(busy_server.url) as client:
         done: queue.Queue = queue.Queue()
-        finished = _finished(busy_server)
+        before = finished(busy_server)
         call = client.async_infer("glm_image", glm_inputs(**LONG), callback=lambda result, error: done.put(error))
         assert busy_server.server.state.admission.wait_for_in_flight(1, 60), "the long request was not admitted"
         with pytest.raises(InferenceServerException) as info:
@@ -53,43 +56,85 @@ def test_over_the_limit_is_resource_exhausted_and_cancel_stops_the_work(busy_ser
         error = done.get(timeout=60)
         assert "CANCELLED" in str(error.status())
         assert busy_server.server.state.admission.wait_idle(60), "the cancelled work did not stop"
-        assert _finished(busy_server) == finished  # stopped between steps, not after its 5000
+        assert finished(busy_server) == before  # stopped between steps, not after its 5000
         assert client.infer("glm_image", glm_inputs(**SMALL), outputs=outputs("image")).as_numpy("image") is not None
 
 
 def test_client_deadline_stops_the_work(busy_server):
     with grpcclient.InferenceServerClient(busy_server.url) as client:
-        finished = _finished(busy_server)
+        before, failed = finished(busy_server), _failed(client)
         with pytest.raises(InferenceServerException) as info:
             client.infer("glm_image", glm_inputs(**LONG), client_timeout=0.5)
         assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
         assert busy_server.server.state.admission.wait_idle(60), "the expired work did not stop"
-        assert _finished(busy_server) == finished  # stopped between steps, not after its 5000
-        stats = client.get_inference_statistics("glm_image", as_json=True)["model_stats"][0]
-        assert int(stats["inference_stats"]["fail"]["count"]) >= 1
+        assert finished(busy_server) == before  # stopped between steps, not after its 5000
+        assert _failed(client) == failed + 1  # this request, counted once
 
 
 def test_cancelled_stream_stops_the_work(busy_server):
-    with grpcclient.InferenceServerClient(busy_server.url) as client:
-        progress: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: progress.put((result, error)))
-        client.async_stream_infer("glm_image", glm_inputs(**LONG), request_id="long")
-        progress.get(timeout=20)  # the first progress response: the work is running
+    """The worker is parked after denoising step 1 (its progress sent) until the server has taken the
+    client's cancel, then let go: it must stop at step 2's check, and the generation never completes."""
+    before, cancelled = finished(busy_server), requests_total(busy_server, "CANCELLED")
+    steps = PipelineSteps(busy_server, hold=streamed("denoise"))
+    with steps, grpcclient.InferenceServerClient(busy_server.url) as client:
+        answers: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer("glm_image", glm_inputs(**WATCHED), request_id="long")
+        assert next_progress(answers, "denoise")["progress_done"].int64_param == 1  # running, parked after step 1
+        assert steps.held.is_set()
         client.stop_stream(cancel_requests=True)
+        until(lambda: requests_total(busy_server, "CANCELLED") == cancelled + 1, what="the server to take the cancel")
+        steps.release()
         assert busy_server.server.state.admission.wait_idle(60), "the stream's work did not stop"
+    run = steps.run(WATCHED["prompt"])
+    assert run.total("denoise") == WATCHED["steps"]
+    assert run.stopped and run.last("denoise") == 1, f"{run.last('denoise')} steps run: the cancel was not seen"
+    assert finished(busy_server) == before
+
+
+def _scrape(srv) -> tuple[str, dict[tuple[str, tuple], float]]:
+    """The /metrics page of the exporter (--metrics-port), as text and as {(sample, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{srv.server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    return text, samples
 
 
 def test_metrics_endpoint(busy_server):
+    """One refused, one cancelled and one served request, each counted once on the exporter's page."""
+    _, before = _scrape(busy_server)
     with grpcclient.InferenceServerClient(busy_server.url) as client:
+        done: queue.Queue = queue.Queue()
+        call = client.async_infer("glm_image", glm_inputs(**LONG), callback=lambda result, error: done.put(error))
+        assert busy_server.server.state.admission.wait_for_in_flight(1, 60), "the long request was not admitted"
+        running, samples = _scrape(busy_server)
+        assert samples[("glm_image_requests_in_flight", ())] == 1
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("glm_image", glm_inputs(**SMALL))
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        call.cancel()
+        assert "CANCELLED" in str(done.get(timeout=60).status())
+        assert busy_server.server.state.admission.wait_idle(60), "the cancelled work did not stop"
         client.infer("glm_image", glm_inputs(**SMALL))
-    url = f"http://127.0.0.1:{busy_server.server.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    assert 'glm_image_requests_total{model="glm_image",status="OK"}' in text
+    text, after = _scrape(busy_server)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    glm = dict(model="glm_image")
     assert 'glm_image_requests_total{model="glm_image",status="RESOURCE_EXHAUSTED"}' in text
-    assert 'glm_image_compute_duration_seconds_count{model="glm_image",stage="dit"}' in text
-    assert 'glm_image_queue_duration_seconds_count{model="glm_image"}' in text
-    assert "glm_image_requests_in_flight 0.0" in text
-    assert "glm_image_server_ready 1.0" in text
+    assert {status: delta("glm_image_requests_total", **glm, status=status)
+            for status in ("OK", "RESOURCE_EXHAUSTED", "CANCELLED")} == {"OK": 1, "RESOURCE_EXHAUSTED": 1,
+                                                                         "CANCELLED": 1}
+    assert delta("glm_image_request_duration_seconds_count", **glm) == 3
+    assert delta("glm_image_compute_duration_seconds_count", **glm, stage="dit") == 1  # the one that finished
+    assert delta("glm_image_queue_duration_seconds_count", **glm) == 2  # the two that reached a worker
+    assert after[("glm_image_requests_in_flight", ())] == 0
+    assert after[("glm_image_server_ready", ())] == 1
 
 
 def test_dynamic_batching_merges_concurrent_requests(tiny_package: Path):
@@ -152,15 +197,17 @@ def test_health_while_loading_then_serving_and_reflection(tiny_package: Path):
 def test_sigterm_drains_in_flight_requests(tiny_package: Path, tmp_path: Path):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    server = ServeProcess(tiny_package, "--no-verify", "--max-steps", "100000", "--drain-timeout", "60",
+    server = ServeProcess(tiny_package, "--no-verify", "--max-steps", "100000", "--drain-timeout", "120",
                           log_path=tmp_path / "serve.log")
     try:
         server.wait_ready()
         with grpcclient.InferenceServerClient(server.url) as client:
             done: queue.Queue = queue.Queue()
-            client.async_infer("glm_image", glm_inputs(**{**LONG, "steps": 120}), outputs=outputs("image"),
+            # 1000 denoising steps at 256x256: several seconds of work (~5 ms a step on a fast CPU) after
+            # it is admitted, against the few milliseconds the signal and the checks below take
+            client.async_infer("glm_image", glm_inputs(**{**LONG, "steps": 1000}), outputs=outputs("image"),
                                callback=lambda result, error: done.put((result, error)))
-            server.wait_in_flight(1)  # admitted; it then runs ~2 s (AR plan + 120 steps)
+            server.wait_in_flight(1)  # the server's own gauge: admitted
             server.signal(signal.SIGTERM)
             server.wait_for_log("draining")
             with grpc.insecure_channel(server.url) as channel:
@@ -170,7 +217,9 @@ def test_sigterm_drains_in_flight_requests(tiny_package: Path, tmp_path: Path):
             with pytest.raises(InferenceServerException) as info:
                 client.infer("glm_image", glm_inputs(**SMALL))
             assert info.value.status() == "StatusCode.UNAVAILABLE"
-            result, error = done.get(timeout=60)
+            assert re.search("draining|shutting down", info.value.message()), info.value.message()
+            assert server.in_flight() == 1, "the request was no longer in flight while the drain was checked"
+            result, error = done.get(timeout=120)
             assert error is None, error
             assert result.as_numpy("image").shape == (256, 256, 3)
     finally:
