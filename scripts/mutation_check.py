@@ -133,7 +133,7 @@ def _pytest(tests: tuple[str, ...], cache: Path | None) -> tuple[int, list[str],
     env.pop("GLM_IMAGE_ONNX_TEST_PACKAGE_CACHE", None)
     if cache is not None:
         env["GLM_IMAGE_ONNX_TEST_PACKAGE_CACHE"] = str(cache)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:randomly", *tests],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:randomly", *tests],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, re.M)
     return proc.returncode, failed, proc.stdout[-2000:] + proc.stderr[-1000:]
