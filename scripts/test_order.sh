@@ -13,7 +13,7 @@ status=0
 cache=$(mktemp -d)
 trap 'rm -rf "$cache"' EXIT
 for file in tests/test_*.py; do
-  if GLM_IMAGE_ONNX_TEST_PACKAGE_CACHE=$cache .venv/bin/python -m pytest -q -x "$file" > /tmp/test_order.log 2>&1; then
+  if GLM_IMAGE_ONNX_TEST_PACKAGE_CACHE=$cache timeout 1200 .venv/bin/python -m pytest -q -x -o faulthandler_timeout=300 "$file" > /tmp/test_order.log 2>&1; then
     echo "alone: $file passed ($(tail -1 /tmp/test_order.log))"
   else
     echo "alone: $file FAILED"; tail -30 /tmp/test_order.log; status=1

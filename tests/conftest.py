@@ -58,10 +58,54 @@ def build_package(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, na
         return cached
     export_package(checkpoint, out, ExportOptions(**options), log=lambda _: None)
     if cached is not None:
-        partial = Path(f"{cached}.partial")
-        shutil.copytree(out, partial, dirs_exist_ok=True)
-        os.replace(partial, cached)
+        partial = Path(f"{cached}.{os.getpid()}.partial")
+        shutil.copytree(out, partial)
+        try:
+            os.replace(partial, cached)
+        except OSError:  # another pytest process cached it first
+            shutil.rmtree(partial, ignore_errors=True)
     return out
+
+
+def measured_errors(spec: Any, path: Path, seed: int = 0) -> dict[str, float]:
+    """graph.verify's worst error per output, measured in the test without graph.compare: the graph
+    run by graph.run_onnx on verify's cases against the module called directly; max |ref - got| /
+    max |ref| for floats, the share of differing values for integers."""
+    import numpy as np
+    import torch
+
+    from glm_image_onnx.export import graph
+
+    cases = spec.verify_inputs(torch.Generator().manual_seed(seed))
+    worst: dict[str, float] = {}
+    for inputs, got in zip(cases, graph.run_onnx(spec, path, cases), strict=True):
+        with torch.no_grad():
+            ref = spec.module(*inputs.values())
+        ref = ref if isinstance(ref, (tuple, list)) else (ref,)
+        assert len(ref) == len(got) == len(spec.output_names), spec.name
+        for name, r, g in zip(spec.output_names, ref, got):
+            r, g = r.numpy(), np.asarray(g)
+            assert r.shape == g.shape, name
+            if r.dtype.kind in "iub":
+                err = float(np.mean(r != g))
+            else:
+                r64, g64 = r.astype(np.float64), g.astype(np.float64)
+                err = float(np.abs(r64 - g64).max() / np.abs(r64).max())
+            worst[name] = max(worst.get(name, 0.0), err)
+    return worst
+
+
+def assert_verify_numbers(spec: Any, path: Path, result: dict[str, Any]) -> None:
+    """graph.verify's `result` covers every output, with the errors measured here, within its bound."""
+    import pytest
+
+    from glm_image_onnx.export import graph
+
+    mine = measured_errors(spec, path)
+    assert set(result["outputs"]) == set(mine) == set(spec.output_names), (spec.name, result["outputs"])
+    assert max(mine.values()) < graph.MAX_RELATIVE_ERROR, (spec.name, mine)
+    for name, value in mine.items():
+        assert result["outputs"][name]["max_rel"] == pytest.approx(value, rel=1e-3, abs=1e-9), (spec.name, name)
 
 
 def manifest_of(package: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from conftest import assert_verify_numbers, measured_errors
 from glm_image_onnx.export import ar_planner, graph, vision_tokenizer
 from glm_image_onnx.models.ar_wrappers import ArPlannerDecoder
 from glm_image_onnx.manifest import Grid
@@ -74,42 +75,10 @@ def alt_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
 
 # --- export + verify ------------------------------------------------------------------------------
 
-def _measured(spec: Any, path: Path, seed: int = 0) -> dict[str, float]:
-    """graph.verify's worst error per output, measured here on the same cases without graph.compare:
-    onnxruntime's outputs (graph.run_onnx, the cache bound in place as the runtime binds it) against
-    the module called directly; max |ref - got| / max |ref| for floats, the share of ids that differ."""
-    cases = spec.verify_inputs(torch.Generator().manual_seed(seed))
-    worst: dict[str, float] = {}
-    for inputs, got in zip(cases, graph.run_onnx(spec, path, cases), strict=True):
-        with torch.no_grad():
-            ref = spec.module(*inputs.values())
-        ref = ref if isinstance(ref, (tuple, list)) else (ref,)
-        assert len(ref) == len(got) == len(spec.output_names), spec.name
-        for name, r, g in zip(spec.output_names, ref, got):
-            r, g = r.numpy(), np.asarray(g)
-            assert r.shape == g.shape, name
-            if r.dtype.kind in "iub":
-                err = float(np.mean(r != g))
-            else:
-                r64, g64 = r.astype(np.float64), g.astype(np.float64)
-                err = float(np.abs(r64 - g64).max() / np.abs(r64).max())
-            worst[name] = max(worst.get(name, 0.0), err)
-    return worst
-
-
-def _check_numbers(spec: Any, path: Path, result: dict) -> None:
-    """verify's result covers every output, with the errors measured here, within the bound."""
-    mine = _measured(spec, path)
-    assert set(result["outputs"]) == set(mine) == set(spec.output_names), (spec.name, result["outputs"])
-    assert max(mine.values()) < graph.MAX_RELATIVE_ERROR, (spec.name, mine)
-    for name, value in mine.items():
-        assert result["outputs"][name]["max_rel"] == pytest.approx(value, rel=1e-3, abs=1e-9), (spec.name, name)
-
-
 def _check_verified(graphs: dict, model: Any) -> None:
     spec, path, result = graphs["ar_planner"]
     assert result["passed"] and result["max_rel"] < graph.MAX_RELATIVE_ERROR, result
-    _check_numbers(spec, path, result)
+    assert_verify_numbers(spec, path, result)
     assert result["cases"] >= 3
     # verified at batch 1 and 2 and at several cache capacities, none of it the export shape
     capacities = {s["past_key_values.0.key"][2] for s in result["input_shapes"]}
@@ -140,8 +109,8 @@ def _check_verified(graphs: dict, model: Any) -> None:
 
     spec, path, result = graphs["vision_tokenizer"]
     assert result["passed"] and result["max_rel"] == 0.0, result  # int ids: exact
-    _check_numbers(spec, path, result)
-    assert _measured(spec, path) == {"image_ids": 0.0}
+    assert_verify_numbers(spec, path, result)
+    assert measured_errors(spec, path) == {"image_ids": 0.0}
     assert len({tuple(s["pixel_values"]) for s in result["input_shapes"]}) >= 3
     sig = graph.signature(path)
     assert [(i["name"], i["dtype"]) for i in sig["inputs"]] == [("pixel_values", "float32"),

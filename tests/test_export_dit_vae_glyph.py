@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from conftest import assert_verify_numbers
 from glm_image_onnx.export import dit_decoder, glyph_encoder, graph, vae
 from glm_image_onnx.models import components
 from glm_image_onnx.models.dit_wrappers import DitConditionWrite, DitDecoder
@@ -92,30 +93,10 @@ def alt_graphs(alt_models: dict[str, Any], tmp_path_factory: pytest.TempPathFact
     return _export_all(alt_models, tmp_path_factory.mktemp("dvg-alt"))
 
 
-def _measured(spec: graph.GraphSpec, path: Path, seed: int = 0) -> dict[str, float]:
-    """graph.verify's worst error per output, measured here on the same cases without graph.compare:
-    onnxruntime's outputs (graph.run_onnx) against the module called directly, `_rel` per case."""
-    cases = spec.verify_inputs(torch.Generator().manual_seed(seed))
-    worst: dict[str, float] = {}
-    for inputs, got in zip(cases, graph.run_onnx(spec, path, cases), strict=True):
-        with torch.no_grad():
-            ref = spec.module(*inputs.values())
-        ref = ref if isinstance(ref, (tuple, list)) else (ref,)
-        assert len(ref) == len(got) == len(spec.output_names), spec.name
-        for name, r, g in zip(spec.output_names, ref, got):
-            worst[name] = max(worst.get(name, 0.0), _rel(r, g))
-    return worst
-
-
 def _check_verified(spec: graph.GraphSpec, path: Path) -> None:
     result = graph.verify(spec, path)
     assert result["passed"] and result["max_rel"] < graph.MAX_RELATIVE_ERROR, result
-    # its numbers are the ones measured here, for every output, within the bound
-    mine = _measured(spec, path)
-    assert set(result["outputs"]) == set(mine) == set(spec.output_names), (spec.name, result["outputs"])
-    assert max(mine.values()) < graph.MAX_RELATIVE_ERROR, (spec.name, mine)
-    for name, value in mine.items():
-        assert result["outputs"][name]["max_rel"] == pytest.approx(value, rel=1e-3, abs=1e-9), (spec.name, name)
+    assert_verify_numbers(spec, path, result)  # its numbers are the ones measured here
     shapes = {json.dumps(s, sort_keys=True) for s in result["input_shapes"]}
     example = json.dumps({k: list(v.shape) for k, v in spec.example_inputs.items()}, sort_keys=True)
     assert len(shapes) >= 3 and example not in shapes

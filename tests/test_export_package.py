@@ -14,7 +14,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import manifest_of
+from conftest import manifest_of, measured_errors
 from glm_image_onnx.export import graph as graph_mod
 from glm_image_onnx.export import package as package_mod
 from glm_image_onnx.export.package import GRAPHS, ExportError, ExportOptions, export_package
@@ -139,24 +139,6 @@ def _check_external(spec: graph_mod.GraphSpec, tmp_path: Path) -> None:
     assert result["passed"], result
 
 
-def _measured_max_rel(spec: graph_mod.GraphSpec, path: Path, seed: int = 0) -> dict[str, float]:
-    """graph.verify's measure taken here, without graph.compare: a plain onnxruntime session and the
-    module on the same cases; per output, max |ref - got| / max |ref| over the cases."""
-    cases = spec.verify_inputs(torch.Generator().manual_seed(seed))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst: dict[str, float] = {}
-    for inputs in cases:
-        got = session.run(spec.output_names, {k: v.numpy() for k, v in inputs.items()})
-        with torch.no_grad():
-            ref = spec.module(*inputs.values())
-        ref = ref if isinstance(ref, (tuple, list)) else (ref,)
-        assert len(ref) == len(got) == len(spec.output_names)
-        for name, r, g in zip(spec.output_names, ref, got):
-            r64, g64 = r.numpy().astype(np.float64), np.asarray(g, np.float64)
-            worst[name] = max(worst.get(name, 0.0), float(np.abs(r64 - g64).max() / np.abs(r64).max()))
-    return worst
-
-
 def test_verify_reports_the_error_it_measures_and_fails_a_perturbed_graph(tmp_path: Path) -> None:
     """graph.verify's numbers are the ones measured independently here; a graph whose weight is off
     by 1e-2 of the weights' scale fails it, by the error measured here."""
@@ -165,7 +147,7 @@ def test_verify_reports_the_error_it_measures_and_fails_a_perturbed_graph(tmp_pa
     path = tmp_path / "affine.onnx"
     graph_mod.export_onnx(spec, path)
     result = graph_mod.verify(spec, path)
-    mine = _measured_max_rel(spec, path)
+    mine = measured_errors(spec, path)
     assert set(result["outputs"]) == set(mine) == {"y"} and result["cases"] == 3
     assert result["passed"] and max(mine.values()) < graph_mod.MAX_RELATIVE_ERROR
     assert result["outputs"]["y"]["max_rel"] == pytest.approx(mine["y"], rel=1e-6, abs=1e-12)
@@ -179,7 +161,7 @@ def test_verify_reports_the_error_it_measures_and_fails_a_perturbed_graph(tmp_pa
     bad = tmp_path / "perturbed.onnx"
     onnx.save(model, str(bad))
     result = graph_mod.verify(spec, bad)
-    mine = _measured_max_rel(spec, bad)
+    mine = measured_errors(spec, bad)
     assert mine["y"] > graph_mod.MAX_RELATIVE_ERROR  # the perturbation is measurable
     assert not result["passed"] and result["outputs"]["y"]["max_rel"] == pytest.approx(mine["y"], rel=1e-6)
     with pytest.raises(ExportError, match=r"affine: output 'y' differs from PyTorch by .* relative \(limit 1e-04\)"):
