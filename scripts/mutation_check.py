@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 600  # one mutation's test run
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,11 @@ def _pytest(tests: tuple[str, ...], cache: Path | None) -> tuple[int, list[str],
     env.pop("GLM_IMAGE_ONNX_TEST_PACKAGE_CACHE", None)
     if cache is not None:
         env["GLM_IMAGE_ONNX_TEST_PACKAGE_CACHE"] = str(cache)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:randomly", *tests],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    try:  # a test that hangs under a mutant must not hang CI
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:randomly", *tests],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return 124, [], f"the tests ran past {TIMEOUT_S} s"
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, re.M)
     return proc.returncode, failed, proc.stdout[-2000:] + proc.stderr[-1000:]
 
