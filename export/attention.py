@@ -24,6 +24,8 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from glm_image_onnx.export.onnx_info import outer_inputs
+
 MS_DOMAIN = "com.microsoft"
 ATTENTION_BIAS = 5  # MultiHeadAttention's input index of attention_bias
 
@@ -51,7 +53,7 @@ def flash_when_unmasked(path: Path, mask_input: str) -> int:
     producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
     readers = {o.name: 1 for o in graph.output}
     for n in graph.node:
-        for name in _outer_inputs(n):
+        for name in outer_inputs(n):
             readers[name] = readers.get(name, 0) + 1
     # the bias Expand of each biased attention that nothing else reads: built in its masked branch
     own_expand = {}
@@ -90,16 +92,6 @@ def flash_when_unmasked(path: Path, mask_input: str) -> int:
     return len(biased)
 
 
-def _outer_inputs(node: onnx.NodeProto) -> set[str]:
-    """Every value `node` reads, its subgraphs' outer-scope reads included."""
-    names = set(node.input)
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            produced = {o for n in sub.node for o in n.output}
-            names |= {i for n in sub.node for i in _outer_inputs(n)} - produced
-    return names
-
-
 def restore_node_order(path: Path) -> bool:
     """Re-sort the graph at `path` so that each `If` follows the producers of what its branches read.
 
@@ -109,7 +101,7 @@ def restore_node_order(path: Path) -> bool:
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
-    needs = [{producer[x] for x in _outer_inputs(n) if x in producer} for n in graph.node]
+    needs = [{producer[x] for x in outer_inputs(n) if x in producer} for n in graph.node]
     done: set[int] = set()
     order: list[int] = []
     pending = list(range(len(graph.node)))

@@ -21,16 +21,27 @@ DTYPES = {
 }
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs in `node`'s attributes (If branches, Loop / Scan bodies)."""
+    return [g for attr in node.attribute
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)]
+
+
+def outer_inputs(node: onnx.NodeProto) -> set[str]:
+    """Every value `node` reads, its subgraphs' outer-scope reads included."""
+    names = set(node.input)
+    for sub in subgraphs(node):
+        produced = {o for n in sub.node for o in n.output}
+        names |= {i for n in sub.node for i in outer_inputs(n)} - produced
+    return names
+
+
 def all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every initializer, subgraphs included."""
     yield from graph.initializer
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from all_initializers(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from all_initializers(g)
+        for sub in subgraphs(node):
+            yield from all_initializers(sub)
 
 
 def onnx_files(path: Path | str) -> list[Path]:

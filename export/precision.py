@@ -25,7 +25,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from glm_image_onnx.export.onnx_info import EXTERNAL_DATA_THRESHOLD, all_initializers, save_model, tensor_nbytes
+from glm_image_onnx.export.onnx_info import (EXTERNAL_DATA_THRESHOLD, all_initializers, outer_inputs, save_model,
+                                             subgraphs, tensor_nbytes)
 
 FP16_MAX = 65504.0
 # convert(low_memory=True) writes a graph whose weights exceed this with a data file.
@@ -153,21 +154,8 @@ def drop_half_round_trips(graph: onnx.GraphProto) -> int:
     types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)}
     types.update({t.name: t.data_type for t in graph.initializer})
     outputs = {o.name for o in graph.output}
-    in_subgraphs: set[str] = set()
-
-    def subgraph_inputs(g: onnx.GraphProto) -> None:
-        for node in g.node:
-            in_subgraphs.update(node.input)
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
-                            attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
-                    subgraph_inputs(sub)
-
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
-                        attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
-                subgraph_inputs(sub)
+    # what subgraphs read: only this graph's own node inputs are rewired
+    in_subgraphs = {i for n in graph.node for sub in subgraphs(n) for m in sub.node for i in outer_inputs(m)}
 
     def cast_to(node: onnx.NodeProto) -> int | None:
         if node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
