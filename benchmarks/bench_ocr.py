@@ -41,14 +41,6 @@ SERVERS = ("grpc", "openai-http")
 ALL = ("cpu-fp32", *RECIPES, *TARGETS, *SERVERS)
 
 
-def score(images: list[Image.Image], signs: list[scene.Sign]) -> dict[str, Any]:
-    reads = [scene.read_word(im) for im in images]
-    colours = [scene.read_colours(im) == (s.bg, s.fg) for im, s in zip(images, signs)]
-    return {"exact_pct": 100 * np.mean([r == s.word for r, s in zip(reads, signs)]),
-            "char_pct": 100 * np.mean([scene.char_accuracy(r, s.word) for r, s in zip(reads, signs)]),
-            "colours_pct": 100 * np.mean(colours), "reads": reads}
-
-
 def latents_for(i: int, channels: int) -> np.ndarray:
     return np.random.default_rng(1000 + i).standard_normal((1, channels, scene.SIZE // 8, scene.SIZE // 8)
                                                             ).astype(np.float32)
@@ -164,11 +156,11 @@ def main() -> int:
     args = ap.parse_args()
     bench = scene.benchmark_set(args.prompts)
     prompts, signs = [p for p, _ in bench], [s for _, s in bench]
-    rows = [{"variant": "ground truth (synthetic renders)", **score([s.render() for s in signs], signs)}]
+    rows = [{"variant": "ground truth (synthetic renders)", **scene.score([s.render() for s in signs], signs)}]
     ref_pkg = build("cpu-fp32", args.checkpoint, args.work)
     ref, seconds = _timed(lambda: Reference(ref_pkg, prompts, args.steps))
     channels = ref.pipe.latent_channels
-    rows.append({"variant": "cpu-fp32", **score([o.images[0] for o in ref.outputs], signs),
+    rows.append({"variant": "cpu-fp32", **scene.score([o.images[0] for o in ref.outputs], signs),
                  "s_per_image": seconds / len(prompts)})
     for name in [v for v in args.variants if v != "cpu-fp32"]:
         print("variant", name, file=sys.stderr)
@@ -176,13 +168,13 @@ def main() -> int:
             images, seconds = _timed(lambda: run_server(name, ref_pkg, prompts, args.steps))
             same = [ref.pipe(p, seed=i, num_inference_steps=args.steps, **SIZE).images[0] for i, p in enumerate(prompts)]
             equal = [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, same)]
-            rows.append({"variant": f"{name} (server, cpu-fp32)", **score(images, signs),
+            rows.append({"variant": f"{name} (server, cpu-fp32)", **scene.score(images, signs),
                          "equal_to_runtime_pct": 100 * np.mean(equal), "s_per_image": seconds / len(prompts)})
             continue
         package = build(name, args.checkpoint, args.work)
         images, seconds = _timed(lambda: run_package(package, prompts, args.steps, channels))
         psnrs = ref.psnr_fixed(package, prompts)
-        rows.append({"variant": name, **score(images, signs), "s_per_image": seconds / len(prompts),
+        rows.append({"variant": name, **scene.score(images, signs), "s_per_image": seconds / len(prompts),
                      "psnr_fixed_median_db": statistics.median(psnrs), "psnr_fixed_min_db": min(psnrs)})
     print_table(rows, args)
     if args.json:

@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -267,6 +268,16 @@ def char_accuracy(read: str, word: str) -> float:
             cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a != b)))
         prev = cur
     return max(0.0, 1.0 - prev[-1] / len(word))
+
+
+def score(images: list[Image.Image], signs: list[Sign]) -> dict[str, Any]:
+    """The oracle's verdict on images of `signs` (each read once): exact words, characters and
+    colours right, in percent, and what OCR read."""
+    reads = [read_word(im) for im in images]
+    colours = [read_colours(im) == (s.bg, s.fg) for im, s in zip(images, signs)]
+    return {"exact_pct": 100 * float(np.mean([r == s.word for r, s in zip(reads, signs)])),
+            "char_pct": 100 * float(np.mean([char_accuracy(r, s.word) for r, s in zip(reads, signs)])),
+            "colours_pct": 100 * float(np.mean(colours)), "reads": reads}
 
 
 def main(argv: list[str] | None = None) -> int:

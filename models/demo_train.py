@@ -382,29 +382,25 @@ def _loaded(model: Any, state: dict[str, Any]) -> Any:
 
 def evaluate(work: Path, seed: int, n: int = 12) -> dict[str, float]:
     """What each stage trained so far gives on `n` benchmark prompts: OCR exact words on the VAE's
-    reconstructions of the true signs; OCR exact words on diffusers' pipeline fed the true layout
-    tokens (DiT + glyph encoder + VAE, 20 steps); the AR planner's greedy target grids equal to the
+    reconstructions of the true signs; OCR exact words and characters on diffusers' pipeline fed
+    the true layout tokens (DiT + glyph encoder + VAE, 20 steps); the AR planner's greedy target grids equal to the
     true layout."""
     import torch
     from diffusers import GlmImagePipeline
 
     bench = scene.benchmark_set(n)
+    signs = [s for _, s in bench]
     pipe = GlmImagePipeline.from_pretrained(work / "init")
     pipe.set_progress_bar_config(disable=True)
     out: dict[str, float] = {}
 
-    def exact(images: list[Any]) -> float:
-        return 100 * float(np.mean([scene.read_word(im) == s.word for im, (_, s) in zip(images, bench)]))
-
-    def chars(images: list[Any]) -> float:
-        return 100 * float(np.mean([scene.char_accuracy(scene.read_word(im), s.word) for im, (_, s) in zip(images, bench)]))
-
     if (work / "vae.json").exists():
         pipe.vae = trained_vae(work)
         with torch.no_grad():
-            x = _pixels([s.render() for _, s in bench])
+            x = _pixels([s.render() for s in signs])
             recon = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
-        out["vae_recon_exact_pct"] = exact(pipe.image_processor.postprocess(recon, output_type="pil"))
+        recon_images = pipe.image_processor.postprocess(recon, output_type="pil")
+        out["vae_recon_exact_pct"] = scene.score(recon_images, signs)["exact_pct"]
     if (work / "dit.pt").exists() and "vae_recon_exact_pct" in out:
         saved = torch.load(work / "dit.pt", weights_only=False)
         _loaded(pipe.transformer, saved["modules"]["ema"])
@@ -412,8 +408,9 @@ def evaluate(work: Path, seed: int, n: int = 12) -> dict[str, float]:
         images = [pipe(p, prior_token_ids=torch.from_numpy(s.prior_tokens()), height=scene.SIZE,
                        width=scene.SIZE, num_inference_steps=20,
                        generator=torch.Generator().manual_seed(i)).images[0] for i, (p, s) in enumerate(bench)]
-        out["dit_at_true_layout_exact_pct"], out["dit_step"] = exact(images), saved["step"]
-        out["dit_at_true_layout_chars_pct"] = chars(images)
+        ocr = scene.score(images, signs)
+        out["dit_at_true_layout_exact_pct"], out["dit_at_true_layout_chars_pct"] = ocr["exact_pct"], ocr["char_pct"]
+        out["dit_step"] = saved["step"]
     if (work / "ar.pt").exists():
         saved = torch.load(work / "ar.pt", weights_only=False)
         _loaded(pipe.vision_language_encoder, saved["modules"]["ar"])
