@@ -73,8 +73,8 @@ def time_one(package: str, height: int, width: int, steps: int, seed: int) -> di
     pipe(PROMPT, height=height, width=width, num_inference_steps=steps, seed=seed)
     out = pipe(PROMPT, height=height, width=width, num_inference_steps=steps, seed=seed)
     t = out.timings
-    return {"total_s": t["total_s"], "ar_s": t["ar_prefill_s"] + t["ar_decode_s"], "dit_s": t["dit_s"],
-            "vae_s": t["vae_s"], "glyph_s": t["glyph_s"]}
+    return {"total_s": t.total_s, "ar_s": t.ar_prefill_s + t.ar_decode_s, "dit_s": t.dit_s,
+            "vae_s": t.vae_s, "glyph_s": t.glyph_s}
 
 
 def measure(args: argparse.Namespace, packages: dict[str, Path]) -> dict[str, dict[str, float]]:

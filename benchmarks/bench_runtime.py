@@ -216,7 +216,7 @@ def child_runtime(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                    guidance_scale=args.guidance, latents=latents, do_sample=False)
         total = time.perf_counter() - t0
         last[:] = [out]
-        return {**{k: out.timings[k] for k, *_ in STAGES if k != "total_s"}, "total_s": total}
+        return {**{k: getattr(out.timings, k) for k, *_ in STAGES if k != "total_s"}, "total_s": total}
 
     calls = _measure(call, args.runs)
     np.save(work / "image.npy", np.asarray(last[0].images[0]))

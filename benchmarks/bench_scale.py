@@ -106,7 +106,7 @@ def child_generate(package: str, size: int, steps: int) -> dict[str, Any]:
                seed=0, progress=progress)
     running = False
     sampler.join()
-    return {"load_s": load_s, "timings": out.timings, "peak_rss_by_stage": peaks,
+    return {"load_s": load_s, "timings": out.timings.as_dict(), "peak_rss_by_stage": peaks,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 

@@ -27,7 +27,7 @@ def one_run(package: str, size: int, steps: int) -> dict:
 
     pipe = GlmImageOnnxPipeline.from_package(package, verify_files=False)
     seen = record_shapes(pipe)
-    timings = [pipe(p, height=size, width=size, num_inference_steps=steps, seed=0).timings for p in PROMPTS]
+    timings = [pipe(p, height=size, width=size, num_inference_steps=steps, seed=0).timings.as_dict() for p in PROMPTS]
     return {"sets": {g: len(set(calls)) for g, calls in seen.items() if calls},
             "calls": {g: len(calls) for g, calls in seen.items() if calls},
             "timings": {k: median(t[k] for t in timings) for k in timings[0]}}

@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from glm_image_onnx.export.placement import check_package
 from glm_image_onnx.quantize.package import QuantizeOptions, evaluate
-from glm_image_onnx.runtime.placement import check_package
 from glm_image_onnx.manifest import Manifest, to_json
 from glm_image_onnx.targets import get_target
 

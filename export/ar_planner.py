@@ -253,7 +253,7 @@ def _spec(sizes: dict[str, Any], module: Any, example: dict[str, torch.Tensor], 
           verify_inputs: Any, description: str, capacity: str, update: str, **extra: Any) -> GraphSpec:
     """Either AR graph's spec. Its config is what the runtime needs besides the inputs (the special
     tokens are the pipeline's: manifest.Tokens) and the cache contract it allocates by
-    (export.package sets the cache dtype of the target)."""
+    (export.one_graph sets the cache dtype of the target)."""
     n = sizes["num_layers"]
     config = {
         **sizes,

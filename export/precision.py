@@ -55,7 +55,7 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
             ) -> dict[str, Any]:
     """Write `src` converted to `dtype` ("fp16" or "bf16") at `dst`; returns what was done.
 
-    With `provider` (runtime.placement's name, e.g. "cuda"), a node whose op that provider has no
+    With `provider` (export.placement's name, e.g. "cuda"), a node whose op that provider has no
     kernel for in `dtype` (the CUDA EP has no bfloat16 Conv, Resize or Einsum, no float16 GridSample)
     stays float32 too, found by the placement check on the converted graph and converted again.
 
@@ -68,9 +68,8 @@ def convert(src: Path | str, dst: Path | str, dtype: str, native_io: Sequence[st
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    from glm_image_onnx.runtime.placement import check_model
-
     from glm_image_onnx.export.attention import restore_node_order
+    from glm_image_onnx.export.placement import check_model
 
     if dtype not in ("fp16", "bf16"):
         raise PrecisionError(f"dtype must be fp16 or bf16, got {dtype!r}")

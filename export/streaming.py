@@ -10,7 +10,7 @@ folded eagerly: Transpose(weight) becomes a transposed LazyTensor instead. The s
 the plain export's (ops and initializer contents; tests/test_export_streaming.py).
 
 Peak memory of one graph export is the traced program plus a few tensors in flight, not the
-component's weights. See `export.package` for how verification runs at that size.
+component's weights. See `export.low_memory` for how verification runs at that size.
 
 An fp16 / bf16 export writes no fp32 weights at all: the fp32 graph is saved weightless (every
 streamed weight an external reference to a file never written, `export_streamed(weights=...)`), and
@@ -120,7 +120,7 @@ def _empty_model(build: Callable[[], torch.nn.Module], dtype: torch.dtype) -> to
 
 
 def fake_component(folder: str, path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The checkpoint component `folder` (see export.package._load_component) without weights."""
+    """The checkpoint component `folder` (see export.components.load_component) without weights."""
     path = Path(path)
     if folder == "vision_language_encoder":
         from transformers import AutoConfig, GlmImageForConditionalGeneration
@@ -131,7 +131,7 @@ def fake_component(folder: str, path: Path, dtype: torch.dtype = torch.float32) 
         from transformers import AutoConfig, T5EncoderModel
 
         config = AutoConfig.from_pretrained(path)
-        config._attn_implementation = "eager"  # as _load_component: sdpa fails at decomposition
+        config._attn_implementation = "eager"  # as load_component: sdpa fails at decomposition
         return _empty_model(lambda: T5EncoderModel(config), dtype)
     if folder == "transformer":
         from diffusers import GlmImageTransformer2DModel as cls

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from glm_image_onnx.export.placement import PROVIDERS as CHECKED_PROVIDERS
 from glm_image_onnx.models.presets import PRESETS
 from glm_image_onnx.provider_args import add_provider_arguments, provider_settings
 from glm_image_onnx.targets import TARGETS
@@ -133,8 +134,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out.images[0].save(args.out)
     t = out.timings
-    print(f"wrote {args.out} (seed {out.seed}) in {t['total_s']:.2f}s: AR {t['ar_prefill_s'] + t['ar_decode_s']:.2f}s "
-          f"({int(t['ar_tokens'])} tokens), DiT {t['dit_s']:.2f}s, VAE {t['vae_s']:.2f}s on "
+    print(f"wrote {args.out} (seed {out.seed}) in {t.total_s:.2f}s: AR {t.ar_prefill_s + t.ar_decode_s:.2f}s "
+          f"({t.ar_tokens} tokens), DiT {t.dit_s:.2f}s, VAE {t.vae_s:.2f}s on "
           f"{', '.join(pipe.providers)}", file=sys.stderr)
     return 0
 
@@ -165,8 +166,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     need_extra("quantize", "onnx")
     import onnxruntime
 
+    from glm_image_onnx.export.placement import SESSION_PROVIDERS, PlacementError, check_package, observe
     from glm_image_onnx.runtime.package import Package, PackageError
-    from glm_image_onnx.runtime.placement import SESSION_PROVIDERS, PlacementError, check_package, observe
 
     try:
         reports = check_package(args.package, args.provider)
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="which nodes of a package the provider has no kernel for (offline, from "
                                      "onnxruntime's kernel registrations); exit 1 if any falls back")
     p.add_argument("package", help="ONNX package folder")
-    p.add_argument("--provider", required=True, choices=["cpu", "cuda", "cann", "tensorrt"])
+    p.add_argument("--provider", required=True, choices=list(CHECKED_PROVIDERS))
     p.add_argument("--verbose", action="store_true", help="one line per node that falls back")
     p.add_argument("--observed", action="store_true",
                    help="also create each session on this machine and print onnxruntime's own node placement "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, TypedDict
 
+from glm_image_onnx.targets import PROVIDER_NAMES
+
 
 class ProviderSettings(TypedDict):
     """The keyword arguments both GlmImageOnnxPipeline.from_package and ServerConfig take."""
@@ -25,7 +27,7 @@ class ProviderSettings(TypedDict):
 
 def add_provider_arguments(parser: argparse.ArgumentParser) -> None:
     """--provider, --provider-option, --strict, --threads, --verify / --no-verify, --vae-tiling."""
-    parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "cann"])
+    parser.add_argument("--provider", default="cpu", choices=PROVIDER_NAMES)
     parser.add_argument("--provider-option", action="append", metavar="KEY=VALUE",
                         help="execution provider option, e.g. device_id=0 (repeatable)")
     parser.add_argument("--strict", action="store_true", help="fail instead of falling back to CPU")

@@ -1,6 +1,6 @@
 """Build targets: the execution provider a package is built for, and in which dtype.
 
-One graph set cannot serve every provider (see `runtime/kernels/`): onnxruntime's CUDA
+One graph set cannot serve every provider (see `export/kernels/`): onnxruntime's CUDA
 GroupQueryAttention exists for fp16/bf16 only, the int8-dynamic ops exist on CPU only, and the CANN
 EP implements no com.microsoft op at all and recompiles for every new set of input shapes. So a
 package is built for one target; its manifest says which (`target`), and the runtime, the server,
@@ -46,6 +46,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
         "fp16": "export the cann package with --dtype fp16 instead",
     }, static_shapes=True),
 )}
+# The runtime's provider names (`--provider`), one per target's provider; runtime.providers maps them
+# to onnxruntime's.
+PROVIDER_NAMES = tuple(dict.fromkeys(t.provider for t in TARGETS.values()))
 
 # Padded lengths of a static-shapes package (recorded in its manifest, where the runtime reads them):
 # each call is padded up to the smallest bucket that holds it, so a graph sees at most one input-shape

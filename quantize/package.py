@@ -407,7 +407,7 @@ def _check_signature(name: str, entry: Graph, path: Path, retyped: Sequence[str]
 
 def _check_placement(folder: Path, target: Target, graphs: dict[str, Graph], selected: list[str]) -> None:
     """Every quantised graph runs on its target's provider, or the recipe is refused (one line)."""
-    from glm_image_onnx.runtime.placement import check_model
+    from glm_image_onnx.export.placement import check_model
     from glm_image_onnx.targets import get_target
 
     provider = get_target(target.name).provider

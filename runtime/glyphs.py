@@ -129,14 +129,3 @@ def gather_rows(last_hidden_state: np.ndarray, attention_mask: np.ndarray) -> np
     """`last_hidden_state[attention_mask.bool()].unsqueeze(0)`: the attended rows of every text,
     concatenated in order -> [1, T, D]."""
     return np.asarray(last_hidden_state)[np.asarray(attention_mask).astype(bool)][None]
-
-
-def left_pad(embeds: list[np.ndarray]) -> np.ndarray:
-    """Several prompts' [1, T_i, D] glyph embeddings -> [B, max T, D], zero-padded on the *left*
-    (as the pipeline does for batch > 1)."""
-    longest = max(e.shape[1] for e in embeds)
-    out = []
-    for e in embeds:
-        pad = np.zeros((e.shape[0], longest - e.shape[1], e.shape[2]), dtype=e.dtype)
-        out.append(np.concatenate([pad, e], axis=1))
-    return np.concatenate(out, axis=0)

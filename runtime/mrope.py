@@ -43,6 +43,52 @@ def _decode_grid_positions(base: int, h: int, w: int) -> np.ndarray:
     return np.stack([np.full(h * w, base, dtype=np.int64), base + rows, base + cols])
 
 
+def _grids_per_sample(image_grid_thw: np.ndarray | None, images_per_sample: np.ndarray | None,
+                      batch: int) -> list[np.ndarray | None]:
+    if image_grid_thw is None:
+        return [None] * batch
+    grids_all = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
+    if images_per_sample is None:
+        return [grids_all] * batch
+    bounds = np.cumsum(np.asarray(images_per_sample, dtype=np.int64))[:-1]
+    return np.split(grids_all, bounds)
+
+
+def _prefill_positions(ids: np.ndarray, grids: np.ndarray | None, image_start_token_id: int,
+                       image_end_token_id: int, seq_len: int) -> tuple[np.ndarray, int, int]:
+    """One sample's prefill positions [3, len(ids)], the next position, and its complete images."""
+    ends = np.nonzero(ids == image_end_token_id)[0]
+    starts = np.nonzero(ids == image_start_token_id)[0] + 1
+    current, prev_end = 0, 0
+    parts: list[np.ndarray] = []
+    # Complete images in the prompt (image-to-image sources): text before it, then 2D positions.
+    for img_idx, (start, end) in enumerate(zip(starts, ends)):
+        if grids is None or img_idx >= len(grids):
+            break
+        text = _slice_ramp(current, int(start) - prev_end, seq_len)
+        current += text.shape[0]
+        vision = _vision_positions(current, grids[img_idx])
+        current += int(max(grids[img_idx][1], grids[img_idx][2]))
+        prev_end = int(end)
+        parts.append(np.concatenate([np.broadcast_to(text, (3, text.shape[0])), vision], axis=1))
+    # The rest is text, ending with the image-start token the generation continues from.
+    text = _slice_ramp(current, len(ids) - prev_end, seq_len)
+    current += text.shape[0]
+    parts.append(np.broadcast_to(text, (3, text.shape[0])))
+    return np.concatenate(parts, axis=1), current, len(ends)
+
+
+def _decode_positions(base: int, grids: np.ndarray, num_complete: int) -> np.ndarray:
+    """The grids still to generate (last grid first), then the end marker: [3, L]."""
+    decode_parts = []
+    for i in range(1, max(len(grids) - num_complete, 0) + 1):
+        h, w = int(grids[-i][1]), int(grids[-i][2])
+        decode_parts.append(_decode_grid_positions(base, h, w))
+        base += max(h, w)
+    decode_parts.append(np.full((3, 1), base, dtype=np.int64))
+    return np.concatenate(decode_parts, axis=1)
+
+
 def rope_index(input_ids: np.ndarray, *, image_start_token_id: int, image_end_token_id: int,
                image_grid_thw: np.ndarray | None = None, images_per_sample: np.ndarray | None = None,
                attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -55,67 +101,22 @@ def rope_index(input_ids: np.ndarray, *, image_start_token_id: int, image_end_to
     input_ids = np.asarray(input_ids)
     batch, seq_len = input_ids.shape
     position_ids = np.ones((3, batch, seq_len), dtype=np.int64)
-
-    if image_grid_thw is not None:
-        grids_all = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
-        if images_per_sample is not None:
-            bounds = np.cumsum(np.asarray(images_per_sample, dtype=np.int64))[:-1]
-            grids_per_sample = np.split(grids_all, bounds)
-        else:
-            grids_per_sample = [grids_all] * batch
-    else:
-        grids_per_sample = [None] * batch
-
+    grids_per_sample = _grids_per_sample(image_grid_thw, images_per_sample, batch)
     all_decode: list[np.ndarray] = []
     for b in range(batch):
-        ids = input_ids[b]
-        grids = grids_per_sample[b]
-        valid = None
+        ids, grids, valid = input_ids[b], grids_per_sample[b], None
         if attention_mask is not None and np.asarray(attention_mask).shape[1] == seq_len:
             valid = np.asarray(attention_mask)[b] == 1
             ids = ids[valid]
-
-        ends = np.nonzero(ids == image_end_token_id)[0]
-        starts = np.nonzero(ids == image_start_token_id)[0] + 1
-        num_complete = len(ends)
-
-        current, prev_end = 0, 0
-        parts: list[np.ndarray] = []
-        # Complete images in the prompt (image-to-image sources): text before it, then 2D positions.
-        for img_idx, (start, end) in enumerate(zip(starts, ends)):
-            if grids is None or img_idx >= len(grids):
-                break
-            text = _slice_ramp(current, int(start) - prev_end, seq_len)
-            current += text.shape[0]
-            vision = _vision_positions(current, grids[img_idx])
-            current += int(max(grids[img_idx][1], grids[img_idx][2]))
-            prev_end = int(end)
-            parts.append(np.concatenate([np.broadcast_to(text, (3, text.shape[0])), vision], axis=1))
-        # The rest is text, ending with the image-start token the generation continues from.
-        text = _slice_ramp(current, len(ids) - prev_end, seq_len)
-        current += text.shape[0]
-        parts.append(np.broadcast_to(text, (3, text.shape[0])))
-        sample = np.concatenate(parts, axis=1)
+        sample, current, num_complete = _prefill_positions(ids, grids, image_start_token_id, image_end_token_id,
+                                                           seq_len)
         expected = int(valid.sum()) if valid is not None else seq_len
         if sample.shape[1] != expected:
             raise ValueError(f"sample {b}: {sample.shape[1]} positions for {expected} tokens; the image "
                              f"placeholders do not match image_grid_thw")
-        if valid is not None:
-            position_ids[:, b, valid] = sample
-        else:
-            position_ids[:, b, :] = sample
-
+        position_ids[:, b, valid if valid is not None else slice(None)] = sample
         if grids is not None and len(grids) > 0:
-            num_decode = max(len(grids) - num_complete, 0)
-            base = current
-            decode_parts = []
-            for i in range(1, num_decode + 1):  # last grid first
-                h, w = int(grids[-i][1]), int(grids[-i][2])
-                decode_parts.append(_decode_grid_positions(base, h, w))
-                base += max(h, w)
-            decode_parts.append(np.full((3, 1), base, dtype=np.int64))  # end marker
-            all_decode.append(np.concatenate(decode_parts, axis=1))
-
+            all_decode.append(_decode_positions(current, grids, num_complete))
     if not all_decode:
         return position_ids, None
     longest = max(d.shape[1] for d in all_decode)

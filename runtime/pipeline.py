@@ -7,6 +7,7 @@ decode. Each step is a method that a test can call alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -28,9 +29,10 @@ from glm_image_onnx.runtime.package import Package, PackageError, verify_mode
 from glm_image_onnx.runtime.prompt import PromptBuilder
 from glm_image_onnx.runtime.providers import (ConfigureSession, ProviderRequest, check_target, create_session,
                                               device_of, input_types, release_arena)
-from glm_image_onnx.runtime.sampling import TokenSampler
+from glm_image_onnx.runtime.sampling import TokenSampler, image_seeds, random_seed
 from glm_image_onnx.runtime.scheduler import FlowMatchSchedule, guidance as cfg_mix, image_seq_len
 from glm_image_onnx.runtime.shapes import ShapeBuckets, pad_right
+from glm_image_onnx.runtime.timings import Timings
 
 log = logging.getLogger("glm_image_onnx.runtime")
 
@@ -65,7 +67,7 @@ class GlmImageOutput:
     images: list[Image.Image]
     tokens: np.ndarray  # every AR token generated, int64 (t2i: preview grid then target grid)
     prior_token_ids: np.ndarray  # the target grid upsampled 2x, int64 [1, N]: what the DiT saw
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
     seed: int | None = None
     seeds: list[int] = field(default_factory=list)  # one per image (a batch); [seed] for one image
 
@@ -136,13 +138,10 @@ class GlmImageOnnxPipeline:
         self.glyph_tokenizer = glyphs.ByteTokenizer.from_dir(package.file(files.glyph))
         self.schedule = FlowMatchSchedule.from_config(config.scheduler)
         self.image_processor = images.ImageProcessor.from_file(package.file(files.image_processor))
-        tokens = config.tokens
-        self.codebook_size = tokens.codebook_size
-        self.image_start_id = tokens.image_start_token_id
-        self.image_end_id = tokens.image_end_token_id
-        self.image_token_id = tokens.image_token_id
+        self.tokens = config.tokens
+        self.codebook_size = config.tokens.codebook_size
         vae = config.vae
-        self.vae_scale = vae.scale_factor
+        self.vae_scale = vae.scale_factor  # pixels per latent, the name diffusers' pipelines use
         self.latent_channels = vae.latent_channels
         self.latents_mean = np.asarray(vae.latents_mean, np.float32).reshape(1, -1, 1, 1)
         self.latents_std = np.asarray(vae.latents_std, np.float32).reshape(1, -1, 1, 1)
@@ -153,9 +152,8 @@ class GlmImageOnnxPipeline:
         if vae_tile_size is None and self.io_device("vae_decoder")[0] == "cpu" and not self.buckets.static:
             self.vae_tile_sample = min(self.vae_tile_sample, CPU_VAE_TILE)
         self.vae_tile_latent = int(self.vae_tile_sample / self.vae_scale)
-        dit = package.graphs["dit_decoder"].config
-        self.patch_size = dit.patch_size
-        self.dit_layers, self.dit_heads, self.dit_head_dim = dit.num_layers, dit.num_heads, dit.head_dim
+        self.dit = package.graphs["dit_decoder"].config
+        self.patch_size = self.dit.patch_size
         self.defaults = config.defaults
         self.generation = config.generation
 
@@ -239,9 +237,7 @@ class GlmImageOnnxPipeline:
                 raise ValueError(f"seed: {len(seed)} seeds for {len(prompts)} images")
             seeds: list[int | None] = [int(s) for s in seed]
         else:
-            if seed is None and len(prompts) > 1:
-                seed = int(np.random.SeedSequence().entropy % (2 ** 62))
-            seeds = [None if seed is None else int(seed) + i for i in range(len(prompts))]
+            seeds = image_seeds(seed, len(prompts))
         if latents is not None and len(prompts) > 1:
             if np.shape(latents)[0] != len(prompts):
                 raise ValueError(f"latents: {np.shape(latents)[0]} rows for {len(prompts)} images")
@@ -263,7 +259,7 @@ class GlmImageOnnxPipeline:
         return GlmImageOutput(images=[im for o in outs for im in o.images],
                               tokens=np.stack([o.tokens for o in outs]),
                               prior_token_ids=np.concatenate([o.prior_token_ids for o in outs]),
-                              timings={**outs[0].timings, "total_s": time.perf_counter() - t_start},
+                              timings=dataclasses.replace(outs[0].timings, total_s=time.perf_counter() - t_start),
                               seed=outs[0].seed, seeds=[int(o.seed) for o in outs])
 
     def generate_one(self, prompt: str, *, height: int | None = None, width: int | None = None,
@@ -275,42 +271,38 @@ class GlmImageOnnxPipeline:
                      callback_on_step_end: StepCallback | None = None) -> GlmImageOutput:
         """One image; safe to call from several threads at once (the server does)."""
         t_start = time.perf_counter()
-        timings: dict[str, float] = {}
         sources = self._source_images(image)
         height, width = self._size(height, width, sources)
         steps = int(num_inference_steps if num_inference_steps is not None else self.defaults.num_inference_steps)
         scale = float(guidance_scale if guidance_scale is not None else self.defaults.guidance_scale)
         self.check_inputs(prompt, height, width, steps, scale, latents)
-        gen = self.generation
-        sampling = Generation(
-            do_sample=bool(gen.do_sample if do_sample is None else do_sample),
-            temperature=float(gen.temperature if temperature is None else temperature),
-            top_p=float(gen.top_p if top_p is None else top_p),
-            top_k=top_k if top_k is not None else gen.top_k,
-        )
+        sampling = self._sampling(do_sample, temperature, top_p, top_k)
         if seed is None:
-            seed = int(np.random.SeedSequence().entropy % (2 ** 63))
+            seed = random_seed()
         ar_seed, latent_seed = np.random.SeedSequence(seed).spawn(2)
 
-        with self._compute:
-            t = time.perf_counter()
-            condition = self.tokenize_sources(sources) if sources else None
-            timings["vision_tokenizer_s"] = time.perf_counter() - t
+        condition = None
+        if sources:
+            with self._compute:
+                t = time.perf_counter()
+                condition = self.tokenize_sources(sources)
+                vision_tokenizer_s = time.perf_counter() - t
 
-        tokens, prior_ids, ar_timings = self.generate_prior_tokens(
+        tokens, prior_ids, timings = self.generate_prior_tokens(
             prompt, height=height, width=width, sampler=TokenSampler(sampling, self.codebook_size, ar_seed),
             condition=condition, progress=progress)
-        timings.update(ar_timings)
+        if sources:
+            timings.vision_tokenizer_s = vision_tokenizer_s
 
         with self._compute:
             t = time.perf_counter()
             cond_embeds, uncond_embeds = self.encode_glyphs(prompt)
-            timings["glyph_s"] = time.perf_counter() - t
+            timings.glyph_s = time.perf_counter() - t
 
             if condition is not None:
                 t = time.perf_counter()
                 self.write_condition(sources, condition)
-                timings["condition_s"] = time.perf_counter() - t
+                timings.condition_s = time.perf_counter() - t
 
             latents = self.prepare_latents(height=height, width=width, latents=latents, seed=latent_seed)
             t = time.perf_counter()
@@ -318,15 +310,24 @@ class GlmImageOnnxPipeline:
                 latents, prompt_embeds=cond_embeds, negative_prompt_embeds=uncond_embeds, prior_token_ids=prior_ids,
                 height=height, width=width, num_inference_steps=steps, guidance_scale=scale, condition=condition,
                 progress=progress, callback_on_step_end=callback_on_step_end)
-            timings["dit_s"] = time.perf_counter() - t
-            timings["dit_per_step_s"] = float(np.median(per_step)) if per_step else 0.0
+            timings.dit_s = time.perf_counter() - t
+            timings.dit_per_step_s = float(np.median(per_step)) if per_step else 0.0
 
             t = time.perf_counter()
             pixels = self.decode(latents)
-            timings["vae_s"] = time.perf_counter() - t
-        timings["total_s"] = time.perf_counter() - t_start
+            timings.vae_s = time.perf_counter() - t
+        timings.total_s = time.perf_counter() - t_start
         return GlmImageOutput(images=images.to_pil(pixels), tokens=tokens, prior_token_ids=prior_ids,
                               timings=timings, seed=seed)
+
+    def _sampling(self, do_sample: bool | None, temperature: float | None, top_p: float | None,
+                  top_k: int | None) -> Generation:
+        """The AR sampling of one call: what it asks, else the package's generation config."""
+        gen = self.generation
+        return Generation(do_sample=bool(gen.do_sample if do_sample is None else do_sample),
+                          temperature=float(gen.temperature if temperature is None else temperature),
+                          top_p=float(gen.top_p if top_p is None else top_p),
+                          top_k=top_k if top_k is not None else gen.top_k)
 
     # ---------------------------------------------------------------------------------- checks
     def _source_images(self, image: Any) -> list[Image.Image]:
@@ -379,16 +380,27 @@ class GlmImageOnnxPipeline:
             ids.append(out.astype(np.int64).reshape(-1))
         return _Condition(grids=grids, ids=ids)
 
+    def source_error(self, width: int, height: int) -> str | None:
+        """Why a source image of this size cannot condition the DiT, or None: the vision tokenizer's
+        grid (resized by the processor) must give as many prior tokens as the VAE latent has patches."""
+        gh, gw = self.image_processor.grid(height, width)
+        prior = gh * gw * self.grid.prior_upsample ** 2
+        multiple = self.vae_scale * self.patch_size
+        tokens = (height // multiple) * (width // multiple)
+        if prior == tokens:
+            return None
+        return (f"image: a {width}x{height} source gives {prior} prior tokens but {tokens} latent tokens; "
+                f"use sides that are multiples of {self.grid.factor}")
+
     def write_condition(self, sources: list[Image.Image], condition: _Condition) -> None:
         """The DiT's condition K/V: VAE-encode each source, normalise, one write pass per image."""
         keys, values = [], []
         for img, (gh, gw), ids in zip(sources, condition.grids, condition.ids):
+            error = self.source_error(img.width, img.height)
+            if error:
+                raise ValueError(error)
             h, w = images.condition_size(img, self.vae_scale, self.patch_size)
             prior = images.upsample_prior_ids(ids, gh, gw, self.grid.prior_upsample)
-            tokens = (h // self.vae_scale // self.patch_size) * (w // self.vae_scale // self.patch_size)
-            if prior.shape[1] != tokens:
-                raise ValueError(f"image: a {img.width}x{img.height} source gives {prior.shape[1]} prior tokens "
-                                 f"but {tokens} latent tokens; use sides that are multiples of {self.grid.factor}")
             latent = self.encode(images.vae_preprocess(img, h, w, self.vae_scale))
             k, v = self._run("dit_condition_write", {"hidden_states": latent, "prior_token_id": prior,
                                                      "target_size": np.array([[h, w]], np.float32)})
@@ -401,22 +413,21 @@ class GlmImageOnnxPipeline:
     def ar_inputs(self, prompt: str, *, height: int, width: int, condition: _Condition | None = None) -> ArInputs:
         """The AR planner's inputs for one generation: prompt ids, mRoPE positions, token count."""
         built = self.prompts.build(prompt, height, width, condition.grids if condition else None)
-        input_ids = built["input_ids"]
+        input_ids = built.input_ids
         if condition is not None:
             # The processor's image placeholders become the sources' codebook ids (masked_scatter).
-            slots = input_ids[0] == self.image_token_id
+            slots = input_ids[0] == self.tokens.image_token_id
             input_ids = input_ids.copy()
             input_ids[0, slots] = np.concatenate(condition.ids)
-        prefill, decode = mrope.rope_index(input_ids, image_start_token_id=self.image_start_id,
-                                           image_end_token_id=self.image_end_id,
-                                           image_grid_thw=built["image_grid_thw"])
+        prefill, decode = mrope.rope_index(input_ids, image_start_token_id=self.tokens.image_start_token_id,
+                                           image_end_token_id=self.tokens.image_end_token_id,
+                                           image_grid_thw=built.image_grid_thw)
         # every grid token; the end token is not needed
-        return ArInputs(input_ids, prefill, decode, built["max_new_tokens"] - 1, tuple(built["target_grid"]),
-                        int(built["target_offset"]))
+        return ArInputs(input_ids, prefill, decode, built.max_new_tokens - 1, built.target_grid, built.target_offset)
 
     def generate_prior_tokens(self, prompt: str, *, height: int, width: int, sampler: TokenSampler,
                               condition: _Condition | None = None, progress: Progress | None = None
-                              ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+                              ) -> tuple[np.ndarray, np.ndarray, Timings]:
         """AR planning: (all generated tokens, the target grid upsampled [1, N], timings)."""
         a = self.ar_inputs(prompt, height=height, width=width, condition=condition)
         planner = self.ar_engine or self.ar
@@ -424,10 +435,9 @@ class GlmImageOnnxPipeline:
                                   progress)
         th, tw = a.target_grid
         target = result.tokens[a.target_offset: a.target_offset + th * tw]
-        timings = {"ar_prefill_s": result.prefill_s, "ar_decode_s": result.decode_s,
-                   "ar_per_token_s": float(np.median(result.per_token_s)) if result.per_token_s else 0.0,
-                   "ar_tokens": float(a.num_tokens), "ar_batch_rows": float(result.batch_rows),
-                   "ar_queue_s": result.queue_s}
+        timings = Timings(ar_prefill_s=result.prefill_s, ar_decode_s=result.decode_s,
+                          ar_per_token_s=float(np.median(result.per_token_s)) if result.per_token_s else 0.0,
+                          ar_tokens=a.num_tokens, ar_batch_rows=result.batch_rows, ar_queue_s=result.queue_s)
         return result.tokens, images.upsample_prior_ids(target, th, tw, self.grid.prior_upsample), timings
 
     # ------------------------------------------------------------------------------------ glyphs
@@ -469,7 +479,7 @@ class GlmImageOnnxPipeline:
         timesteps, sigmas = self.schedule.timesteps(
             steps, image_seq_len(height, width, self.vae_scale, self.patch_size))
         use_cfg = scale > 1
-        empty = np.zeros((self.dit_layers, 1, 0, self.dit_heads, self.dit_head_dim), np.float32)
+        empty = np.zeros((self.dit.num_layers, 1, 0, self.dit.num_heads, self.dit.head_dim), np.float32)
         keys = condition.keys if condition is not None else empty
         values = condition.values if condition is not None else empty
         # Text-to-image runs both CFG branches in one call: the shorter glyph sequence is padded and
@@ -477,7 +487,7 @@ class GlmImageOnnxPipeline:
         # image-to-image keeps two calls). A masked call cannot take the CPU's flash attention
         # (export.attention), so large images call one unpadded row at a time instead.
         seq = image_seq_len(height, width, self.vae_scale, self.patch_size) + max(cond.shape[1], uncond.shape[1])
-        scores = 2 * self.dit_heads * seq * seq * 4  # bytes of the plain kernel's [2, heads, S, S] scores
+        scores = 2 * self.dit.num_heads * seq * seq * 4  # bytes of the plain kernel's [2, heads, S, S] scores
         batch_cfg = use_cfg and condition is None and (
             self.buckets.static or cond.shape[1] == uncond.shape[1] or scores <= BATCHED_CFG_MAX_SCORES)
         session = self.sessions["dit_decoder"]

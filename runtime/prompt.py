@@ -12,6 +12,7 @@ Steps, as transformers 5 does them for the pipeline's call:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,19 @@ def _compile(template: str) -> jinja2.Template:
 def token_content(value: Any) -> str | None:
     """A tokenizer config's token: a string, or an AddedToken record {"content": ...}."""
     return value.get("content") if isinstance(value, dict) else value
+
+
+@dataclass(frozen=True)
+class PromptInputs:
+    """The AR planner's inputs for one prompt (what the processor's chat template gives)."""
+
+    input_ids: np.ndarray  # int64 [1, S]
+    attention_mask: np.ndarray  # int64 [1, S]
+    image_grid_thw: np.ndarray  # int64 [G, 3]: i2i sources then target; t2i target then preview
+    target_grid: tuple[int, int]
+    preview_grid: tuple[int, int] | None  # t2i only
+    max_new_tokens: int
+    target_offset: int  # where the target grid starts among the generated tokens (t2i: after the preview)
 
 
 class PromptBuilder:
@@ -114,7 +128,7 @@ class PromptBuilder:
                                     documents=None, add_generation_prompt=False, **{**self.special, **extra})
 
     def build(self, prompt: str, height: int, width: int,
-              source_grids: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+              source_grids: list[tuple[int, int]] | None = None) -> PromptInputs:
         """The AR inputs for one prompt.
 
         `source_grids`: each source image's (grid_h, grid_w) in patches, from `images.ImageProcessor`;
@@ -145,12 +159,16 @@ class PromptBuilder:
         ids = self.tokenizer.encode(text, add_special_tokens=not text.startswith(self.bos)).ids
         thw = [[1, h, w] for h, w in grids] + [[1, th, tw]] + ([[1, ph, pw]] if text_to_image else [])
         target_tokens = th * tw
-        return {
-            "input_ids": np.asarray([ids], dtype=np.int64),
-            "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
-            "image_grid_thw": np.asarray(thw, dtype=np.int64),
-            "target_grid": (th, tw),
-            "preview_grid": (ph, pw) if text_to_image else None,
-            "max_new_tokens": target_tokens + (ph * pw if text_to_image else 0) + 1,
-            "target_offset": ph * pw if text_to_image else 0,
-        }
+        return PromptInputs(input_ids=np.asarray([ids], dtype=np.int64),
+                            attention_mask=np.ones((1, len(ids)), dtype=np.int64),
+                            image_grid_thw=np.asarray(thw, dtype=np.int64), target_grid=(th, tw),
+                            preview_grid=(ph, pw) if text_to_image else None,
+                            max_new_tokens=target_tokens + (ph * pw if text_to_image else 0) + 1,
+                            target_offset=ph * pw if text_to_image else 0)
+
+    def prompt_error(self, prompt: str) -> str | None:
+        """Why a user's prompt cannot be built, or None: the image placeholder is reserved for
+        source images (the processor would take it for one)."""
+        if self.image_token in prompt:
+            return f"prompt: {self.image_token!r} is reserved for source images; leave it out of the text"
+        return None

@@ -42,7 +42,7 @@ PROVIDER_OPTIONS = {
 }
 # What this runtime asks of the CANN EP unless told otherwise (onnxruntime's own defaults in brackets):
 # - enable_cann_graph 1 [1]: graph mode, whole stretches compiled by CANN's graph engine; the
-#   single-op mode has no Softmax, Gather, Concat or Slice kernel (runtime/kernels/cann.json).
+#   single-op mode has no Softmax, Gather, Concat or Slice kernel (export/kernels/cann.json).
 # - precision_mode must_keep_origin_dtype [force_fp16]: compute each node in the dtype the package
 #   says; force_fp16 would also run a fp32 package, and the fp32 norms of a fp16 one, in fp16.
 # - dump_om_model 0 [1]: otherwise every compiled model (one per shape set) is written to the

@@ -15,6 +15,21 @@ import numpy as np
 from glm_image_onnx.manifest import Generation
 
 
+def random_seed() -> int:
+    """A fresh seed for a call that gave none; below 2**62 so that a batch's seed + i stays an int64."""
+    return int(np.random.SeedSequence().entropy % (2 ** 62))
+
+
+def image_seeds(seed: int | None, count: int) -> list[int | None]:
+    """The seed of each of `count` images asked for together: seed + i (a random seed for a batch
+    given none; None, drawn later, for one image given none). Image 0 of a batch is thus the image
+    one request with that seed gives; every caller (the pipeline's batch call, the OpenAI `n`) uses
+    this rule."""
+    if seed is None and count > 1:
+        seed = random_seed()
+    return [None if seed is None else int(seed) + i for i in range(count)]
+
+
 class TokenSampler:
     def __init__(self, config: Generation, codebook_size: int, seed: int | None = None):
         self.config = config

@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from glm_image_onnx.export.placement import observe
 from glm_image_onnx.quantize import quality  # numpy only: PSNR and SSIM
 from glm_image_onnx.runtime import GlmImageOnnxPipeline
-from glm_image_onnx.runtime.placement import observe
 
 PROMPT = "a shop sign that says 'OPEN'"
 H200_BANDWIDTH = 4.8e12  # bytes/s, HBM3e; other GPUs: --bandwidth
@@ -61,12 +61,12 @@ def main() -> int:
         ar_bytes = sum((package / f).stat().st_size for f in
                        [pipe.package.graphs["ar_planner"].file, *pipe.package.graphs["ar_planner"].external_data])
         floor_ms = ar_bytes / args.bandwidth * 1e3
-        floor = (f" (weight-bandwidth floor {floor_ms:.4f} ms, {t['ar_per_token_s'] * 1e3 / floor_ms:.1f}x)"
+        floor = (f" (weight-bandwidth floor {floor_ms:.4f} ms, {t.ar_per_token_s * 1e3 / floor_ms:.1f}x)"
                  if args.provider == "cuda" else "")
         print(f"  {size}x{size}, 50 steps (a longer prompt: same buckets, no new compile): total {total:.2f} s; "
-              f"AR {int(t['ar_tokens'])} tokens, {t['ar_per_token_s'] * 1e3:.3f} ms/token{floor}, "
-              f"prefill {t['ar_prefill_s'] * 1e3:.1f} ms; DiT {t['dit_per_step_s'] * 1e3:.2f} ms/step; "
-              f"VAE {t['vae_s'] * 1e3:.1f} ms")
+              f"AR {t.ar_tokens} tokens, {t.ar_per_token_s * 1e3:.3f} ms/token{floor}, "
+              f"prefill {t.ar_prefill_s * 1e3:.1f} ms; DiT {t.dit_per_step_s * 1e3:.2f} ms/step; "
+              f"VAE {t.vae_s * 1e3:.1f} ms")
         del pipe
     return 0
 

@@ -40,6 +40,7 @@ class Mutation:
 
 
 LOAD, FAULTS, HTTP = "tests/test_server_load.py", "tests/test_server_faults.py", "tests/test_server_http.py"
+CORE = "tests/test_server_core.py"
 EXPORT, QUANT = "tests/test_export_package.py", "tests/test_quantize.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -55,10 +56,19 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("drain-does-not-wait", "SIGTERM drains the requests in flight before the server exits",
              "server/app.py", "drained = await asyncio.to_thread(self.state.admission.wait_idle, timeout)",
              "drained = True", (f"{LOAD}::test_sigterm_drains_in_flight_requests",)),
-    Mutation("http-metadata-reordered", "KServe v2 REST metadata equals gRPC's (tritonclient.http unchanged)",
-             "server/kserve_http.py", "return [_scalar(fd, v) for v in value]",
-             "return [_scalar(fd, v) for v in reversed(value)]",
-             (f"{HTTP}::test_tritonclient_http_infers_glm_image_and_glyph_encoder",)),
+    Mutation("grpc-stats-ignore-name", "gRPC and HTTP answer metadata, config, statistics and errors alike",
+             "server/kserve.py", "self.plane.model_statistics(request.name, request.version)",
+             'self.plane.model_statistics("", request.version)',
+             (f"{CORE}::test_grpc_and_http_describe_every_model_alike",)),
+    Mutation("timeout-parameter-ignored", "Triton's timeout parameter is a deadline over gRPC and HTTP",
+             "server/inference.py", 'timeout_us = parameters.pop("timeout", None)',
+             'timeout_us = parameters.pop("timeout", None) and None',
+             (f"{CORE}::test_timeout_parameter_is_a_deadline_over_grpc_too",
+              f"{HTTP}::test_kserve_timeout_parameter_is_a_deadline")),
+    Mutation("setting-not-passed", "a setting declared once reaches the pipeline from every front end",
+             "server/glm_image_fields.py", 'for n in SETTINGS if n not in ("height", "width")}',
+             'for n in SETTINGS if n not in ("height", "width", "do_sample")}',
+             (f"{CORE}::test_a_declared_setting_reaches_every_front_end",)),
     Mutation("prompt-parameter-ignored", "a KServe parameter works like the input tensor of the same name",
              "server/glm_image_request.py", 'return value.encode("utf-8")', 'return b"a placeholder prompt"',
              ("tests/test_server_kserve.py::test_parameters_work_like_inputs_and_outputs_are_selectable",)),

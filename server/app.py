@@ -27,7 +27,8 @@ from glm_image_onnx.runtime.ar_batch import ArBatching
 from glm_image_onnx.server.admission import Admission
 from glm_image_onnx.server.glm_image_model import GlmImageModel
 from glm_image_onnx.server.http_server import HttpFrontEnd
-from glm_image_onnx.server.kserve import InferenceService, server_version
+from glm_image_onnx.server.dataplane import DataPlane
+from glm_image_onnx.server.kserve import InferenceService
 from glm_image_onnx.server.limits import ComponentLimits, Limits
 from glm_image_onnx.server.metrics import Metrics
 from glm_image_onnx.server.models import BatchingOptions, ComponentModel, Model
@@ -112,6 +113,7 @@ class GlmImageServer:
         self.metrics = Metrics()
         admission = Admission(config.max_concurrency, config.max_queue, on_change=self.metrics.in_flight.set)
         self.state = ServerState(admission, self.metrics)
+        self.plane = DataPlane(self.state)  # what both KServe front ends answer from
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -144,7 +146,7 @@ class GlmImageServer:
                                                ("grpc.max_send_message_length", size),
                                                ("grpc.so_reuseport", 0)])
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(self.state, config.component_limits.max_tensor_elements), self.server)
+            InferenceService(self.plane, config.component_limits.max_tensor_elements), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME],
                                             self.server)
@@ -162,8 +164,7 @@ class GlmImageServer:
         await self._set_health(False)
         await self.server.start()
         if config.http_port is not None:
-            self.http = HttpFrontEnd(self.state, self.tokens, size, config.component_limits.max_tensor_elements,
-                                     server_version())
+            self.http = HttpFrontEnd(self.plane, self.tokens, size, config.component_limits.max_tensor_elements)
             try:
                 self.http_port = await self.http.start(config.host, config.http_port, security)
             except BaseException:

@@ -13,7 +13,9 @@ from pathlib import Path
 from glm_image_onnx.errors import exit_code
 from glm_image_onnx.provider_args import add_provider_arguments, provider_settings
 from glm_image_onnx.server import limits as limits_mod
+from glm_image_onnx.server.client import add_setting_arguments
 from glm_image_onnx.server.limits import ComponentLimits, Limits
+from glm_image_onnx.targets import PROVIDER_NAMES
 
 
 def _cli_error(message: str, code: int = 2) -> Exception:
@@ -121,6 +123,12 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    _add_serve(sub)
+    _add_client(sub)
+    _add_triton_repo(sub)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a package over gRPC (KServe v2 / Triton protocol)")
     p.add_argument("package", help="exported ONNX package folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
@@ -159,18 +167,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="log warnings only (no per-request lines)")
     p.set_defaults(func=cmd_serve)
 
+
+def _add_client(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("client", help="generate an image with a running server (tritonclient)")
     p.add_argument("--url", default="127.0.0.1:8001", help="server host:port (default 127.0.0.1:8001)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", metavar="FILE", help="source image to edit (PNG/JPEG)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
+    add_setting_arguments(p)  # --height, --steps, ...: one per glm_image setting
     p.add_argument("--timeout", type=float, help="seconds before the request is abandoned (server stops the work)")
     p.add_argument("--stream", action="store_true", help="show progress (ModelStreamInfer)")
     p.add_argument("--model", default="glm_image", help="model name (default glm_image)")
@@ -183,6 +186,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     p.set_defaults(func=cmd_client)
 
+
+def _add_triton_repo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("triton-repo", help="write a Triton model repository for a package")
     p.add_argument("package", help="exported ONNX package folder")
     p.add_argument("out", help="repository folder to write")
@@ -198,7 +203,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-components", action="store_true", help="only the glm_image Python model")
     p.add_argument("--no-pipeline", action="store_true", help="only the ONNX component models")
     limits_mod.add_arguments(p, Limits)  # glm_image's request bounds, in its model config
-    p.add_argument("--pipeline-provider", default=None, choices=["cpu", "cuda", "cann"],
+    p.add_argument("--pipeline-provider", default=None, choices=PROVIDER_NAMES,
                    help="execution provider of the glm_image model (default: cuda for --kind gpu, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing repository")
     p.set_defaults(func=cmd_triton_repo)

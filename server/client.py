@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from glm_image_onnx.server.glm_image_request import FIELDS, SETTINGS
+from glm_image_onnx.server.glm_image_fields import FIELDS, SETTINGS
 
 
 
@@ -44,6 +44,17 @@ def build_inputs(prompt: str, image: bytes | None = None, **fields: Any) -> list
             datatype = FIELDS[name].datatype
             inputs.append(tensor(name, np.array([value], dtype=triton_to_np_dtype(datatype)), datatype))
     return inputs
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per glm_image setting (`glm_image_request.FIELDS`), unset by default (the server's)."""
+    for name in SETTINGS:
+        kind = FIELDS[name].kind
+        flag = "--" + name.replace("_", "-")
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type=int if kind == "int" else float)
 
 
 def connection_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str] | None]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from glm_image_onnx.server import errors
 from glm_image_onnx.server.errors import RequestError
@@ -19,10 +19,9 @@ _ids = itertools.count(1)
 
 class RequestContext:
     def __init__(self, model: str, request_id: str = "", timeout_s: float | None = None, peer: str = "",
-                 protocol: str = "grpc", previews: Any = None):
+                 protocol: str = "grpc"):
         self.model = model
         self.protocol = protocol  # the front end: "grpc" or "http"
-        self.previews = previews  # glm_image: a glm_image_request.Previews (the OpenAI API's partial images)
         self.request_id = request_id
         self.serial = next(_ids)
         self.peer = peer

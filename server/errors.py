@@ -67,3 +67,8 @@ def unauthenticated(message: str) -> RequestError:
 def too_large(message: str) -> RequestError:
     """HTTP only (gRPC refuses an oversized message itself, RESOURCE_EXHAUSTED)."""
     return RequestError("PAYLOAD_TOO_LARGE", message)
+
+
+def no_shared_memory(what: str) -> RequestError:
+    """A tensor that names a shared-memory region (Triton's extension, which this server lacks)."""
+    return invalid(f"{what}: shared memory is not supported by this server; send the data inline")

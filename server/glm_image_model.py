@@ -19,7 +19,7 @@ from glm_image_onnx.server.admission import Admission
 from glm_image_onnx.server.context import RequestContext
 from glm_image_onnx.server.limits import Limits, to_parameters
 from glm_image_onnx.server.metrics import Metrics
-from glm_image_onnx.server.models import Model, Prepared, Progress, Result
+from glm_image_onnx.server.models import Decoded, Model, Prepared, Progress, Result
 
 __all__ = ["GlmImageModel", "Limits"]
 
@@ -51,22 +51,23 @@ class GlmImageModel(Model):
         self.quantization = (manifest.quantization or {}).get("recipe", "none")
         self.target = f"{manifest.target.name} {manifest.target.dtype}"  # what the package was built for (glm_image_onnx.targets)
 
-    def config(self):
-        cfg = super().config()
-        cfg.parameters["streaming_progress"].string_value = (
-            "ModelStreamInfer sends progress responses (parameter progress_stage) before the image")
-        cfg.parameters["providers"].string_value = ",".join(self.pipeline.providers)
-        cfg.parameters["quantization"].string_value = self.quantization
-        cfg.parameters["target"].string_value = self.target
-        for name, value in to_parameters(self.limits).items():  # every bound of a request
-            cfg.parameters[name].string_value = value
-        for name, value in dataclasses.asdict(self.batching).items():  # ar_enabled, ar_max_rows, ar_join_wait_ms
-            cfg.parameters[f"ar_{name}"].string_value = str(value).lower()
-        return cfg
+    def parameters(self) -> dict[str, str]:
+        return {
+            "streaming_progress": "ModelStreamInfer sends progress responses (parameter progress_stage) "
+                                  "before the image",
+            "providers": ",".join(self.pipeline.providers), "quantization": self.quantization, "target": self.target,
+            **to_parameters(self.limits),  # every bound of a request
+            # ar_enabled, ar_max_rows, ar_join_wait_ms
+            **{f"ar_{k}": str(v).lower() for k, v in dataclasses.asdict(self.batching).items()},
+        }
 
-    def prepare(self, inputs: dict[str, np.ndarray], params: dict[str, Any], requested: list[str]) -> Prepared:
-        request = glm.parse(inputs, params, self.limits, self.pipeline.supports_image_to_image)
-        return Prepared({"request": request}, glm.requested_outputs(requested))
+    def parse(self, inputs: dict[str, np.ndarray], params: dict[str, Any]) -> glm.GlmImageRequest:
+        """A checked request from tensors and parameters (INVALID_ARGUMENT naming the field)."""
+        return glm.parse(inputs, params, self.limits, self.pipeline.supports_image_to_image)
+
+    def prepare(self, decoded: Decoded) -> Prepared:
+        request = decoded.request or self.parse(decoded.inputs, decoded.parameters)
+        return Prepared({}, self.output_names(decoded.outputs), request=request)
 
     def submit(self, prepared: Prepared, ctx: RequestContext, admission: Admission,
                progress: Progress | None = None) -> Future:
@@ -76,15 +77,14 @@ class GlmImageModel(Model):
                 progress(stage, done, total)
 
         def work() -> Result:
-            out = glm.run(self.pipeline, prepared.inputs["request"], prepared.outputs, self.limits, on_progress,
-                          ctx.previews)
-            self.stats.execution_done(1, out.timings.get("total", 0.0))
-            ctx.ar_rows = int(out.parameters["ar_batch_rows"])
+            out = glm.run(self.pipeline, prepared.request, prepared.outputs, self.limits, on_progress)
+            t = out.timings
+            self.stats.execution_done(1, t.total_s)
+            ctx.ar_rows = t.ar_batch_rows
             if self.metrics is not None:
-                self.metrics.ar_queue_seconds.observe(out.ar_queue_s)
+                self.metrics.ar_queue_seconds.observe(t.ar_queue_s)
                 if self.pipeline.ar_engine is None:  # the engine reports each of its calls itself
-                    self.metrics.ar_call("alone", out.ar_tokens,
-                                         out.timings.get("ar_prefill", 0.0) + out.timings.get("ar_decode", 0.0))
+                    self.metrics.ar_call("alone", t.ar_tokens, t.ar_prefill_s + t.ar_decode_s)
             return out
 
         return admission.run(ctx, work, self.executor)

@@ -15,6 +15,7 @@ Inputs (each also accepted as a request parameter of the same name; a tensor win
 | `seed` | INT64 [1] | >= 0; the same seed gives the same image |
 | `temperature`, `top_p` | FP32 [1] | AR sampling |
 | `top_k` | INT32 [1] | AR sampling |
+| `do_sample` | BOOL [1] | AR sampling (false: greedy) |
 
 Outputs (those requested, or all): `image_png` BYTES [1], `image` UINT8 [H, W, 3], `tokens` INT64 [N].
 Response parameters: `seed` (the one used), `total_s` and `ar_batch_rows` (the most generations
@@ -26,18 +27,17 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from glm_image_onnx.manifest import Pipeline
 from glm_image_onnx.server import errors
+from glm_image_onnx.server.glm_image_fields import FIELDS, SETTINGS, FieldSpec, GlmImageRequest, Previews
 from glm_image_onnx.server.limits import Limits
 from glm_image_onnx.server.result import Result
-from glm_image_onnx.server.specs import TensorSpec
+from glm_image_onnx.server.specs import TensorSpec, select_outputs
 from glm_image_onnx.server.tensors import datatype_of
 
 if TYPE_CHECKING:
@@ -45,33 +45,17 @@ if TYPE_CHECKING:
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_SOURCE_IMAGES = 4  # source images of one edit (GLM-Image conditions on each)
-
-
-@dataclass(frozen=True)
-class _Field:
-    datatype: str
-    kind: str  # text | image | int | float
-
-
-FIELDS = {
-    "prompt": _Field("BYTES", "text"), "image": _Field("BYTES", "image"),
-    "height": _Field("INT32", "int"), "width": _Field("INT32", "int"), "steps": _Field("INT32", "int"),
-    "guidance": _Field("FP32", "float"), "seed": _Field("INT64", "int"),
-    "temperature": _Field("FP32", "float"), "top_p": _Field("FP32", "float"), "top_k": _Field("INT32", "int"),
-}
-SETTINGS = tuple(n for n, f in FIELDS.items() if f.kind in ("int", "float"))  # one number each
 INPUTS = [TensorSpec(n, f.datatype, ("images",) if f.kind == "image" else (1,), optional=(n != "prompt"))
           for n, f in FIELDS.items()]
 OUTPUTS = [TensorSpec("image_png", "BYTES", (1,)), TensorSpec("image", "UINT8", ("height", "width", 3)),
            TensorSpec("tokens", "INT64", ("tokens",))]
-OUTPUT_NAMES = [s.name for s in OUTPUTS]
 
 
 def _as_bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode("utf-8")
 
 
-def _from_tensor(name: str, f: _Field, array: np.ndarray) -> Any:
+def _from_tensor(name: str, f: FieldSpec, array: np.ndarray) -> Any:
     got = datatype_of(array.dtype)
     if got != f.datatype:
         raise errors.invalid(f"input '{name}' must be {f.datatype}, got {got}", name)
@@ -85,10 +69,10 @@ def _from_tensor(name: str, f: _Field, array: np.ndarray) -> Any:
     value = array[0]
     if f.kind == "text":
         return _as_bytes(value)
-    return int(value) if f.kind == "int" else float(value)
+    return {"int": int, "float": float, "bool": bool}[f.kind](value)
 
 
-def _from_param(name: str, f: _Field, value: Any) -> Any:
+def _from_param(name: str, f: FieldSpec, value: Any) -> Any:
     if f.kind == "text":
         if not isinstance(value, str):
             raise errors.invalid(f"parameter '{name}' must be a string, got {type(value).__name__}", name)
@@ -101,6 +85,12 @@ def _from_param(name: str, f: _Field, value: Any) -> Any:
         except (binascii.Error, ValueError):
             raise errors.invalid("parameter 'image' is not valid base64 (send raw bytes as the BYTES input "
                                  "'image' instead)", name) from None
+    if f.kind == "bool":
+        if isinstance(value, str) and value.lower() in ("true", "false"):  # a form field (OpenAI edits)
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise errors.invalid(f"parameter '{name}' must be true or false, got {value!r}", name)
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise errors.invalid(f"parameter '{name}' must be a number, got {type(value).__name__}", name)
     if isinstance(value, str):
@@ -115,26 +105,8 @@ def _from_param(name: str, f: _Field, value: Any) -> Any:
     return float(value)
 
 
-@dataclass
-class GlmImageRequest:
-    prompt: str
-    images: list[Image.Image] = field(default_factory=list)  # source images: headers read, pixels decoded by `run`
-    height: int | None = None
-    width: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    seed: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-
-
 def requested_outputs(requested: list[str]) -> list[str]:
-    for name in requested:
-        if name not in OUTPUT_NAMES:
-            raise errors.invalid(f"requested output '{name}' is not an output of glm_image "
-                                 f"(outputs: {', '.join(OUTPUT_NAMES)})")
-    return list(dict.fromkeys(requested)) or list(OUTPUT_NAMES)
+    return select_outputs("glm_image", OUTPUTS, requested)
 
 
 def parse(inputs: dict[str, np.ndarray], params: dict[str, Any], limits: Limits,
@@ -168,35 +140,18 @@ def _check(v: dict[str, Any], lim: Limits, image_to_image: bool) -> GlmImageRequ
         raise errors.invalid(f"prompt is not valid UTF-8 ({e.reason} at byte {e.start})", "prompt") from None
     if not prompt.strip():
         raise errors.invalid("prompt is empty", "prompt")
-    for name in ("height", "width"):
-        if name in v:
-            size = v[name]
-            error = lim.grid.side_error(name, size)
-            if error:
-                raise errors.invalid(error, name)
-            if lim.max_side is not None and size > lim.max_side:
-                raise errors.invalid(f"{name} {size} is larger than this server's limit of {lim.max_side} pixels",
-                                     name)
+    for name in SETTINGS:
+        check = FIELDS[name].check
+        error = check(v[name], lim) if name in v and check is not None else None
+        if error:
+            raise errors.invalid(error, name)
     if "height" in v and "width" in v:
         try:
             lim.check_size(v["height"], v["width"])
         except ValueError as e:
             raise errors.invalid(str(e), "height") from None
-    if "steps" in v and not 1 <= v["steps"] <= lim.max_steps:
-        raise errors.invalid(f"steps must be between 1 and {lim.max_steps}, got {v['steps']}", "steps")
-    if "guidance" in v and not (math.isfinite(v["guidance"]) and 0 <= v["guidance"] <= lim.max_guidance):
-        raise errors.invalid(f"guidance must be between 0 and {lim.max_guidance}, got {v['guidance']}", "guidance")
-    if "seed" in v and not 0 <= v["seed"] < 2 ** 63:
-        raise errors.invalid(f"seed must be between 0 and 2^63-1, got {v['seed']}", "seed")
-    if "temperature" in v and not (math.isfinite(v["temperature"]) and 0 < v["temperature"] <= 10):
-        raise errors.invalid(f"temperature must be in (0, 10], got {v['temperature']}", "temperature")
-    if "top_p" in v and not (math.isfinite(v["top_p"]) and 0 < v["top_p"] <= 1):
-        raise errors.invalid(f"top_p must be in (0, 1], got {v['top_p']}", "top_p")
-    if "top_k" in v and v["top_k"] < 1:
-        raise errors.invalid(f"top_k must be >= 1, got {v['top_k']}", "top_k")
     images = [_open_image(data, lim, image_to_image) for data in v.get("image", [])]
-    return GlmImageRequest(prompt, images, v.get("height"), v.get("width"), v.get("steps"), v.get("guidance"),
-                           v.get("seed"), v.get("temperature"), v.get("top_p"), v.get("top_k"))
+    return GlmImageRequest(prompt, images, **{n: v.get(n) for n in SETTINGS})
 
 
 def _open_image(data: bytes, lim: Limits, image_to_image: bool) -> Image.Image:
@@ -231,16 +186,6 @@ def output_size(r: GlmImageRequest, source: Image.Image | None, config: Pipeline
     return height, width
 
 
-@dataclass
-class Previews:
-    """`count` previews of the image while it is denoised (the OpenAI API's partial images): the
-    step's estimate of the final latents, VAE-decoded, at evenly spaced steps before the last.
-    `emit(index, image, step, total)` is called on the worker; each costs one VAE decode."""
-
-    count: int
-    emit: Callable[[int, Image.Image, int, int], None]
-
-
 def _with_previews(pipeline: Any, previews: Previews, progress: Progress | None) -> tuple[Any, Progress]:
     """(callback_on_step_end, progress) for the pipeline: the callback keeps the step's estimate and
     the progress callback, which learns the step count, decodes it at the preview steps."""
@@ -264,7 +209,7 @@ def _with_previews(pipeline: Any, previews: Previews, progress: Progress | None)
 
 
 def run(pipeline: Any, r: GlmImageRequest, outputs: list[str], limits: Limits,
-        progress: Progress | None = None, previews: Previews | None = None) -> Result:
+        progress: Progress | None = None) -> Result:
     """Decode the source images, run the pipeline (progress may raise to stop it), encode the outputs."""
     sources = []
     for image in r.images:
@@ -273,16 +218,20 @@ def run(pipeline: Any, r: GlmImageRequest, outputs: list[str], limits: Limits,
             sources.append(image.convert("RGB"))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise errors.invalid(f"image: cannot decode the {image.format} data ({e})", "image") from None
+    for image in sources:
+        error = pipeline.source_error(image.width, image.height)
+        if error:
+            raise errors.invalid(error, "image")
+    error = pipeline.prompts.prompt_error(r.prompt)
+    if error:
+        raise errors.invalid(error, "prompt")
     height, width = output_size(r, sources[0] if sources else None, pipeline.config, limits)
     on_step_end = None
-    if previews is not None and previews.count > 0:
-        on_step_end, progress = _with_previews(pipeline, previews, progress)
-    try:
-        out = pipeline(r.prompt, height=height, width=width, num_inference_steps=r.steps, guidance_scale=r.guidance,
-                       seed=r.seed, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, image=sources or None,
-                       progress=progress, callback_on_step_end=on_step_end)
-    except ValueError as e:
-        raise errors.invalid(str(e)) from None
+    if r.previews is not None and r.previews.count > 0:
+        on_step_end, progress = _with_previews(pipeline, r.previews, progress)
+    # Every setting was checked by `parse`: a ValueError from here on is a bug, answered as INTERNAL.
+    out = pipeline(r.prompt, height=height, width=width, image=sources or None, progress=progress,
+                   callback_on_step_end=on_step_end, **r.pipeline_settings())
     image = out.images[0].convert("RGB")
     result: list[tuple[str, np.ndarray, str]] = []
     for name in outputs:
@@ -294,12 +243,9 @@ def run(pipeline: Any, r: GlmImageRequest, outputs: list[str], limits: Limits,
             result.append((name, np.asarray(image, dtype=np.uint8), "UINT8"))
         elif name == "tokens":
             result.append((name, np.asarray(out.tokens, np.int64).reshape(-1), "INT64"))
-    stages = {k[:-2]: float(v) for k, v in out.timings.items()
-              if k.endswith("_s") and not k.startswith(("dit_per", "ar_per", "ar_queue"))}
-    parameters = {"seed": int(out.seed), "total_s": float(out.timings.get("total_s", 0.0)),
-                  "ar_batch_rows": int(out.timings.get("ar_batch_rows", 1))}
-    return Result(result, parameters, stages, float(out.timings.get("ar_queue_s", 0.0)),
-                  int(out.timings.get("ar_tokens", 0)))
+    t = out.timings
+    parameters = {"seed": int(out.seed), "total_s": float(t.total_s), "ar_batch_rows": int(t.ar_batch_rows)}
+    return Result(result, parameters, t)
 
 
 def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:

@@ -6,7 +6,7 @@ Why Starlette on uvicorn: both are small, well-kept and the base of most Python 
 (KServe's own Python server and vLLM among them); Starlette gives routing, multipart forms and
 streaming responses and nothing more. Not FastAPI: its pydantic request models would be a second
 copy of request validation, and each request must go through the one parser the gRPC front end
-uses (`glm_image_request`, `tensors`, `inference.infer`).
+uses (`glm_image_request`, `tensors`, the core `dataplane`).
 
 What this module owns, for both APIs: authentication (every route but `/v2/health/*`, the same
 tokens as gRPC: `Authorization: Bearer <token>`, which the OpenAI SDK sends as its api key), the body
@@ -33,7 +33,7 @@ from starlette.responses import Response
 from glm_image_onnx.server import errors
 from glm_image_onnx.server.errors import RequestError
 from glm_image_onnx.server.security import SecurityConfig, TokenStore, bearer
-from glm_image_onnx.server.state import ServerState
+from glm_image_onnx.server.dataplane import DataPlane
 
 log = logging.getLogger("glm_image_onnx.server")
 logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop lines repeat ours
@@ -50,13 +50,12 @@ class _Uvicorn(uvicorn.Server):
 
 
 class HttpFrontEnd:
-    def __init__(self, state: ServerState, tokens: TokenStore | None, max_body_bytes: int,
-                 max_tensor_elements: int, version: str):
-        self.state = state
+    def __init__(self, plane: DataPlane, tokens: TokenStore | None, max_body_bytes: int, max_tensor_elements: int):
+        self.plane = plane
+        self.state = plane.state
         self.tokens = tokens
         self.max_body_bytes = max_body_bytes
         self.max_tensor_elements = max_tensor_elements
-        self.version = version
         self.port: int | None = None
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task | None = None

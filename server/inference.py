@@ -12,15 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
-
-import numpy as np
 
 from glm_image_onnx.server import errors
 from glm_image_onnx.server.context import RequestContext
 from glm_image_onnx.server.errors import RequestError
-from glm_image_onnx.server.models import Model, Progress, Result
+from glm_image_onnx.server.models import Decoded, Model, Progress, Result
 from glm_image_onnx.server.state import ServerState
 
 log = logging.getLogger("glm_image_onnx.server")
@@ -28,16 +25,13 @@ log = logging.getLogger("glm_image_onnx.server")
 T = TypeVar("T")
 
 
-@dataclass
-class Decoded:
-    """A request as its front end read it off the wire."""
-
-    inputs: dict[str, np.ndarray]
-    parameters: dict[str, Any] = field(default_factory=dict)
-    outputs: list[str] = field(default_factory=list)  # requested output names (none: all)
-
-
 AR_PROGRESS_UPDATES = 32  # at most this many AR progress updates per request (plus the last)
+
+
+def loop_progress(loop: asyncio.AbstractEventLoop, send: Callable[[str, int, int], None]) -> Progress:
+    """The pipeline's progress (on a worker thread) as calls of `send` on the event loop, AR steps
+    throttled (`ar_throttled`): how a streaming front end turns progress into messages."""
+    return ar_throttled(lambda stage, done, total: loop.call_soon_threadsafe(send, stage, done, total))
 
 
 def ar_throttled(progress: Progress) -> Progress:
@@ -49,6 +43,16 @@ def ar_throttled(progress: Progress) -> Progress:
             progress(stage, done, total)
 
     return throttled
+
+
+def _apply_request_parameters(ctx: RequestContext, parameters: dict[str, Any]) -> None:
+    """Triton's request parameters that concern the server, not the model, the same on every front
+    end: `timeout` (microseconds) bounds the request like a gRPC deadline, the earlier one winning."""
+    timeout_us = parameters.pop("timeout", None)
+    if timeout_us is not None:
+        if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us <= 0:
+            raise errors.invalid("parameter 'timeout' must be a positive integer (microseconds)", "timeout")
+        ctx.set_timeout(timeout_us / 1e6)
 
 
 async def infer(state: ServerState, ctx: RequestContext, version: str, decode: Callable[[], Decoded],
@@ -67,7 +71,8 @@ async def infer(state: ServerState, ctx: RequestContext, version: str, decode: C
             raise errors.unavailable(f"the server is {state.phase.lower()}; not accepting requests")
         t = time.perf_counter()
         request = decode()
-        prepared = model.prepare(request.inputs, request.parameters, request.outputs)
+        _apply_request_parameters(ctx, request.parameters)
+        prepared = model.prepare(request)
         rows = prepared.rows
         ctx.input_s = time.perf_counter() - t
         state.admission.admit(ctx)
@@ -91,8 +96,8 @@ async def infer(state: ServerState, ctx: RequestContext, version: str, decode: C
         result = model.finish(prepared, value)
         encoded = encode(model, result)
         ctx.output_s = time.perf_counter() - t
-        if result.timings:
-            state.metrics.stages(model.name, result.timings)
+        if result.timings is not None:
+            state.metrics.stages(model.name, result.timings.stages())
         return encoded
     except RequestError as e:
         status = e.code
@@ -102,12 +107,17 @@ async def infer(state: ServerState, ctx: RequestContext, version: str, decode: C
         log.exception("request %s to %s failed", ctx.label, ctx.model)
         raise errors.internal(f"{ctx.model}: internal error: {type(e).__name__}: {e}") from None
     finally:
-        total = time.perf_counter() - ctx.t_received
-        if model is not None:
-            model.stats.request_done(status == "OK", total, ctx.queue_s(), ctx.input_s, ctx.compute_s(),
-                                     ctx.output_s, rows)
-        queued = ctx.queue_s() if ctx.t_started is not None else None
-        state.metrics.request_done(ctx.model if model else "unknown", status, total, queued)
-        log.info("infer model=%s id=%s peer=%s protocol=%s status=%s queue_ms=%.1f compute_ms=%.1f total_ms=%.1f%s",
-                 ctx.model, ctx.label, ctx.peer, ctx.protocol, status, ctx.queue_s() * 1e3, ctx.compute_s() * 1e3,
-                 total * 1e3, "" if ctx.ar_rows is None else f" ar_rows={ctx.ar_rows}")
+        _record(state, ctx, model, status, rows)
+
+
+def _record(state: ServerState, ctx: RequestContext, model: Model | None, status: str, rows: int) -> None:
+    """A finished request's statistics, metrics and its one log line."""
+    total = time.perf_counter() - ctx.t_received
+    if model is not None:
+        model.stats.request_done(status == "OK", total, ctx.queue_s(), ctx.input_s, ctx.compute_s(), ctx.output_s,
+                                 rows)
+    queued = ctx.queue_s() if ctx.t_started is not None else None
+    state.metrics.request_done(ctx.model if model else "unknown", status, total, queued)
+    log.info("infer model=%s id=%s peer=%s protocol=%s status=%s queue_ms=%.1f compute_ms=%.1f total_ms=%.1f%s",
+             ctx.model, ctx.label, ctx.peer, ctx.protocol, status, ctx.queue_s() * 1e3, ctx.compute_s() * 1e3,
+             total * 1e3, "" if ctx.ar_rows is None else f" ar_rows={ctx.ar_rows}")

@@ -1,9 +1,9 @@
 """KServe v2 `inference.GRPCInferenceService` on grpc.aio, using the protocol modules shipped in
 tritonclient so that the stock `tritonclient.grpc` clients (sync, aio, streaming) work unchanged.
 
-Inference never runs on the event loop: a request is decoded and validated here (errors name the
-field), admitted by admission control (RESOURCE_EXHAUSTED over the limit), run on a worker or a batcher,
-and awaited; a client that cancels or whose deadline passes stops the work at the next AR token or
+A thin codec over `dataplane.DataPlane`: protobuf in, the core's plain answers parsed into protobuf
+out. Inference never runs on the event loop: a request is decoded here (errors name the field),
+validated, admitted (RESOURCE_EXHAUSTED over the limit) and run on a worker by the core, and awaited; a client that cancels or whose deadline passes stops the work at the next AR token or
 denoising step. `ModelStreamInfer` runs each request of the stream concurrently, sends progress
 responses (parameter `progress_stage`) before the final one, and reports per-request errors in-band
 as `error_message`, so the stream stays usable.
@@ -12,29 +12,25 @@ as `error_message`, so the stream stays usable.
 from __future__ import annotations
 
 import asyncio
-from importlib import metadata as importlib_metadata
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import grpc
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from glm_image_onnx.server import errors
 from glm_image_onnx.server.context import RequestContext
+from glm_image_onnx.server.dataplane import DataPlane
 from glm_image_onnx.server.errors import RequestError
-from glm_image_onnx.server.inference import Decoded, ar_throttled, infer
-from glm_image_onnx.server.models import VERSION, Model, Result
-from glm_image_onnx.server.state import ServerState
+from glm_image_onnx.server.inference import loop_progress
+from glm_image_onnx.server.models import VERSION, Decoded, Model, Result
 from glm_image_onnx.server.tensors import DEFAULT_MAX_ELEMENTS, add_output, parameter_value, read_inputs, set_parameter
 
-SERVER_NAME = "glm-image-onnx"
-EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data", "parameters", "streaming_progress"]
 
-
-def server_version() -> str:
-    try:
-        return importlib_metadata.version("glm-image-onnx")
-    except importlib_metadata.PackageNotFoundError:
-        return "0+unknown"
+def to_message(data: dict[str, Any], message: Message) -> Message:
+    """The core's plain answer as a protobuf message (a field the .proto lacks is a bug: it raises)."""
+    return json_format.ParseDict(data, message)
 
 
 def _progress_response(request: service_pb2.ModelInferRequest, stage: str, done: int, total: int
@@ -48,55 +44,50 @@ def _progress_response(request: service_pb2.ModelInferRequest, stage: str, done:
 
 
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, state: ServerState, max_tensor_elements: int = DEFAULT_MAX_ELEMENTS,
+    def __init__(self, plane: DataPlane, max_tensor_elements: int = DEFAULT_MAX_ELEMENTS,
                  max_stream_pending: int = 256):
-        self.state = state
+        self.plane = plane
         self.max_tensor_elements = max_tensor_elements
         self.max_stream_pending = max_stream_pending
-        self.version = server_version()
+
+    async def _answer(self, context, make: Callable[[], Message]) -> Message:
+        try:
+            return make()
+        except RequestError as e:
+            await context.abort(grpc.StatusCode[e.code], e.message)
 
     # ------------------------------------------------------------------------------ health-ish
     async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return service_pb2.ServerReadyResponse(ready=self.state.ready)
+        return service_pb2.ServerReadyResponse(ready=self.plane.ready())
 
     async def ModelReady(self, request, context):
-        model = self.state.models.get(request.name)
-        ready = bool(self.state.ready and model is not None and model.ready and request.version in ("", VERSION))
+        try:  # KServe's gRPC ModelReady has no error: an unknown model is not ready
+            ready = self.plane.model_ready(request.name, request.version)
+        except RequestError:
+            ready = False
         return service_pb2.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request, context):
-        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
+        return to_message(self.plane.server_metadata(), service_pb2.ServerMetadataResponse())
 
     # ------------------------------------------------------------------------------- metadata
-    async def _lookup(self, context, name: str, version: str):
-        try:
-            return self.state.model(name, version)
-        except RequestError as e:
-            await context.abort(grpc.StatusCode[e.code], e.message)
-
     async def ModelMetadata(self, request, context):
-        return (await self._lookup(context, request.name, request.version)).metadata()
+        return await self._answer(context, lambda: to_message(self.plane.model_metadata(request.name, request.version),
+                                                              service_pb2.ModelMetadataResponse()))
 
     async def ModelConfig(self, request, context):
-        model = await self._lookup(context, request.name, request.version)
-        return service_pb2.ModelConfigResponse(config=model.config())
+        return await self._answer(context, lambda: service_pb2.ModelConfigResponse(config=to_message(
+            self.plane.model_config(request.name, request.version), model_config_pb2.ModelConfig())))
 
     async def ModelStatistics(self, request, context):
-        names = [request.name] if request.name else list(self.state.models)
-        response = service_pb2.ModelStatisticsResponse()
-        for name in names:
-            model = await self._lookup(context, name, request.version)
-            response.model_stats.append(model.stats.to_proto(model.name, VERSION))
-        return response
+        return await self._answer(context, lambda: to_message(
+            self.plane.model_statistics(request.name, request.version), service_pb2.ModelStatisticsResponse()))
 
     async def RepositoryIndex(self, request, context):
-        response = service_pb2.RepositoryIndexResponse()
-        for entry in self.state.repository_index(request.ready):
-            response.models.add(**entry)
-        return response
+        return to_message({"models": self.plane.repository_index(request.ready)}, service_pb2.RepositoryIndexResponse())
 
     # ------------------------------------------------------------------------------ inference
     async def ModelInfer(self, request, context):
@@ -114,7 +105,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             progress = None
             wanted = parameter_value(request.parameters["progress"]) if "progress" in request.parameters else True
             if wanted is not False:
-                progress = self._stream_progress(loop, queue, request)
+                progress = loop_progress(loop, lambda *p: queue.put_nowait(_progress_response(request, *p)))
             try:
                 response = await self._infer(request, context, progress)
                 set_parameter(response.parameters, "triton_final_response", True)
@@ -147,13 +138,6 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             for task in list(tasks):
                 task.cancel()
 
-    def _stream_progress(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
-                         request: service_pb2.ModelInferRequest) -> Callable[[str, int, int], None]:
-        def progress(stage: str, done: int, total: int) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, _progress_response(request, stage, done, total))
-
-        return ar_throttled(progress)
-
     async def _infer(self, request: service_pb2.ModelInferRequest, context,
                      progress: Callable[[str, int, int], None] | None = None) -> service_pb2.ModelInferResponse:
         ctx = RequestContext(request.model_name, request.id, context.time_remaining(), context.peer())
@@ -161,7 +145,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         def decode() -> Decoded:
             for out in request.outputs:
                 if "shared_memory_region" in out.parameters:
-                    raise errors.invalid(f"output '{out.name}': shared memory is not supported by this server")
+                    raise errors.no_shared_memory(f"output '{out.name}'")
             params = {k: parameter_value(v) for k, v in request.parameters.items()}
             return Decoded(read_inputs(request, self.max_tensor_elements), params, [o.name for o in request.outputs])
 
@@ -173,4 +157,4 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 set_parameter(response.parameters, key, value)
             return response
 
-        return await infer(self.state, ctx, request.model_version, decode, encode, progress)
+        return await self.plane.infer(ctx, request.model_version, decode, encode, progress)

@@ -9,8 +9,9 @@ asks (`"parameters": {"binary_data": true}`), when the request asks for all (`bi
 or when JSON cannot carry it (FP16, non-UTF-8 BYTES such as `image_png`). Errors are
 `{"error": "..."}` with the status Triton uses (`errors.HTTP_STATUS`).
 
-Everything past the wire format (validation, admission, cancellation, stats, the log line) is
-`inference.infer`, the gRPC service's path.
+A thin codec over `dataplane.DataPlane`, as the gRPC service is: the core's plain answers go out
+as they are, and everything past the wire format (validation, admission, cancellation, Triton's
+request parameters such as `timeout`, stats, the log line) is the core's, the same for both.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import json
 from typing import Any
 
 import numpy as np
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -28,37 +27,11 @@ from starlette.routing import Route
 from glm_image_onnx.server import errors
 from glm_image_onnx.server.context import RequestContext
 from glm_image_onnx.server.http_server import HttpFrontEnd
-from glm_image_onnx.server.inference import Decoded, infer
-from glm_image_onnx.server.kserve import EXTENSIONS, SERVER_NAME
-from glm_image_onnx.server.models import VERSION, Model, Result
+from glm_image_onnx.server.models import VERSION, Decoded, Model, Result
 from glm_image_onnx.server.tensors import MAX_INPUTS, NUMPY, encode_bytes, from_raw, from_values
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPES = set(NUMPY) - {"FP16"}  # JSON numbers cannot round-trip FP16 exactly: binary only
-
-
-def proto_dict(message: Message) -> dict[str, Any]:
-    """A protobuf message as Triton's HTTP endpoint writes it: field names as in the .proto, enums by
-    name, 64-bit integers as JSON numbers (json_format would write them as strings)."""
-    return {fd.name: _field_value(fd, value) for fd, value in message.ListFields()}
-
-
-def _field_value(fd: FieldDescriptor, value: Any) -> Any:
-    if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
-        value_fd = fd.message_type.fields_by_name["value"]
-        return {k: _scalar(value_fd, v) for k, v in value.items()}
-    repeated = fd.is_repeated if hasattr(FieldDescriptor, "is_repeated") else fd.label == fd.LABEL_REPEATED
-    if repeated:
-        return [_scalar(fd, v) for v in value]
-    return _scalar(fd, value)
-
-
-def _scalar(fd: FieldDescriptor, value: Any) -> Any:
-    if fd.type == FieldDescriptor.TYPE_MESSAGE:
-        return proto_dict(value)
-    if fd.type == FieldDescriptor.TYPE_ENUM:
-        return fd.enum_type.values_by_number[value].name
-    return value
 
 
 # ------------------------------------------------------------------------------------- request
@@ -83,31 +56,38 @@ def _flat(data: Any, name: str, limit: int) -> list:
     return out
 
 
-def decode_request(body: bytes, header_length: str | None, max_elements: int) -> tuple[str, Decoded, dict[str, bool]]:
-    """(request id, decoded request, output name -> binary) of an infer body."""
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """(JSON header, binary tensor data) of an infer body."""
     if header_length is None:
-        header, binary = body, b""
-    else:
-        try:
-            size = int(header_length)
-        except ValueError:
-            raise errors.invalid(f"header {HEADER_LENGTH}: not an integer ({header_length[:40]!r})") from None
-        if not 0 <= size <= len(body):
-            raise errors.invalid(f"header {HEADER_LENGTH}: {size} is outside the {len(body)}-byte body")
-        header, binary = body[:size], body[size:]
+        return body, b""
     try:
-        request = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise errors.invalid(f"the request body is not valid JSON ({e})") from None
-    request = _object(request, "the request body")
-    request_id = request.get("id", "")
-    if not isinstance(request_id, str):
-        raise errors.invalid("'id' must be a string")
-    params = _object(request.get("parameters", {}), "'parameters'")
-    for key, value in params.items():
-        if not isinstance(value, (str, int, float, bool)):
-            raise errors.invalid(f"parameter '{key}' must be a string, number or bool")
-    tensors = request.get("inputs")
+        size = int(header_length)
+    except ValueError:
+        raise errors.invalid(f"header {HEADER_LENGTH}: not an integer ({header_length[:40]!r})") from None
+    if not 0 <= size <= len(body):
+        raise errors.invalid(f"header {HEADER_LENGTH}: {size} is outside the {len(body)}-byte body")
+    return body[:size], body[size:]
+
+
+def _input(i: int, tensor: Any, seen: dict[str, np.ndarray]) -> tuple[str, str, list[int], dict[str, Any]]:
+    """(name, datatype, shape, parameters) of inputs[i], checked."""
+    tensor = _object(tensor, f"inputs[{i}]")
+    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+    if not isinstance(name, str) or not name:
+        raise errors.invalid(f"inputs[{i}]: 'name' must be a non-empty string")
+    if name in seen:
+        raise errors.invalid(f"input '{name}' is given twice")
+    if not isinstance(datatype, str):
+        raise errors.invalid(f"input '{name}': 'datatype' must be a string")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise errors.invalid(f"input '{name}': 'shape' must be a list of integers")
+    tparams = _object(tensor.get("parameters", {}), f"input '{name}': 'parameters'")
+    if "shared_memory_region" in tparams:
+        raise errors.no_shared_memory(f"input '{name}'")
+    return name, datatype, shape, tparams
+
+
+def _inputs(tensors: Any, binary: bytes, max_elements: int) -> dict[str, np.ndarray]:
     if not isinstance(tensors, list):
         raise errors.invalid("'inputs' must be a list of tensors")
     if len(tensors) > MAX_INPUTS:
@@ -115,19 +95,7 @@ def decode_request(body: bytes, header_length: str | None, max_elements: int) ->
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for i, tensor in enumerate(tensors):
-        tensor = _object(tensor, f"inputs[{i}]")
-        name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
-        if not isinstance(name, str) or not name:
-            raise errors.invalid(f"inputs[{i}]: 'name' must be a non-empty string")
-        if name in inputs:
-            raise errors.invalid(f"input '{name}' is given twice")
-        if not isinstance(datatype, str):
-            raise errors.invalid(f"input '{name}': 'datatype' must be a string")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-            raise errors.invalid(f"input '{name}': 'shape' must be a list of integers")
-        tparams = _object(tensor.get("parameters", {}), f"input '{name}': 'parameters'")
-        if "shared_memory_region" in tparams:
-            raise errors.invalid(f"input '{name}': shared memory is not supported by this server; send the data inline")
+        name, datatype, shape, tparams = _input(i, tensor, inputs)
         if "binary_data_size" in tparams:
             size = tparams["binary_data_size"]
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -147,11 +115,14 @@ def decode_request(body: bytes, header_length: str | None, max_elements: int) ->
             raise errors.invalid(f"input '{name}': no 'data' and no binary_data_size")
     if offset != len(binary):
         raise errors.invalid(f"the body has {len(binary) - offset} bytes of binary data no input claims")
-    all_binary = params.pop("binary_data_output", False) is True
-    requested: dict[str, bool] = {}
-    outputs = request.get("outputs", [])
+    return inputs
+
+
+def _outputs(outputs: Any, all_binary: bool) -> dict[str, bool]:
+    """Requested output name -> sent binary."""
     if not isinstance(outputs, list):
         raise errors.invalid("'outputs' must be a list")
+    requested: dict[str, bool] = {}
     for i, out in enumerate(outputs):
         out = _object(out, f"outputs[{i}]")
         name = out.get("name")
@@ -159,8 +130,29 @@ def decode_request(body: bytes, header_length: str | None, max_elements: int) ->
             raise errors.invalid(f"outputs[{i}]: 'name' must be a string")
         oparams = _object(out.get("parameters", {}), f"output '{name}': 'parameters'")
         if "shared_memory_region" in oparams:
-            raise errors.invalid(f"output '{name}': shared memory is not supported by this server")
+            raise errors.no_shared_memory(f"output '{name}'")
         requested[name] = oparams.get("binary_data", all_binary) is True
+    return requested
+
+
+def decode_request(body: bytes, header_length: str | None, max_elements: int) -> tuple[str, Decoded, dict[str, bool]]:
+    """(request id, decoded request, output name -> binary) of an infer body."""
+    header, binary = _split(body, header_length)
+    try:
+        request = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise errors.invalid(f"the request body is not valid JSON ({e})") from None
+    request = _object(request, "the request body")
+    request_id = request.get("id", "")
+    if not isinstance(request_id, str):
+        raise errors.invalid("'id' must be a string")
+    params = _object(request.get("parameters", {}), "'parameters'")
+    for key, value in params.items():
+        if not isinstance(value, (str, int, float, bool)):
+            raise errors.invalid(f"parameter '{key}' must be a string, number or bool")
+    inputs = _inputs(request.get("inputs"), binary, max_elements)
+    all_binary = params.pop("binary_data_output", False) is True
+    requested = _outputs(request.get("outputs", []), all_binary)
     return request_id, Decoded(inputs, params, list(requested)), {"*": all_binary, **requested}
 
 
@@ -208,87 +200,81 @@ def kserve_error(e: errors.RequestError) -> Response:
     return JSONResponse({"error": e.message}, status_code=e.http_status)
 
 
-def routes(front: HttpFrontEnd) -> list[Route]:
-    state = front.state
+class _Handlers:
+    """The KServe v2 REST handlers: HTTP in, the core's answer out."""
 
-    async def live(request: Request) -> Response:
+    def __init__(self, front: HttpFrontEnd):
+        self.front = front
+        self.plane = front.plane
+
+    @staticmethod
+    def path(request: Request) -> tuple[str, str]:
+        return request.path_params.get("model", ""), request.path_params.get("version", "")
+
+    async def live(self, request: Request) -> Response:
         return Response(status_code=200)
 
-    async def ready(request: Request) -> Response:
-        return Response(status_code=200 if state.ready else 503)
+    async def ready(self, request: Request) -> Response:
+        return Response(status_code=200 if self.plane.ready() else 503)
 
-    async def server_metadata(request: Request) -> Response:
-        return JSONResponse({"name": SERVER_NAME, "version": front.version, "extensions": EXTENSIONS})
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse(self.plane.server_metadata())
 
-    def lookup(request: Request) -> Model:
-        return state.model(request.path_params["model"], request.path_params.get("version", ""))
+    async def model_metadata(self, request: Request) -> Response:
+        return JSONResponse(self.plane.model_metadata(*self.path(request)))
 
-    async def model_metadata(request: Request) -> Response:
-        return JSONResponse(proto_dict(lookup(request).metadata()))
+    async def model_ready(self, request: Request) -> Response:
+        return Response(status_code=200 if self.plane.model_ready(*self.path(request)) else 503)
 
-    async def model_ready(request: Request) -> Response:
-        try:
-            model = lookup(request)
-        except errors.RequestError as e:
-            return kserve_error(e)
-        return Response(status_code=200 if state.ready and model.ready else 503)
+    async def model_config(self, request: Request) -> Response:
+        return JSONResponse(self.plane.model_config(*self.path(request)))
 
-    async def model_config(request: Request) -> Response:
-        return JSONResponse(proto_dict(lookup(request).config()))
+    async def model_stats(self, request: Request) -> Response:
+        return JSONResponse(self.plane.model_statistics(*self.path(request)))
 
-    async def model_stats(request: Request) -> Response:
-        names = [request.path_params["model"]] if "model" in request.path_params else list(state.models)
-        version = request.path_params.get("version", "")
-        stats = [state.model(name, version).stats.to_proto(name, VERSION) for name in names]
-        return JSONResponse({"model_stats": [proto_dict(s) for s in stats]})
-
-    async def repository_index(request: Request) -> Response:
-        body = await front.read_body(request)
+    async def repository_index(self, request: Request) -> Response:
+        body = await self.front.read_body(request)
         try:
             wanted = json.loads(body) if body.strip() else {}
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise errors.invalid(f"the request body is not valid JSON ({e})") from None
-        return JSONResponse(state.repository_index(isinstance(wanted, dict) and wanted.get("ready") is True))
+        return JSONResponse(self.plane.repository_index(isinstance(wanted, dict) and wanted.get("ready") is True))
 
-    async def model_infer(request: Request) -> Response:
-        model_name = request.path_params["model"]
+    async def model_infer(self, request: Request) -> Response:
+        front = self.front
         body = await front.read_body(request)
-        ctx = RequestContext(model_name, "", None, front.peer(request), protocol="http")
+        model, version = self.path(request)
+        ctx = RequestContext(model, "", None, front.peer(request), protocol="http")
         binary: dict[str, bool] = {}  # output name ("*": the default) -> sent binary
 
         def decode() -> Decoded:
             ctx.request_id, decoded, wanted = decode_request(body, request.headers.get(HEADER_LENGTH),
                                                              front.max_tensor_elements)
             binary.update(wanted)
-            timeout_us = decoded.parameters.pop("timeout", None)  # Triton's request timeout, microseconds
-            if timeout_us is not None:
-                if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us <= 0:
-                    raise errors.invalid("parameter 'timeout' must be a positive integer (microseconds)")
-                ctx.set_timeout(timeout_us / 1e6)
             return decoded
 
         def encode(model: Model, result: Result) -> Response:
             return encode_response(model, ctx.request_id, result, binary)
 
-        return await front.until_disconnect(request, infer(state, ctx, request.path_params.get("version", ""),
-                                                           decode, encode))
+        return await front.until_disconnect(request, self.plane.infer(ctx, version, decode, encode))
+
+
+def routes(front: HttpFrontEnd) -> list[Route]:
+    """Triton's HTTP routes: health without a token, the rest guarded (RequestError -> its status)."""
+    h = _Handlers(front)
 
     def guarded(handler: Any) -> Any:
         return front.guarded(handler, kserve_error)
 
-    model = "/v2/models/{model}"
-    versioned = "/v2/models/{model}/versions/{version}"
-    out = [Route("/v2/health/live", front.open(live), methods=["GET"]),
-           Route("/v2/health/ready", front.open(ready), methods=["GET"]),
-           Route("/v2", guarded(server_metadata), methods=["GET"]),
-           Route("/v2/models/stats", guarded(model_stats), methods=["GET"]),
-           Route("/v2/repository/index", guarded(repository_index), methods=["POST"])]
-    for prefix in (model, versioned):
-        out += [Route(prefix, guarded(model_metadata), methods=["GET"]),
-                Route(prefix + "/ready", guarded(model_ready), methods=["GET"]),
-                Route(prefix + "/config", guarded(model_config), methods=["GET"]),
-                Route(prefix + "/stats", guarded(model_stats), methods=["GET"]),
-                Route(prefix + "/infer", guarded(model_infer), methods=["POST"])]
+    out = [Route("/v2/health/live", front.open(h.live), methods=["GET"]),
+           Route("/v2/health/ready", front.open(h.ready), methods=["GET"]),
+           Route("/v2", guarded(h.server_metadata), methods=["GET"]),
+           Route("/v2/models/stats", guarded(h.model_stats), methods=["GET"]),
+           Route("/v2/repository/index", guarded(h.repository_index), methods=["POST"])]
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        out += [Route(prefix, guarded(h.model_metadata), methods=["GET"]),
+                Route(prefix + "/ready", guarded(h.model_ready), methods=["GET"]),
+                Route(prefix + "/config", guarded(h.model_config), methods=["GET"]),
+                Route(prefix + "/stats", guarded(h.model_stats), methods=["GET"]),
+                Route(prefix + "/infer", guarded(h.model_infer), methods=["POST"])]
     return out
-
-

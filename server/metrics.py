@@ -1,8 +1,8 @@
 """Prometheus metrics on their own registry, served over HTTP on --metrics-port.
 
 Names start with `glm_image_`; the `model` label is the served model name, `stage` the pipeline
-stage (`ar_prefill`, `ar_decode`, `glyph`, `condition`, `dit`, `vae`, `total`) or `infer` for a
-component graph. `glm_image_ar_*`: the AR planner's throughput (tokens per busy second) and, with
+stage (`runtime.timings.STAGES`: `vision_tokenizer`, `ar_prefill`, `ar_decode`, `glyph`,
+`condition`, `dit`, `vae`, `total`) or `infer` for a component graph. `glm_image_ar_*`: the AR planner's throughput (tokens per busy second) and, with
 AR batching, how many generations share a decode call and how long they wait for a cache row.
 """
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import onnxruntime as ort
-from tritonclient.grpc import model_config_pb2, service_pb2
 
 from glm_image_onnx.manifest import Graph
 from glm_image_onnx.runtime.ar import Progress
@@ -25,7 +24,7 @@ from glm_image_onnx.server.batching import DynamicBatcher
 from glm_image_onnx.server.context import RequestContext
 from glm_image_onnx.server.limits import ComponentLimits, to_parameters
 from glm_image_onnx.server.result import Result
-from glm_image_onnx.server.specs import TensorSpec, graph_specs
+from glm_image_onnx.server.specs import TensorSpec, graph_specs, select_outputs
 from glm_image_onnx.server.stats import ModelStats
 from glm_image_onnx.server.tensors import CONFIG_TYPE, datatype_of
 
@@ -33,10 +32,24 @@ VERSION = "1"
 
 
 @dataclass
+class Decoded:
+    """A request as its front end read it off the wire: tensors and parameters, or (a front end
+    that speaks the model's own request type, as the OpenAI API does glm_image's) the typed request."""
+
+    inputs: dict[str, np.ndarray]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)  # requested output names (none: all)
+    request: Any = None
+
+
+@dataclass
 class Prepared:
+    """A validated request, ready to run: a component's input tensors, or glm_image's typed request."""
+
     inputs: dict[str, Any]
     outputs: list[str]
     rows: int = 1
+    request: Any = None
 
 
 @dataclass(frozen=True)
@@ -64,42 +77,43 @@ class Model:
         dims = spec.dims()
         return [-1] + dims[1:] if self.max_batch_size > 0 else dims
 
-    def metadata(self) -> service_pb2.ModelMetadataResponse:
-        md = service_pb2.ModelMetadataResponse(name=self.name, versions=[VERSION], platform=self.platform)
-        for spec in self.inputs:
-            md.inputs.add(name=spec.name, datatype=spec.datatype, shape=self._shape(spec))
-        for spec in self.outputs:
-            md.outputs.add(name=spec.name, datatype=spec.datatype, shape=self._shape(spec))
-        return md
+    def _tensor(self, spec: TensorSpec) -> dict[str, Any]:
+        return {"name": spec.name, "datatype": spec.datatype, "shape": self._shape(spec)}
 
-    def config(self) -> model_config_pb2.ModelConfig:
-        cfg = model_config_pb2.ModelConfig(name=self.name, platform=self.platform, backend=self.backend,
-                                           max_batch_size=self.max_batch_size)
-        for spec in self.inputs:
-            dims = spec.dims()[1:] if self.max_batch_size > 0 else spec.dims()
-            cfg.input.add(name=spec.name, data_type=model_config_pb2.DataType.Value(CONFIG_TYPE[spec.datatype]),
-                          dims=dims, optional=spec.optional)
-        for spec in self.outputs:
-            dims = spec.dims()[1:] if self.max_batch_size > 0 else spec.dims()
-            cfg.output.add(name=spec.name, data_type=model_config_pb2.DataType.Value(CONFIG_TYPE[spec.datatype]),
-                           dims=dims)
+    def metadata(self) -> dict[str, Any]:
+        """KServe's model metadata, as plain data (`dataplane` says why)."""
+        return {"name": self.name, "versions": [VERSION], "platform": self.platform,
+                "inputs": [self._tensor(s) for s in self.inputs], "outputs": [self._tensor(s) for s in self.outputs]}
+
+    def _config_tensor(self, spec: TensorSpec) -> dict[str, Any]:
+        dims = spec.dims()[1:] if self.max_batch_size > 0 else spec.dims()
+        return {"name": spec.name, "data_type": CONFIG_TYPE[spec.datatype], "dims": dims}
+
+    def parameters(self) -> dict[str, str]:
+        """The model config's `parameters` (string values), for a subclass to extend."""
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        """Triton's `ModelConfig`, as plain data."""
+        cfg: dict[str, Any] = {
+            "name": self.name, "platform": self.platform, "backend": self.backend,
+            "max_batch_size": self.max_batch_size,
+            "input": [{**self._config_tensor(s), "optional": s.optional} for s in self.inputs],
+            "output": [self._config_tensor(s) for s in self.outputs],
+            "instance_group": [{"name": self.name, "count": 1, "kind": self.instance_kind}],
+            "version_policy": {"latest": {"num_versions": 1}},
+            "parameters": {k: {"string_value": v} for k, v in self.parameters().items()},
+        }
         if self.dynamic_batching is not None:
-            cfg.dynamic_batching.max_queue_delay_microseconds = self.dynamic_batching.max_queue_delay_us
-        cfg.instance_group.add(name=self.name, count=1,
-                               kind=model_config_pb2.ModelInstanceGroup.Kind.Value(self.instance_kind))
-        cfg.version_policy.latest.num_versions = 1
+            cfg["dynamic_batching"] = {"max_queue_delay_microseconds": self.dynamic_batching.max_queue_delay_us}
         return cfg
 
     def output_names(self, requested: list[str]) -> list[str]:
-        known = [s.name for s in self.outputs]
-        for name in requested:
-            if name not in known:
-                raise errors.invalid(f"requested output '{name}' is not an output of {self.name} "
-                                     f"(outputs: {', '.join(known)})")
-        return list(dict.fromkeys(requested)) or known
+        return select_outputs(self.name, self.outputs, requested)
 
     # ------------------------------------------------------------------------------- execution
-    def prepare(self, inputs: dict[str, np.ndarray], params: dict[str, Any], requested: list[str]) -> Prepared:
+    def prepare(self, decoded: Decoded) -> Prepared:
+        """Validate (INVALID_ARGUMENT naming the field); cheap, on the event loop."""
         raise NotImplementedError
 
     def submit(self, prepared: Prepared, ctx: RequestContext, admission: Admission,
@@ -155,7 +169,8 @@ class ComponentModel(Model):
                                               batching.max_queue_delay_us / 1e6, executed)
         self._on_execution = on_execution
 
-    def prepare(self, inputs: dict[str, np.ndarray], params: dict[str, Any], requested: list[str]) -> Prepared:
+    def prepare(self, decoded: Decoded) -> Prepared:
+        inputs = decoded.inputs
         specs = {s.name: s for s in self.inputs}
         for name in inputs:
             if name not in specs:
@@ -191,7 +206,7 @@ class ComponentModel(Model):
         rows = int(sizes.get("batch", (1, ""))[0]) if self.batchable else 1
         if self.max_batch_size > 0 and not 1 <= rows <= self.max_batch_size:
             raise errors.invalid(f"{self.name}: batch size {rows} is outside 1..{self.max_batch_size} (max_batch_size)")
-        return Prepared(dict(inputs), self.output_names(requested), rows)
+        return Prepared(dict(inputs), self.output_names(decoded.outputs), rows)
 
     def _run(self, feeds: dict[str, np.ndarray], outputs: list[str],
              run_options: ort.RunOptions | None = None) -> dict[str, np.ndarray]:
@@ -201,12 +216,8 @@ class ComponentModel(Model):
             raise _ort_error(self.name, e) from None
         return dict(zip(outputs, values))
 
-    def config(self) -> model_config_pb2.ModelConfig:
-        cfg = super().config()
-        for name, value in to_parameters(self.limits).items():
-            cfg.parameters[name].string_value = value
-        cfg.parameters["quantization"].string_value = self.quantization
-        return cfg
+    def parameters(self) -> dict[str, str]:
+        return {**to_parameters(self.limits), "quantization": self.quantization}
 
     def finish(self, prepared: Prepared, value: dict[str, np.ndarray]) -> Result:
         specs = {s.name: s for s in self.outputs}

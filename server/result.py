@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from glm_image_onnx.runtime.timings import Timings
+
 
 @dataclass
 class Result:
     outputs: list[tuple[str, np.ndarray, str]]  # (name, array, KServe datatype), in the requested order
     parameters: dict[str, Any] = field(default_factory=dict)  # response parameters
-    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds, for the metrics
-    ar_queue_s: float = 0.0  # glm_image: waiting for a free AR cache row (not compute)
-    ar_tokens: int = 0  # glm_image: image tokens its AR planning generated
+    timings: Timings | None = None  # glm_image: its stages and AR statistics (metrics, log line)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from glm_image_onnx.manifest import Graph
+from glm_image_onnx.server import errors
 from glm_image_onnx.server.tensors import datatype_of
 
 
@@ -29,3 +30,13 @@ def graph_specs(graph: Graph) -> tuple[list[TensorSpec], list[TensorSpec], bool]
     outputs = [TensorSpec(t.name, datatype_of(t.dtype), tuple(t.shape)) for t in graph.outputs]
     batchable = all(s.shape and s.shape[0] == "batch" for s in inputs + outputs)
     return inputs, outputs, batchable
+
+
+def select_outputs(model: str, outputs: list[TensorSpec], requested: list[str]) -> list[str]:
+    """The outputs a request asks for (none: all), each checked to be one of the model's."""
+    known = [s.name for s in outputs]
+    for name in requested:
+        if name not in known:
+            raise errors.invalid(f"requested output '{name}' is not an output of {model} "
+                                 f"(outputs: {', '.join(known)})")
+    return list(dict.fromkeys(requested)) or known

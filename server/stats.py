@@ -1,12 +1,14 @@
-"""Per-model statistics with true counts and durations, as Triton's ModelStatistics reports them."""
+"""Per-model statistics with true counts and durations, as Triton's ModelStatistics reports them
+(plain data: `dataplane` says why)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import defaultdict
+from typing import Any
 
-from tritonclient.grpc import service_pb2
+INFERENCE_FIELDS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 
 
 def _ns(seconds: float) -> int:
@@ -53,18 +55,16 @@ class ModelStats:
                 b[name][0] += 1
                 b[name][1] += _ns(seconds)
 
-    def to_proto(self, name: str, version: str) -> service_pb2.ModelStatistics:
+    def snapshot(self, name: str, version: str) -> dict[str, Any]:
+        """Triton's `ModelStatistics`, as plain data (every duration, zeros included, as Triton writes it)."""
+        def duration(count_ns: list[int] | tuple[int, int]) -> dict[str, int]:
+            return {"count": count_ns[0], "ns": count_ns[1]}
+
         with self._lock:
-            out = service_pb2.ModelStatistics(name=name, version=version, last_inference=self.last_inference_ms,
-                                              inference_count=self.inference_count,
-                                              execution_count=self.execution_count)
-            for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
-                count, ns = self._durations.get(field, (0, 0))
-                getattr(out.inference_stats, field).count = count
-                getattr(out.inference_stats, field).ns = ns
-            for size in sorted(self._batches):
-                b = out.batch_stats.add(batch_size=size)
-                for field, (count, ns) in self._batches[size].items():
-                    getattr(b, field).count = count
-                    getattr(b, field).ns = ns
-            return out
+            return {
+                "name": name, "version": version, "last_inference": self.last_inference_ms,
+                "inference_count": self.inference_count, "execution_count": self.execution_count,
+                "inference_stats": {field: duration(self._durations.get(field, (0, 0))) for field in INFERENCE_FIELDS},
+                "batch_stats": [{"batch_size": size, **{field: duration(d) for field, d in self._batches[size].items()}}
+                                for size in sorted(self._batches)],
+            }

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
-from glm_image_onnx.server.errors import invalid
+from glm_image_onnx.server.errors import invalid, no_shared_memory
 from glm_image_onnx.server.limits import ComponentLimits
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ def read_inputs(request: service_pb2.ModelInferRequest,
         if name in out:
             raise invalid(f"input '{name}' is given twice")
         if "shared_memory_region" in tensor.parameters:
-            raise invalid(f"input '{name}': shared memory is not supported by this server; send the data inline")
+            raise no_shared_memory(f"input '{name}'")
         if raw:
             out[name] = from_raw(name, datatype, shape, raw[i], max_elements)
         else:

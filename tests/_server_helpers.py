@@ -12,11 +12,11 @@ import pytest
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc", reason="needs the serve extra (tritonclient[grpc])")
 
 from glm_image_onnx.server.app import ServerConfig, ServerThread  # noqa: E402
+from glm_image_onnx.server.glm_image_fields import FIELDS  # noqa: E402
 from glm_image_onnx.server.limits import Limits  # noqa: E402
 
-GLM_TYPES = {"prompt": "BYTES", "image": "BYTES", "height": "INT32", "width": "INT32", "steps": "INT32",
-             "guidance": "FP32", "seed": "INT64", "temperature": "FP32", "top_p": "FP32", "top_k": "INT32"}
-NUMPY = {"BYTES": object, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
+GLM_TYPES = {name: f.datatype for name, f in FIELDS.items()}
+NUMPY = {"BYTES": object, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}
 
 
 def free_port() -> int:
@@ -68,6 +68,12 @@ def finished(srv: ServerThread, model: str = "glm_image") -> int:
     """Executions of `model` that ran to their end (its statistics' execution_count: a generation
     stopped by a cancel or a deadline never counts). Tests compare it before and after."""
     return srv.server.state.models[model].stats.execution_count
+
+
+def failed(client: Any, model: str = "glm_image") -> int:
+    """Failed requests to `model` in its statistics, read through a tritonclient gRPC client."""
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return int(stats["inference_stats"].get("fail", {}).get("count", 0))
 
 
 def requests_total(srv: ServerThread, status: str, model: str = "glm_image") -> float:

@@ -1,6 +1,6 @@
 """The cann target: graphs of basic ai.onnx ops on CANN graph mode's whitelist, shapes that stay put.
 
-No NPU here: the placement check reads onnxruntime-cann's whitelist (runtime/kernels/cann.json), the
+No NPU here: the placement check reads onnxruntime-cann's whitelist (export/kernels/cann.json), the
 packages run under the CPU EP (parity with diffusers for fp32 is in test_runtime_parity.py), and the
 input shapes each graph receives are counted from the bindings the runtime hands onnxruntime.
 """
@@ -18,8 +18,8 @@ from conftest import manifest_of
 
 from glm_image_onnx.cli import main
 from glm_image_onnx.export.package import ExportOptions, export_package
+from glm_image_onnx.export.placement import check_package
 from glm_image_onnx.runtime import GlmImageOnnxPipeline
-from glm_image_onnx.runtime.placement import check_package
 from glm_image_onnx.runtime.shapes import ShapeBuckets, record_shapes
 from glm_image_onnx.manifest import Target
 from glm_image_onnx.targets import SHAPE_BUCKETS

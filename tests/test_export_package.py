@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from conftest import manifest_of, measured_errors
 from glm_image_onnx.export import graph as graph_mod
-from glm_image_onnx.export import package as package_mod
+from glm_image_onnx.export import one_graph
 from glm_image_onnx.export.package import GRAPHS, ExportError, ExportOptions, export_package
 from glm_image_onnx.manifest import FORMAT, FORMAT_VERSION, sha256_file
 
@@ -165,7 +165,7 @@ def test_verify_reports_the_error_it_measures_and_fails_a_perturbed_graph(tmp_pa
     assert mine["y"] > graph_mod.MAX_RELATIVE_ERROR  # the perturbation is measurable
     assert not result["passed"] and result["outputs"]["y"]["max_rel"] == pytest.approx(mine["y"], rel=1e-6)
     with pytest.raises(ExportError, match=r"affine: output 'y' differs from PyTorch by .* relative \(limit 1e-04\)"):
-        package_mod._passed("affine", result, graph_mod.MAX_RELATIVE_ERROR)
+        one_graph.passed("affine", result, graph_mod.MAX_RELATIVE_ERROR)
 
 
 def test_compare_fails_when_it_compares_nothing_or_not_every_output() -> None:
@@ -189,7 +189,7 @@ def test_compare_fails_when_it_compares_nothing_or_not_every_output() -> None:
     # the export stops on such a result, naming what went wrong
     with pytest.raises(ExportError, match="affine: verification against PyTorch compared the wrong things: "
                                           "no verification cases"):
-        package_mod._passed("affine", graph_mod.compare(spec, [], []), graph_mod.MAX_RELATIVE_ERROR)
+        one_graph.passed("affine", graph_mod.compare(spec, [], []), graph_mod.MAX_RELATIVE_ERROR)
 
 
 def test_external_data_written_past_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

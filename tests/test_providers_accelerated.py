@@ -225,7 +225,7 @@ def test_pipeline_on_the_provider_generates(package: Path, spec: dict[str, Any],
     if pipe.supports_image_to_image:
         edit = pipe("make it 'blue'", image=ref.images[0], height=64, width=64, num_inference_steps=2, seed=1)
         assert edit.images[0].size == (64, 64)
-    print(f"\n{EP} pipeline ran on {pipe.providers}: {out.timings['total_s']:.2f}s")
+    print(f"\n{EP} pipeline ran on {pipe.providers}: {out.timings.total_s:.2f}s")
 
 
 def test_the_providers_own_target_package_runs_and_checks_clean(cpu_pipe: GlmImageOnnxPipeline) -> None:
@@ -236,7 +236,7 @@ def test_the_providers_own_target_package_runs_and_checks_clean(cpu_pipe: GlmIma
     if not value or not (Path(value) / "manifest.json").is_file():
         pytest.fail(f"GLM_IMAGE_ONNX_TEST_TARGET_PACKAGE must name the {EP} package (got {value!r}); "
                     "scripts/test_providers.sh builds one")
-    from glm_image_onnx.runtime.placement import check_package
+    from glm_image_onnx.export.placement import check_package
 
     target = Path(value)
     reports = check_package(target, EP)

@@ -145,21 +145,13 @@ def test_glyph_batch_matches_byt5(tiny_checkpoint, max_length):
                 np.testing.assert_array_equal(got_mask, mask, err_msg=text)
 
 
-def test_gather_rows_and_left_pad():
+def test_gather_rows():
     rs = np.random.RandomState(0)
-    embeds, refs = [], []
     for texts in (["ab", "c"], [""], ["abc", "de", "f"]):
         ids, mask = glyphs.glyph_batch(texts)
         hidden = rs.randn(*ids.shape, 8).astype(np.float32)
         ref = torch.from_numpy(hidden)[torch.from_numpy(mask).bool()].unsqueeze(0)
-        got = glyphs.gather_rows(hidden, mask)
-        np.testing.assert_array_equal(got, ref.numpy())
-        embeds.append(got)
-        refs.append(ref)
-    # the pipeline's batch padding: zeros on the left
-    longest = max(r.size(1) for r in refs)
-    padded = torch.cat([torch.cat([torch.zeros(1, longest - r.size(1), 8), r], dim=1) for r in refs])
-    np.testing.assert_array_equal(glyphs.left_pad(embeds), padded.numpy())
+        np.testing.assert_array_equal(glyphs.gather_rows(hidden, mask), ref.numpy())
 
 
 # --------------------------------------------------------------------------------------- prompt
@@ -172,12 +164,12 @@ def test_prompt_text_to_image(tiny_checkpoint, processor, size):
         ref = processor.apply_chat_template(messages, tokenize=True, target_h=height, target_w=width,
                                             return_dict=True, return_tensors="np")
         got = builder.build(text, height, width)
-        np.testing.assert_array_equal(got["input_ids"], ref["input_ids"])
-        np.testing.assert_array_equal(got["image_grid_thw"], ref["image_grid_thw"])
-        assert got["input_ids"].dtype == np.int64 and got["image_grid_thw"].dtype == np.int64
-        (th, tw), (ph, pw) = got["target_grid"], got["preview_grid"]
+        np.testing.assert_array_equal(got.input_ids, ref["input_ids"])
+        np.testing.assert_array_equal(got.image_grid_thw, ref["image_grid_thw"])
+        assert got.input_ids.dtype == np.int64 and got.image_grid_thw.dtype == np.int64
+        (th, tw), (ph, pw) = got.target_grid, got.preview_grid
         assert (th, tw) == (height // 32, width // 32)
-        assert got["max_new_tokens"] == th * tw + ph * pw + 1 and got["target_offset"] == ph * pw
+        assert got.max_new_tokens == th * tw + ph * pw + 1 and got.target_offset == ph * pw
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])
@@ -197,9 +189,9 @@ def test_prompt_and_pixels_image_to_image(tiny_checkpoint, processor, count):
     np.testing.assert_array_equal(pixels["image_grid_thw"], ref["image_grid_thw"][:count].numpy())
     got = prompt.PromptBuilder.from_package(tiny_checkpoint).build(
         text, 128, 64, [tuple(g[1:]) for g in pixels["image_grid_thw"].tolist()])
-    np.testing.assert_array_equal(got["input_ids"], ref["input_ids"].numpy())
-    np.testing.assert_array_equal(got["image_grid_thw"], ref["image_grid_thw"].numpy())
-    assert got["preview_grid"] is None and got["max_new_tokens"] == 4 * 2 + 1 and got["target_offset"] == 0
+    np.testing.assert_array_equal(got.input_ids, ref["input_ids"].numpy())
+    np.testing.assert_array_equal(got.image_grid_thw, ref["image_grid_thw"].numpy())
+    assert got.preview_grid is None and got.max_new_tokens == 4 * 2 + 1 and got.target_offset == 0
 
 
 def test_prompt_rejects_image_placeholder_in_text(tiny_checkpoint):

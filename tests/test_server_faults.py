@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from conftest import manifest_of
-from _server_helpers import (PipelineSteps, ServeProcess, finished, free_port, glm_inputs, next_progress, outputs,
-                            requests_total, start_server, streamed, tensor, tritonclient_grpc as grpcclient, until)
+from _server_helpers import (PipelineSteps, ServeProcess, failed, finished, free_port, glm_inputs, next_progress,
+                            outputs, requests_total, start_server, streamed, tensor, until,
+                            tritonclient_grpc as grpcclient)
 from tritonclient.utils import InferenceServerException
 
 CLI = [sys.executable, "-c", "import sys; from glm_image_onnx.cli import main; sys.exit(main())"]
@@ -120,11 +121,6 @@ def server(tiny_package: Path):
     srv.stop()
 
 
-def _fails(c) -> int:
-    stats = c.get_inference_statistics("glm_image", as_json=True)["model_stats"][0]
-    return int(stats["inference_stats"].get("fail", {}).get("count", 0))
-
-
 def test_client_that_disconnects_mid_stream(server):
     """The client goes away after a progress response, twice: each time the worker (parked right after
     that step until the server has taken the cancel) stops at its next step, the generation never
@@ -132,7 +128,7 @@ def test_client_that_disconnects_mid_stream(server):
     admission = server.server.state.admission
     before = finished(server)
     with grpcclient.InferenceServerClient(server.url) as c:
-        failed = _fails(c)
+        failures = failed(c)
     for attempt, stage in enumerate(("ar", "denoise")):  # once while planning, once while denoising
         cancelled = requests_total(server, "CANCELLED")
         prompt = f"a long walk {attempt}"
@@ -159,7 +155,7 @@ def test_client_that_disconnects_mid_stream(server):
         result = c.infer("glm_image", glm_inputs(prompt="next", height=64, width=64, steps=1, seed=2),
                          outputs=outputs("image"), client_timeout=60)
         assert result.as_numpy("image").shape == (64, 64, 3)
-        assert _fails(c) == failed + 2
+        assert failed(c) == failures + 2
     assert finished(server) == before + 1
 
 

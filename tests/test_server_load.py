@@ -14,8 +14,9 @@ import grpc
 import numpy as np
 import pytest
 
-from _server_helpers import (Limits, PipelineSteps, ServeProcess, finished, glm_inputs, next_progress, outputs,
-                            requests_total, start_server, streamed, tensor, tritonclient_grpc as grpcclient, until)
+from _server_helpers import (Limits, PipelineSteps, ServeProcess, failed, finished, glm_inputs, next_progress,
+                            outputs, requests_total, start_server, streamed, tensor, until,
+                            tritonclient_grpc as grpcclient)
 from tritonclient.utils import InferenceServerException
 
 # 256x256 on the tiny preset takes ~10 ms per denoising step: LONG runs for a minute if not stopped.
@@ -32,11 +33,6 @@ def busy_server(tiny_package: Path):
                        metrics_port=0)
     yield srv
     srv.stop()
-
-
-def _failed(client) -> int:
-    stats = client.get_inference_statistics("glm_image", as_json=True)["model_stats"][0]
-    return int(stats["inference_stats"].get("fail", {}).get("count", 0))
 
 
 def test_over_the_limit_is_resource_exhausted_and_cancel_stops_the_work(busy_server):
@@ -62,13 +58,13 @@ def test_over_the_limit_is_resource_exhausted_and_cancel_stops_the_work(busy_ser
 
 def test_client_deadline_stops_the_work(busy_server):
     with grpcclient.InferenceServerClient(busy_server.url) as client:
-        before, failed = finished(busy_server), _failed(client)
+        before, failures = finished(busy_server), failed(client)
         with pytest.raises(InferenceServerException) as info:
             client.infer("glm_image", glm_inputs(**LONG), client_timeout=0.5)
         assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
         assert busy_server.server.state.admission.wait_idle(60), "the expired work did not stop"
         assert finished(busy_server) == before  # stopped between steps, not after its 5000
-        assert _failed(client) == failed + 1  # this request, counted once
+        assert failed(client) == failures + 1  # this request, counted once
 
 
 def test_cancelled_stream_stops_the_work(busy_server):

@@ -6,8 +6,12 @@ under the CPU EP; bf16 numerics are for scripts/check_cuda.sh on a GPU."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,11 +24,11 @@ from onnx import TensorProto, helper
 from conftest import export_target, manifest_of
 from glm_image_onnx.cli import main
 from glm_image_onnx.export.package import ExportError, ExportOptions
+from glm_image_onnx.export.placement import check_model, check_package, load_table
 from glm_image_onnx.manifest import ArPlannerConfig, Manifest, Target
 from glm_image_onnx.runtime import GlmImageOnnxPipeline, ProviderError
 from glm_image_onnx.runtime.ar import ArPlanner
 from glm_image_onnx.runtime.package import Package, PackageError
-from glm_image_onnx.runtime.placement import check_model, check_package, load_table
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +237,7 @@ def test_int4_on_a_cuda_fp16_package_keeps_every_node_on_cuda(cuda_packages: dic
 def test_onnxruntimes_own_placement_is_read_from_its_session_log(tiny_package: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     """The verbose log of a real CPU session: every node of the graph is reported on the CPU."""
-    from glm_image_onnx.runtime.placement import observe
+    from glm_image_onnx.export.placement import observe
 
     counts = observe(tiny_package / "vae_decoder.onnx", "cpu")
     assert set(counts) <= {"CPUExecutionProvider", "CPUExecutionProvider ops"} and counts["CPUExecutionProvider"] > 0
@@ -243,6 +247,31 @@ def test_onnxruntimes_own_placement_is_read_from_its_session_log(tiny_package: P
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert main(["check", str(tiny_package), "--provider", "cuda", "--observed"]) == 2
         assert "not in this onnxruntime build" in capsys.readouterr().err
+
+
+# What only building a package needs; a serving host installs none of it (the base install).
+BUILD_TIME = ("torch", "transformers", "diffusers", "onnx", "onnxscript",
+              "glm_image_onnx.export", "glm_image_onnx.quantize", "glm_image_onnx.models")
+
+
+def test_runtime_folder_holds_and_imports_nothing_build_time() -> None:
+    """Every module in runtime/ (globbed, so a new one is covered) imports nothing build-time, and
+    each is one the runtime itself imports: a module only export, quantize or `check` use (as the
+    placement check once was, with its kernel tables) belongs with them, not on the serving host."""
+    folder = Path(importlib.util.find_spec("glm_image_onnx.runtime").submodule_search_locations[0])
+    modules = sorted(f"glm_image_onnx.runtime.{p.stem}" for p in folder.glob("*.py") if p.stem != "__init__")
+    code = ("import importlib, json, sys\n"
+            "import glm_image_onnx.runtime\n"
+            "served = set(sys.modules)\n"
+            "modules, build = json.loads(sys.argv[1]), json.loads(sys.argv[2])\n"
+            "for m in modules: importlib.import_module(m)\n"
+            "print(json.dumps([[m for m in modules if m not in served],\n"
+            "                  sorted(m for m in sys.modules if any(m == b or m.startswith(b + '.') for b in build))]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(modules), json.dumps(BUILD_TIME)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    not_used_by_the_runtime, build_time = json.loads(proc.stdout.splitlines()[-1])
+    assert len(modules) > 5 and not not_used_by_the_runtime and not build_time, (not_used_by_the_runtime, build_time)
 
 
 def test_server_describes_bf16_graphs_it_cannot_carry(cuda_packages: dict[str, Path], tmp_path: Path) -> None:

@@ -16,7 +16,9 @@ An op a table does not know is reported as unknown, never as supported. Types co
 graph's value_info where the exporter wrote it, else they are propagated through the kernel
 signatures; a node whose types cannot be known is checked by op and opset alone (and counted).
 
-Needs `onnx` (the quantize/export extras, or `pip install onnx`) to read the graphs.
+Needs `onnx` (the quantize/export extras, or `pip install onnx`) to read the graphs. Build-time
+analysis (export, quantize, `glm-image-onnx check`), so it lives here and not in the torch- and
+onnx-free runtime a serving host imports; it needs no torch either (export/__init__ imports nothing).
 """
 
 from __future__ import annotations
