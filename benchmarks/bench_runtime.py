@@ -314,9 +314,10 @@ def child_work(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import onnx
     import onnxruntime as ort
 
+    from glm_image_onnx.manifest import T2I_GRAPHS
     from glm_image_onnx.runtime import GlmImageOnnxPipeline
 
-    graphs = ("ar_planner", "glyph_encoder", "dit_decoder", "vae_decoder")
+    graphs = T2I_GRAPHS
     prof_dir = Path(tempfile.mkdtemp(prefix="prof-", dir=work))
 
     def profiled(so: ort.SessionOptions) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from glm_image_onnx.export.placement import PROVIDERS as CHECKED_PROVIDERS
+from glm_image_onnx.manifest import GRAPH_CONFIGS
 from glm_image_onnx.models.presets import PRESETS
 from glm_image_onnx.provider_args import add_provider_arguments, provider_settings
 from glm_image_onnx.targets import TARGETS
@@ -233,8 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="compare every graph with PyTorch at several shapes; fail above 1e-4 relative")
     p.add_argument("--components", nargs="+", metavar="GRAPH",
-                   help="graphs to export (default: all): ar_planner vision_tokenizer glyph_encoder "
-                        "dit_decoder dit_condition_write vae_decoder vae_encoder")
+                   help=f"graphs to export (default: all): {' '.join(GRAPH_CONFIGS)}")
     p.add_argument("--target", default="cpu", choices=list(TARGETS),
                    help="execution provider the package is built for (default cpu)")
     p.add_argument("--dtype", choices=sorted({d for t in TARGETS.values() for d in t.dtypes}),

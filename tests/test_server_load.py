@@ -199,9 +199,11 @@ def test_sigterm_drains_in_flight_requests(tiny_package: Path, tmp_path: Path):
         server.wait_ready()
         with grpcclient.InferenceServerClient(server.url) as client:
             done: queue.Queue = queue.Queue()
-            # 1000 denoising steps at 256x256: several seconds of work (~5 ms a step on a fast CPU) after
-            # it is admitted, against the few milliseconds the signal and the checks below take
-            client.async_infer("glm_image", glm_inputs(**{**LONG, "steps": 1000}), outputs=outputs("image"),
+            # 4000 denoising steps at 256x256: several seconds of work after it is admitted (1.5-5 ms a
+            # step), against the few milliseconds the signal and the checks below take, and well over
+            # the 2 s grace the gRPC server gives RPCs when it stops: a drain that did not wait for the
+            # request would cut it off (1000 steps fitted in that grace on an idle machine)
+            client.async_infer("glm_image", glm_inputs(**{**LONG, "steps": 4000}), outputs=outputs("image"),
                                callback=lambda result, error: done.put((result, error)))
             server.wait_in_flight(1)  # the server's own gauge: admitted
             server.signal(signal.SIGTERM)
