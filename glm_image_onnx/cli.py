@@ -217,6 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-image-onnx", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _add_init_checkpoint(sub)
+    _add_export(sub)
+    _add_generate(sub)
+    _add_quantize(sub)
+    _add_check(sub)
+    _add_info(sub)
+    # serve, client, triton-repo (argparse only)
+    from glm_image_onnx.server.cli import add_commands as add_server_commands
+
+    add_server_commands(sub)
+    return parser
+
+
+def _add_init_checkpoint(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init-checkpoint", help="write a random GLM-Image checkpoint (diffusers layout)")
     p.add_argument("--preset", default="tiny",
                    help=f"{' | '.join(PRESETS)} (default: tiny; demo: the demo model's untrained start)")
@@ -228,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder (must not exist or be empty)")
     p.set_defaults(func=cmd_init_checkpoint)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint folder to an ONNX package")
     p.add_argument("checkpoint", help="GLM-Image checkpoint folder (diffusers layout)")
     p.add_argument("out", help="package folder to write")
@@ -252,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: on for checkpoints of 2 GB or more)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate an image from an ONNX package (no torch needed)")
     p.add_argument("package", help="exported ONNX package folder")
     p.add_argument("--prompt", required=True)
@@ -271,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantise an ONNX package into a new package, with a quality report "
                                         "(no torch needed)")
     p.add_argument("package", help="exported fp32 ONNX package folder")
@@ -309,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
     p.set_defaults(func=cmd_quantize)
 
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="which nodes of a package the provider has no kernel for (offline, from "
                                      "onnxruntime's kernel registrations); exit 1 if any falls back")
     p.add_argument("package", help="ONNX package folder")
@@ -319,18 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(its verbose log; needs the provider's onnxruntime build and device)")
     p.set_defaults(func=cmd_check)
 
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="what a package holds, from its manifest: target, graphs, sizes, export "
                                     "checks, pipeline settings, provenance")
     p.add_argument("package", help="ONNX package folder")
     p.add_argument("--json", action="store_true", help="the manifest as the schema reads it, as JSON")
     p.add_argument("--verify", action="store_true", help="also hash every file against the manifest")
     p.set_defaults(func=cmd_info)
-
-    # serve, client, triton-repo (argparse only)
-    from glm_image_onnx.server.cli import add_commands as add_server_commands
-
-    add_server_commands(sub)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

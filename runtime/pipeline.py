@@ -281,7 +281,7 @@ class GlmImageOnnxPipeline:
             seed = random_seed()
         ar_seed, latent_seed = np.random.SeedSequence(seed).spawn(2)
 
-        condition = None
+        condition, vision_tokenizer_s = None, None
         if sources:
             with self._compute:
                 t = time.perf_counter()
@@ -291,8 +291,7 @@ class GlmImageOnnxPipeline:
         tokens, prior_ids, timings = self.generate_prior_tokens(
             prompt, height=height, width=width, sampler=TokenSampler(sampling, self.codebook_size, ar_seed),
             condition=condition, progress=progress)
-        if sources:
-            timings.vision_tokenizer_s = vision_tokenizer_s
+        timings.vision_tokenizer_s = vision_tokenizer_s
 
         with self._compute:
             t = time.perf_counter()

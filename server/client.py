@@ -47,7 +47,7 @@ def build_inputs(prompt: str, image: bytes | None = None, **fields: Any) -> list
 
 
 def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per glm_image setting (`glm_image_request.FIELDS`), unset by default (the server's)."""
+    """One flag per glm_image setting (`glm_image_fields.FIELDS`), unset by default (the server's)."""
     for name in SETTINGS:
         kind = FIELDS[name].kind
         flag = "--" + name.replace("_", "-")

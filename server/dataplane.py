@@ -10,8 +10,8 @@ the gRPC codec needs protobuf. Errors are `RequestError`s, which each front end 
 
 from __future__ import annotations
 
-from importlib import metadata as importlib_metadata
 import asyncio
+from importlib import metadata as importlib_metadata
 from typing import Any, Callable, TypeVar
 
 from glm_image_onnx.server.context import RequestContext
