@@ -36,7 +36,7 @@ import numpy as np
 from glm_image_onnx.models import demo_scene as scene
 from glm_image_onnx.models.presets import DEMO
 
-STEPS = {"vae": 2000, "dit": 13000, "ar": 3500}
+STEPS = {"vae": 2000, "dit": 17000, "ar": 3500}
 BATCH = {"vae": 8, "dit": 32, "ar": 16}
 LR = {"vae": 1e-3, "dit": 1e-3, "ar": 1e-3}
 DIT_SCENES = 2048  # scenes encoded once for the DiT; rolled by whole cells for variety

@@ -102,9 +102,11 @@ class ByteTokenizer:
 
 
 _DEFAULT = ByteTokenizer()
+# The pipeline's `max_sequence_length` for the glyph encoder: longer quoted texts are truncated.
+GLYPH_MAX_LENGTH = 2048
 
 
-def glyph_batch(texts: list[str], max_length: int = 2048,
+def glyph_batch(texts: list[str], max_length: int = GLYPH_MAX_LENGTH,
                 tokenizer: ByteTokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids int64 [n, L], attention_mask int64 [n, L]) for one prompt's glyph texts.
 

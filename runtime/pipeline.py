@@ -154,6 +154,8 @@ class GlmImageOnnxPipeline:
         self.vae_tile_latent = int(self.vae_tile_sample / self.vae_scale)
         self.dit = package.graphs["dit_decoder"].config
         self.patch_size = self.dit.patch_size
+        # The longest DiT sequence whose batched CFG call stays within BATCHED_CFG_MAX_SCORES.
+        self.batched_cfg_max_seq = math.isqrt(BATCHED_CFG_MAX_SCORES // (2 * self.dit.num_heads * 4))
         self.defaults = config.defaults
         self.generation = config.generation
 
@@ -486,9 +488,8 @@ class GlmImageOnnxPipeline:
         # image-to-image keeps two calls). A masked call cannot take the CPU's flash attention
         # (export.attention), so large images call one unpadded row at a time instead.
         seq = image_seq_len(height, width, self.vae_scale, self.patch_size) + max(cond.shape[1], uncond.shape[1])
-        scores = 2 * self.dit.num_heads * seq * seq * 4  # bytes of the plain kernel's [2, heads, S, S] scores
-        batch_cfg = use_cfg and condition is None and (
-            self.buckets.static or cond.shape[1] == uncond.shape[1] or scores <= BATCHED_CFG_MAX_SCORES)
+        batch_cfg = use_cfg and condition is None and (  # [2, heads, S, S] fp32 scores within the bound
+            self.buckets.static or cond.shape[1] == uncond.shape[1] or seq <= self.batched_cfg_max_seq)
         session = self.sessions["dit_decoder"]
         device = self.io_device("dit_decoder")
         # A static-shapes package pads the text to a bucket (masked), so each resolution is one shape set.

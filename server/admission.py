@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 from glm_image_onnx.server import errors
 from glm_image_onnx.server.context import RequestContext
+from glm_image_onnx.server.errors import RequestError
+from glm_image_onnx.server.memory import MemoryBudget
 
 
 class Admission:
@@ -27,8 +29,10 @@ class Admission:
         self.executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="glm-image-worker")
         self._cond = threading.Condition()
         self._in_flight = 0
+        self._admitted: set[RequestContext] = set()  # what `abandon` cancels
         self._draining = False
         self._on_change = on_change
+        self.memory: MemoryBudget | None = None  # set once the models are loaded (server.memory)
 
     @property
     def in_flight(self) -> int:
@@ -38,8 +42,9 @@ class Admission:
     def draining(self) -> bool:
         return self._draining
 
-    def admit(self, ctx: RequestContext) -> None:
-        """Take a slot for this request or refuse it; `release` gives it back."""
+    def admit(self, ctx: RequestContext, memory: int = 0) -> None:
+        """Take a slot, and `memory` bytes of the memory budget (if any), for this request or refuse
+        it; `release` gives them back."""
         with self._cond:
             if self._draining:
                 raise errors.unavailable("the server is shutting down; send the request to another replica")
@@ -48,25 +53,41 @@ class Admission:
                 raise errors.exhausted(
                     f"server busy: {self._in_flight} requests in flight (max-concurrency {self.max_concurrency} "
                     f"+ max-queue {self.max_queue}); retry later")
+            if self.memory is not None:
+                self.memory.reserve(memory)
+                ctx.memory = memory
             self._in_flight += 1
+            self._admitted.add(ctx)
             count = self._in_flight
             self._cond.notify_all()
         ctx.t_admitted = time.perf_counter()
         if self._on_change:
             self._on_change(count)
 
-    def release(self) -> None:
+    def release(self, ctx: RequestContext) -> None:
         with self._cond:
+            if self.memory is not None:
+                self.memory.release(ctx.memory)
             self._in_flight -= 1
+            self._admitted.discard(ctx)
             count = self._in_flight
             self._cond.notify_all()
         if self._on_change:
             self._on_change(count)
 
-    def hold_until_done(self, future: Future) -> Future:
+    def hold_until_done(self, future: Future, ctx: RequestContext) -> Future:
         """Release the request's slot when its work has really ended (not when the client left)."""
-        future.add_done_callback(lambda _: self.release())
+        future.add_done_callback(lambda _: self.release(ctx))
         return future
+
+    def abandon(self, error: RequestError) -> int:
+        """Cancel every admitted request with `error` (the drain timeout passed): each is answered
+        at once in its protocol's shape, its work stops at its next step; returns how many."""
+        with self._cond:
+            admitted = list(self._admitted)
+        for ctx in admitted:
+            ctx.cancel(error)
+        return len(admitted)
 
     def run(self, ctx: RequestContext, fn: Callable[[], Any], executor: ThreadPoolExecutor | None = None) -> Future:
         """Run `fn` on a worker once one is free (of `executor`, else the server's pool); a request

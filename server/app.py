@@ -23,13 +23,18 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from glm_image_onnx.manifest import Graph
+from glm_image_onnx.server import errors
 from glm_image_onnx.runtime.ar_batch import ArBatching
+from glm_image_onnx.runtime.envelope import RequestBounds, envelope
 from glm_image_onnx.server.admission import Admission
 from glm_image_onnx.server.glm_image_model import GlmImageModel
+from glm_image_onnx.server.glm_image_request import MAX_SOURCE_IMAGES
 from glm_image_onnx.server.http_server import HttpFrontEnd
 from glm_image_onnx.server.dataplane import DataPlane
-from glm_image_onnx.server.kserve import InferenceService
-from glm_image_onnx.server.limits import ComponentLimits, Limits
+from glm_image_onnx.server.kserve import ErrorInterceptor, InferenceService
+from glm_image_onnx.server.limits import ComponentLimits, ConnectionLimits, Limits
+from glm_image_onnx.server import memory
+from glm_image_onnx.server.memory import MemoryBudget
 from glm_image_onnx.server.metrics import Metrics
 from glm_image_onnx.server.models import BatchingOptions, ComponentModel, Model
 from glm_image_onnx.server.security import SecurityConfig, TokenStore, auth_interceptor, exposure_warnings
@@ -66,6 +71,8 @@ class ServerConfig:
     drain_timeout_s: float = 60.0
     security: SecurityConfig = field(default_factory=SecurityConfig)
     component_limits: ComponentLimits = field(default_factory=ComponentLimits)
+    connection: ConnectionLimits = field(default_factory=ConnectionLimits)  # HTTP timeouts and body memory
+    max_memory: int | None = None  # bytes for the process (server.memory); None: 90% of the machine's; 0: no budget
 
 
 def load_models(config: ServerConfig, metrics: Metrics) -> dict[str, Model]:
@@ -78,8 +85,11 @@ def load_models(config: ServerConfig, metrics: Metrics) -> dict[str, Model]:
                                                  vae_tiling=config.vae_tiling,
                                                  vae_tile_size=config.vae_tile_size,
                                                  ar_batching=config.ar_batching)
-    models: dict[str, Model] = {"glm_image": GlmImageModel(pipeline, config.limits, metrics)}
+    glm_image = GlmImageModel(pipeline, config.limits, metrics)
+    models: dict[str, Model] = {"glm_image": glm_image}
     if config.components:
+        lim = glm_image.limits
+        bounds = envelope(pipeline, RequestBounds(lim.max_side, lim.max_pixels, lim.max_prompt_bytes, MAX_SOURCE_IMAGES))
         batching = BatchingOptions(config.max_batch_size, config.max_queue_delay_us)
         for name, graph in pipeline.package.graphs.items():
             why = not_carried(graph)
@@ -89,8 +99,34 @@ def load_models(config: ServerConfig, metrics: Metrics) -> dict[str, Model]:
             session = pipeline.sessions.get(name) or create_session(pipeline.package.graph_path(name),
                                                                     pipeline.provider, config.threads)
             models[name] = ComponentModel(name, graph, session, batching, on_execution=metrics.execution,
-                                          limits=config.component_limits)
+                                          limits=config.component_limits, bounds=bounds.get(name))
     return models
+
+
+def memory_budget(config: ServerConfig, models: dict[str, Model]) -> MemoryBudget | None:
+    """Measure what requests cost (server.memory) and the budget left for them; None when off."""
+    if config.max_memory == 0:
+        return None
+    why = memory.measurable()
+    if why:
+        log.warning("no memory budget: %s", why)
+        return None
+    glm = models["glm_image"]
+    grid, side = glm.limits.grid.factor, glm.limits.max_side
+    sides = (max(grid, side // 4 // grid * grid), max(2 * grid, side // 2 // grid * grid))
+    costs = memory.probe(glm.pipeline, sides)
+    glm.cost, glm.ar_cost = costs.glm_image, costs.graphs.get("ar_planner")
+    for name, model in models.items():
+        model.cost = costs.graphs.get(name, model.cost)
+    total = config.max_memory or int(0.9 * memory.machine_memory())
+    budget = MemoryBudget(total, memory.resident_bytes())
+    if budget.capacity <= 0:
+        raise LoadError(f"--max-memory {total >> 20} MiB is less than the {budget.baseline >> 20} MiB the loaded "
+                        "package already holds")
+    log.info("memory budget: %d MiB for requests (--max-memory %d MiB less %d MiB loaded); a %dx%d image takes "
+             "about %d MiB", budget.capacity >> 20, total >> 20, budget.baseline >> 20, side, side,
+             glm.cost(side * side) >> 20)
+    return budget
 
 
 def not_carried(graph: Graph) -> str | None:
@@ -140,11 +176,15 @@ class GlmImageServer:
         if security.token_file is not None:
             self.tokens = TokenStore(security.token_file)
             interceptors.append(auth_interceptor(self.tokens))
+        interceptors.append(ErrorInterceptor())  # inside the token check: UNAUTHENTICATED comes first
         for warning in exposure_warnings(self.config.host, security):
             log.warning(warning)
         self.server = grpc.aio.server(interceptors=interceptors, options=[("grpc.max_receive_message_length", size),
                                                ("grpc.max_send_message_length", size),
-                                               ("grpc.so_reuseport", 0)])
+                                               ("grpc.so_reuseport", 0)],
+                                      # each RPC's message is read whole before a handler sees it: bound how
+                                      # many are read at once (beyond admission's, a few for health checks)
+                                      maximum_concurrent_rpcs=config.max_concurrency + config.max_queue + 16)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.plane, config.component_limits.max_tensor_elements), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -164,7 +204,8 @@ class GlmImageServer:
         await self._set_health(False)
         await self.server.start()
         if config.http_port is not None:
-            self.http = HttpFrontEnd(self.plane, self.tokens, size, config.component_limits.max_tensor_elements)
+            self.http = HttpFrontEnd(self.plane, self.tokens, size, config.component_limits.max_tensor_elements,
+                                     config.connection)
             try:
                 self.http_port = await self.http.start(config.host, config.http_port, security)
             except BaseException:
@@ -185,6 +226,7 @@ class GlmImageServer:
 
         try:
             models = await asyncio.to_thread(load_models, self.config, self.metrics)
+            self.state.admission.memory = await asyncio.to_thread(memory_budget, self.config, models)
         except (PackageError, ProviderError) as e:
             self.state.phase, self.state.reason = FAILED, str(e)
             log.error("loading %s failed: %s", self.config.package, e)
@@ -216,7 +258,10 @@ class GlmImageServer:
         log.info("draining: %d request(s) in flight, waiting up to %.0fs", in_flight, timeout)
         drained = await asyncio.to_thread(self.state.admission.wait_idle, timeout)
         if not drained:
-            log.warning("drain timeout: %d request(s) still running are abandoned", self.state.admission.in_flight)
+            abandoned = self.state.admission.abandon(errors.unavailable(
+                "the server shut down before this request finished (its drain timeout passed); retry on another "
+                "replica"))
+            log.warning("drain timeout: %d request(s) still running are abandoned (answered UNAVAILABLE)", abandoned)
         await self.health.enter_graceful_shutdown()
         if self.http is not None:
             await self.http.stop()

@@ -14,7 +14,7 @@ from glm_image_onnx.errors import exit_code
 from glm_image_onnx.provider_args import add_provider_arguments, provider_settings
 from glm_image_onnx.server import limits as limits_mod
 from glm_image_onnx.server.client import add_setting_arguments
-from glm_image_onnx.server.limits import ComponentLimits, Limits
+from glm_image_onnx.server.limits import ComponentLimits, ConnectionLimits, Limits
 from glm_image_onnx.targets import PROVIDER_NAMES
 
 
@@ -37,6 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from glm_image_onnx.runtime import ArBatching, Package, PackageError, ProviderError
+    from glm_image_onnx.server import memory
     from glm_image_onnx.server.app import GlmImageServer, LoadError, ServerConfig
     from glm_image_onnx.server.security import SecurityConfig, SecurityError
 
@@ -55,6 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         limits = limits_mod.from_arguments(args, Limits)
         component_limits = limits_mod.from_arguments(args, ComponentLimits)
+        connection = limits_mod.from_arguments(args, ConnectionLimits)
+        max_memory = None if args.max_memory is None else memory.parse_size(args.max_memory)
     except ValueError as e:
         raise _cli_error(str(e)) from None
     if not (Path(args.package) / "manifest.json").is_file():
@@ -78,7 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           ar_batching=ar_batching, components=not args.no_components,
                           metrics_port=args.metrics_port, limits=limits,
                           max_message_bytes=args.max_message_mb << 20, drain_timeout_s=args.drain_timeout,
-                          security=security, component_limits=component_limits)
+                          security=security, component_limits=component_limits, connection=connection,
+                          max_memory=max_memory)
     try:
         return asyncio.run(GlmImageServer(config).run())
     except (PackageError, SecurityError, ProviderError, LoadError, ValueError, OSError) as e:
@@ -153,8 +157,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ar-join-wait-ms", type=float, default=0.0,
                    help="how long an AR decode step waits for new generations to join (default 0: never waits)")
     p.add_argument("--no-components", action="store_true", help="serve only glm_image, not every graph")
-    limits_mod.add_arguments(p, Limits, ComponentLimits)  # the request bounds: server.limits
+    limits_mod.add_arguments(p, Limits, ComponentLimits, ConnectionLimits)  # the request bounds: server.limits
     p.add_argument("--max-message-mb", type=int, default=256, help="gRPC message size limit (default 256 MiB)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="memory for the whole process, e.g. 4G: a request whose measured estimate would pass it gets "
+                        "RESOURCE_EXHAUSTED / 429 (default 90%% of the machine's or its cgroup's; 0: no budget)")
     p.add_argument("--tls-cert", metavar="PEM", help="serve over TLS with this certificate (chain)")
     p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     p.add_argument("--tls-client-ca", metavar="PEM",

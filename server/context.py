@@ -29,6 +29,8 @@ class RequestContext:
         self.t_received = time.perf_counter()
         self.t_admitted = self.t_started = self.t_finished = None  # perf_counter stamps
         self.input_s = self.output_s = 0.0
+        self.memory = 0  # bytes of the memory budget it holds (server.admission)
+        self.wire_bytes = 0  # its message or body, held until it ends
         self.ar_rows: int | None = None  # glm_image: the most generations it shared an AR step with
         self._lock = threading.Lock()
         self._error: RequestError | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 
 # gRPC status name -> HTTP status of the same error (KServe v2 REST and the OpenAI API)
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "PAYLOAD_TOO_LARGE": 413,
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "REQUEST_TIMEOUT": 408, "PAYLOAD_TOO_LARGE": 413,
                "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "INTERNAL": 500, "UNIMPLEMENTED": 501,
                "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
 
@@ -57,7 +57,16 @@ def deadline(message: str = "the request's deadline passed before it finished") 
 
 
 def internal(message: str) -> RequestError:
+    """A failure that is ours, `message` saying what failed: for the server's log, never the client
+    (`inference.infer` logs it and answers `internal_answer` instead)."""
     return RequestError("INTERNAL", message)
+
+
+def internal_answer(request_id: str) -> RequestError:
+    """What a client is told of a failure that is ours (a bug, onnxruntime failing on inputs we
+    accepted): the request id that the log line with the exception carries, never the exception
+    itself, whose class and message may hold internals (paths, shapes, library versions)."""
+    return RequestError("INTERNAL", f"internal error: the server's log has the details under request id {request_id}")
 
 
 def unauthenticated(message: str) -> RequestError:
@@ -67,6 +76,11 @@ def unauthenticated(message: str) -> RequestError:
 def too_large(message: str) -> RequestError:
     """HTTP only (gRPC refuses an oversized message itself, RESOURCE_EXHAUSTED)."""
     return RequestError("PAYLOAD_TOO_LARGE", message)
+
+
+def request_timeout(message: str) -> RequestError:
+    """HTTP only: the client stalled while sending (gRPC has its own keepalive and deadlines)."""
+    return RequestError("REQUEST_TIMEOUT", message)
 
 
 def no_shared_memory(what: str) -> RequestError:

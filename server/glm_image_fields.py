@@ -17,6 +17,9 @@ from PIL import Image
 from glm_image_onnx.server.limits import Limits
 
 SEED_LIMIT = 2 ** 63  # seeds are int64 on the wire (KServe INT64, the response parameter `seed`)
+# The least temperature / top_p: the sampler divides the logits by the temperature in float32, where
+# 1e-300 is 0 and 1e-40 subnormal (infinite scores); below 1e-6 sampling is greedy anyway.
+MIN_SAMPLING = 1e-6
 
 Check = Callable[[Any, Limits], "str | None"]  # (value, limits) -> why it is refused, or None
 
@@ -59,10 +62,8 @@ FIELDS = {
     "steps": FieldSpec("INT32", "int", _within("steps", 1, lambda lim: lim.max_steps), "num_inference_steps"),
     "guidance": FieldSpec("FP32", "float", _within("guidance", 0, lambda lim: lim.max_guidance), "guidance_scale"),
     "seed": FieldSpec("INT64", "int", _within("seed", 0, lambda lim: SEED_LIMIT - 1, "2^63-1")),
-    "temperature": FieldSpec("FP32", "float", lambda v, lim: None if math.isfinite(v) and 0 < v <= 10
-                          else f"temperature must be in (0, 10], got {v}"),
-    "top_p": FieldSpec("FP32", "float", lambda v, lim: None if math.isfinite(v) and 0 < v <= 1
-                    else f"top_p must be in (0, 1], got {v}"),
+    "temperature": FieldSpec("FP32", "float", _within("temperature", MIN_SAMPLING, lambda lim: 10)),
+    "top_p": FieldSpec("FP32", "float", _within("top_p", MIN_SAMPLING, lambda lim: 1)),
     "top_k": FieldSpec("INT32", "int", lambda v, lim: None if v >= 1 else f"top_k must be >= 1, got {v}"),
     "do_sample": FieldSpec("BOOL", "bool"),
 }

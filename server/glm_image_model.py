@@ -18,6 +18,7 @@ from glm_image_onnx.server import glm_image_request as glm
 from glm_image_onnx.server.admission import Admission
 from glm_image_onnx.server.context import RequestContext
 from glm_image_onnx.server.limits import Limits, to_parameters
+from glm_image_onnx.server.memory import Cost
 from glm_image_onnx.server.metrics import Metrics
 from glm_image_onnx.server.models import Decoded, Model, Prepared, Progress, Result
 
@@ -43,6 +44,7 @@ class GlmImageModel(Model):
             if metrics is not None:
                 pipeline.ar_engine.on_step = metrics.ar_call
         self.limits = limits.for_package(pipeline.image_processor, pipeline.grid)
+        self.ar_cost: Cost | None = None  # the AR planner's, for long prompts (server.memory)
         self.inputs = list(glm.INPUTS)
         self.outputs = list(glm.OUTPUTS)
         self.instance_kind = "KIND_CPU" if pipeline.providers[0] == "CPUExecutionProvider" else "KIND_GPU"
@@ -67,7 +69,24 @@ class GlmImageModel(Model):
 
     def prepare(self, decoded: Decoded) -> Prepared:
         request = decoded.request or self.parse(decoded.inputs, decoded.parameters)
-        return Prepared({}, self.output_names(decoded.outputs), request=request)
+        prepared = Prepared({}, self.output_names(decoded.outputs), request=request)
+        if self.cost is not None:
+            prepared.memory = self.estimate(request)
+        return prepared
+
+    def estimate(self, r: glm.GlmImageRequest) -> int:
+        """Peak bytes of a generation (server.memory): the measured cost at its size, or its AR
+        prefill's where a long prompt makes that the larger ([prompt x cache] scores per head)."""
+        pipe = self.pipeline
+        source = r.images[0].size[::-1] if r.images else None
+        height, width = pipe.config.image_size(r.height, r.width, source)
+        peak = self.cost(height * width)
+        if self.ar_cost is not None and pipe.prompts.prompt_error(r.prompt) is None:
+            grids = [pipe.image_processor.grid(im.height, im.width) for im in r.images]
+            built = pipe.prompts.build(r.prompt, height, width, grids)
+            prompt = built.input_ids.shape[1]
+            peak = max(peak, self.ar_cost(prompt * (prompt + built.max_new_tokens)))
+        return peak
 
     def submit(self, prepared: Prepared, ctx: RequestContext, admission: Admission,
                progress: Progress | None = None) -> Future:

@@ -39,6 +39,7 @@ from glm_image_onnx.server.limits import Limits
 from glm_image_onnx.server.result import Result
 from glm_image_onnx.server.specs import TensorSpec, select_outputs
 from glm_image_onnx.server.tensors import datatype_of
+from glm_image_onnx.server.wire import decimal, integer
 
 if TYPE_CHECKING:
     from glm_image_onnx.runtime.ar import Progress
@@ -93,11 +94,11 @@ def _from_param(name: str, f: FieldSpec, value: Any) -> Any:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise errors.invalid(f"parameter '{name}' must be a number, got {type(value).__name__}", name)
-    if isinstance(value, str):
-        try:
-            value = float(value) if f.kind == "float" else int(value)
-        except ValueError:
-            raise errors.invalid(f"parameter '{name}' must be a number, got {value!r}", name) from None
+    if isinstance(value, str):  # a form field (OpenAI edits), a KServe string parameter: ASCII digits only
+        number = decimal(value) if f.kind == "float" else integer(value)
+        if number is None:
+            raise errors.invalid(f"parameter '{name}' must be a number, got {value!r:.60}", name)
+        value = number
     if f.kind == "int":
         if isinstance(value, float) and not value.is_integer():
             raise errors.invalid(f"parameter '{name}' must be an integer, got {value}", name)
@@ -163,11 +164,17 @@ def _open_image(data: bytes, lim: Limits, image_to_image: bool) -> Image.Image:
         raise errors.invalid(f"image is {len(data)} bytes, more than the limit of {lim.max_image_bytes}", "image")
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise errors.invalid(f"image: not a readable PNG, JPEG or WebP image ({e})", "image") from None
+    except Image.DecompressionBombError:  # PIL's own bound (twice MAX_IMAGE_PIXELS), met before ours
+        raise errors.invalid(f"image: more than the limit of {lim.max_source_pixels} pixels", "image") from None
+    except (UnidentifiedImageError, OSError, ValueError):  # PIL's message names its buffer object, not the data
+        raise errors.invalid("image: not a readable PNG, JPEG or WebP image", "image") from None
     if image.width * image.height > lim.max_source_pixels:
         raise errors.invalid(f"image is {image.width}x{image.height}, more than the limit of "
                              f"{lim.max_source_pixels} pixels", "image")
+    try:  # a source is encoded at its own size: it is bounded as an output is
+        lim.check_size(image.height, image.width, "the source image", minimum=False)
+    except ValueError as e:
+        raise errors.invalid(f"image: {e}; resize it", "image") from None
     return image
 
 
@@ -211,6 +218,10 @@ def _with_previews(pipeline: Any, previews: Previews, progress: Progress | None)
 def run(pipeline: Any, r: GlmImageRequest, outputs: list[str], limits: Limits,
         progress: Progress | None = None) -> Result:
     """Decode the source images, run the pipeline (progress may raise to stop it), encode the outputs."""
+    for image in r.images:  # from the headers: nothing is decoded for a refused request
+        error = pipeline.source_error(image.width, image.height)
+        if error:
+            raise errors.invalid(error, "image")
     sources = []
     for image in r.images:
         try:
@@ -218,10 +229,6 @@ def run(pipeline: Any, r: GlmImageRequest, outputs: list[str], limits: Limits,
             sources.append(image.convert("RGB"))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise errors.invalid(f"image: cannot decode the {image.format} data ({e})", "image") from None
-    for image in sources:
-        error = pipeline.source_error(image.width, image.height)
-        if error:
-            raise errors.invalid(error, "image")
     error = pipeline.prompts.prompt_error(r.prompt)
     if error:
         raise errors.invalid(error, "prompt")

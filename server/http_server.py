@@ -23,22 +23,68 @@ import logging
 import socket
 import ssl
 import time
+import uuid
 from typing import Any, Awaitable, Callable, Iterator
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from glm_image_onnx.server import errors
 from glm_image_onnx.server.errors import RequestError
+from glm_image_onnx.server.limits import ConnectionLimits
 from glm_image_onnx.server.security import SecurityConfig, TokenStore, bearer
 from glm_image_onnx.server.dataplane import DataPlane
+from glm_image_onnx.server.wire import printable
 
 log = logging.getLogger("glm_image_onnx.server")
 logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop lines repeat ours
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _H11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's headers (uvicorn has none): a
+    client that connects, or starts a request on a kept-alive connection, and does not finish its
+    headers within `header_timeout` s is disconnected instead of holding the connection forever."""
+
+    header_timeout = 10.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self.cycle is None or self.cycle.response_complete:
+            self._arm()  # the first bytes of a new request
+        cycle = self.cycle
+        super().data_received(data)
+        if self.cycle is not cycle:  # its headers are in: the body has its own timeout (read_body)
+            self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.header_timeout, self._late)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _late(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            peer = "%s:%d" % self.client if self.client else "unknown"
+            log.info("http peer=http:%s no complete request headers within %.1f s: connection closed", peer,
+                     self.header_timeout)
+            self.transport.close()
 
 
 class _Uvicorn(uvicorn.Server):
@@ -50,12 +96,15 @@ class _Uvicorn(uvicorn.Server):
 
 
 class HttpFrontEnd:
-    def __init__(self, plane: DataPlane, tokens: TokenStore | None, max_body_bytes: int, max_tensor_elements: int):
+    def __init__(self, plane: DataPlane, tokens: TokenStore | None, max_body_bytes: int, max_tensor_elements: int,
+                 connection: ConnectionLimits = ConnectionLimits()):
         self.plane = plane
         self.state = plane.state
         self.tokens = tokens
         self.max_body_bytes = max_body_bytes
         self.max_tensor_elements = max_tensor_elements
+        self.connection = connection
+        self.body_bytes = 0  # bytes of bodies held by requests now (changed on the event loop only)
         self.port: int | None = None
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task | None = None
@@ -85,8 +134,10 @@ class HttpFrontEnd:
             tls = dict(ssl_certfile=str(security.tls_cert), ssl_keyfile=str(security.tls_key))
             if security.tls_client_ca is not None:
                 tls.update(ssl_ca_certs=str(security.tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+        protocol = type("H11", (_H11,), {"header_timeout": self.connection.header_timeout})
         config = uvicorn.Config(self.app(), lifespan="off", log_config=None, access_log=False, server_header=False,
-                                timeout_graceful_shutdown=5, **tls)
+                                timeout_graceful_shutdown=5, http=protocol,
+                                timeout_keep_alive=self.connection.keep_alive, **tls)
         self._server = _Uvicorn(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:  # uvicorn reports no event for it
@@ -125,21 +176,36 @@ class HttpFrontEnd:
                 self.authenticate(request)
                 response = await handler(request)
             except Exception as caught:
-                e = caught if isinstance(caught, RequestError) else None
-                if e is None:  # a bug here still answers in the protocol's shape, and is logged
-                    log.exception("http %s %s failed", request.method, request.url.path)
-                    e = errors.internal(f"internal error: {type(caught).__name__}: {caught}")
-                response = on_error(e)
-                if e.code == "UNAUTHENTICATED":
-                    response.headers["WWW-Authenticate"] = "Bearer"
-                if not request.state.logged:  # inference.infer logged the others
-                    log.info("http %s %s peer=%s status=%d error=%r total_ms=%.1f", request.method,
-                             request.url.path, self.peer(request), response.status_code, e.message[:200],
-                             (time.perf_counter() - t0) * 1e3)
+                response = self._failed(request, caught, on_error, t0)
+            self.body_bytes -= getattr(request.state, "body_bytes", 0)  # `read_body`'s reservation
             self.state.metrics.http_request(handler.__name__, response.status_code)
             return response
 
         return route
+
+    def _failed(self, request: Request, caught: Exception, on_error: Callable[[RequestError], Response],
+                t0: float) -> Response:
+        """The answer to a route that raised: a RequestError in its protocol's shape; a client that left
+        while sending as 499 (logged at INFO: not our failure); anything else is a bug of ours, logged
+        with a request id that the 500 carries instead of the exception. The path is the routed one
+        (`request.url` drops the newline of a `%0A`), escaped."""
+        if isinstance(caught, RequestError):
+            e = caught
+        elif isinstance(caught, ClientDisconnect):
+            e = errors.cancelled("the client disconnected while sending the request")
+        else:
+            request_id = uuid.uuid4().hex[:16]
+            log.exception("http %s %s failed (request id %s)", printable(request.method),
+                          printable(request.scope["path"]), request_id)
+            e = errors.internal_answer(request_id)
+        response = on_error(e)
+        if e.code == "UNAUTHENTICATED":
+            response.headers["WWW-Authenticate"] = "Bearer"
+        if not request.state.logged:  # inference.infer logged the others
+            log.info("http %s %s peer=%s status=%d error=%r total_ms=%.1f", printable(request.method),
+                     printable(request.scope["path"]), printable(self.peer(request)), response.status_code,
+                     e.message[:200], (time.perf_counter() - t0) * 1e3)
+        return response
 
     def authenticate(self, request: Request) -> None:
         if self.tokens is None:
@@ -151,25 +217,49 @@ class HttpFrontEnd:
         if not self.tokens.accepts(token):
             raise errors.unauthenticated("the bearer token is not accepted by this server")
 
-    async def read_body(self, request: Request) -> bytes:
-        """The whole body, refused (413) as soon as it passes the limit: never buffered beyond it."""
+    async def read_body(self, request: Request) -> bytearray:
+        """The whole body, refused as soon as it passes the size limit (413), stalls (408) or would
+        take the bodies held by all requests past --max-body-memory-mb (429): never buffered beyond
+        them. Its bytes count against that budget until the route returns (`guarded`)."""
         limit = self.max_body_bytes
         encoding = request.headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
-            raise errors.invalid(f"header Content-Encoding: {encoding[:20]} is not supported; send the body "
+            raise errors.invalid(f"header Content-Encoding: {encoding[:20]!r} is not supported; send the body "
                                  "uncompressed")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise errors.too_large(f"the request body is {int(length)} bytes, more than this server's limit of "
+        length = request.headers.get("content-length", "")
+        declared = int(length) if length.isascii() and length.isdigit() else None
+        if declared is not None and declared > limit:
+            raise errors.too_large(f"the request body is {declared} bytes, more than this server's limit of "
                                    f"{limit} bytes (--max-message-mb)")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
+        self._reserve(request, declared or 0)
+        body = bytearray()
+        chunks = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), self.connection.body_timeout)
+            except StopAsyncIteration:
+                return body
+            except asyncio.TimeoutError:
+                raise errors.request_timeout(f"the request body stalled for {self.connection.body_timeout:g} s "
+                                             "(--body-timeout)") from None
+            if len(body) + len(chunk) > limit:
                 raise errors.too_large(f"the request body is more than this server's limit of {limit} bytes "
                                        "(--max-message-mb)")
-            chunks.append(chunk)
-        return b"".join(chunks)
+            self._reserve(request, len(body) + len(chunk))
+            body += chunk
+
+    def _reserve(self, request: Request, size: int) -> None:
+        """Count `size` bytes of this request's body (what it already counted included) against the
+        budget of all bodies held at once; 429 past it."""
+        held = getattr(request.state, "body_bytes", 0)
+        if size <= held:
+            return
+        budget = self.connection.max_body_memory
+        if self.body_bytes + size - held > budget:
+            raise errors.exhausted(f"server busy: {self.body_bytes} bytes of request bodies held, and this one "
+                                   f"would pass the limit of {budget} (--max-body-memory-mb); retry later")
+        self.body_bytes += size - held
+        request.state.body_bytes = size
 
     async def until_disconnect(self, request: Request, work: Awaitable[Any]) -> Any:
         """Await `work` (an inference, whose body has been read); if the client disconnects first,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Future
 from typing import Any, Callable, TypeVar
 
 from glm_image_onnx.server import errors
@@ -19,6 +20,7 @@ from glm_image_onnx.server.context import RequestContext
 from glm_image_onnx.server.errors import RequestError
 from glm_image_onnx.server.models import Decoded, Model, Progress, Result
 from glm_image_onnx.server.state import ServerState
+from glm_image_onnx.server.wire import printable
 
 log = logging.getLogger("glm_image_onnx.server")
 
@@ -55,6 +57,24 @@ def _apply_request_parameters(ctx: RequestContext, parameters: dict[str, Any]) -
         ctx.set_timeout(timeout_us / 1e6)
 
 
+async def _outcome(future: Future, ctx: RequestContext) -> Any:
+    """The work's value, or the context's error as soon as it is cancelled (a deadline, the drain
+    timeout): the client is answered at once while the work stops at its next step."""
+    loop = asyncio.get_running_loop()
+    stopped = loop.create_future()
+    ctx.on_cancel(lambda: loop.call_soon_threadsafe(lambda: stopped.done() or stopped.set_result(None)))
+    work = asyncio.wrap_future(future)
+    work.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, if nobody waits for it
+    try:
+        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if work.done():
+        return work.result()
+    ctx.check()  # raises the cancellation's error
+    return await work  # not reached: a cancelled context always has an error
+
+
 async def infer(state: ServerState, ctx: RequestContext, version: str, decode: Callable[[], Decoded],
                 encode: Callable[[Model, Result], T], progress: Progress | None = None,
                 admitted: asyncio.Event | None = None) -> T:
@@ -75,17 +95,17 @@ async def infer(state: ServerState, ctx: RequestContext, version: str, decode: C
         prepared = model.prepare(request)
         rows = prepared.rows
         ctx.input_s = time.perf_counter() - t
-        state.admission.admit(ctx)
+        state.admission.admit(ctx, prepared.memory + ctx.wire_bytes)
         try:
             future = model.submit(prepared, ctx, state.admission, progress)
         except BaseException:
-            state.admission.release()
+            state.admission.release(ctx)
             raise
-        state.admission.hold_until_done(future)
+        state.admission.hold_until_done(future, ctx)
         if admitted is not None:
             admitted.set()
         try:
-            value = await asyncio.wrap_future(future)
+            value = await _outcome(future, ctx)
         except asyncio.CancelledError:
             ctx.cancel(errors.deadline() if ctx.deadline is not None and time.monotonic() >= ctx.deadline
                        else errors.cancelled())
@@ -101,11 +121,14 @@ async def infer(state: ServerState, ctx: RequestContext, version: str, decode: C
         return encoded
     except RequestError as e:
         status = e.code
-        raise
-    except Exception as e:
+        if e.code != "INTERNAL":
+            raise
+        log.error("request %s to %s failed: %r", printable(ctx.label), printable(ctx.model), e.message)
+        raise errors.internal_answer(ctx.label) from None  # the client is told no internals
+    except Exception:
         status = "INTERNAL"
-        log.exception("request %s to %s failed", ctx.label, ctx.model)
-        raise errors.internal(f"{ctx.model}: internal error: {type(e).__name__}: {e}") from None
+        log.exception("request %s to %s failed", printable(ctx.label), printable(ctx.model))
+        raise errors.internal_answer(ctx.label) from None
     finally:
         _record(state, ctx, model, status, rows)
 
@@ -118,6 +141,8 @@ def _record(state: ServerState, ctx: RequestContext, model: Model | None, status
                                  rows)
     queued = ctx.queue_s() if ctx.t_started is not None else None
     state.metrics.request_done(ctx.model if model else "unknown", status, total, queued)
-    log.info("infer model=%s id=%s peer=%s protocol=%s status=%s queue_ms=%.1f compute_ms=%.1f total_ms=%.1f%s",
-             ctx.model, ctx.label, ctx.peer, ctx.protocol, status, ctx.queue_s() * 1e3, ctx.compute_s() * 1e3,
-             total * 1e3, "" if ctx.ar_rows is None else f" ar_rows={ctx.ar_rows}")
+    log.info("infer model=%s id=%s peer=%s protocol=%s status=%s queue_ms=%.1f compute_ms=%.1f total_ms=%.1f%s%s",
+             printable(ctx.model), printable(ctx.label), printable(ctx.peer), ctx.protocol, status,
+             ctx.queue_s() * 1e3, ctx.compute_s() * 1e3, total * 1e3,
+             "" if ctx.ar_rows is None else f" ar_rows={ctx.ar_rows}",
+             f" memory_mb={ctx.memory >> 20}" if ctx.memory else "")

@@ -6,17 +6,22 @@ out. Inference never runs on the event loop: a request is decoded here (errors n
 validated, admitted (RESOURCE_EXHAUSTED over the limit) and run on a worker by the core, and awaited; a client that cancels or whose deadline passes stops the work at the next AR token or
 denoising step. `ModelStreamInfer` runs each request of the stream concurrently, sends progress
 responses (parameter `progress_stage`) before the final one, and reports per-request errors in-band
-as `error_message`, so the stream stays usable.
+as `error_message`, so the stream stays usable. `ErrorInterceptor` answers what escapes a handler:
+a message protobuf cannot parse is INVALID_ARGUMENT, a bug INTERNAL with a request id, never grpc's
+UNKNOWN naming the exception.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
+import uuid
 from typing import Any, AsyncIterator, Callable
 
 import grpc
 from google.protobuf import json_format
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from glm_image_onnx.server import errors
@@ -26,6 +31,10 @@ from glm_image_onnx.server.errors import RequestError
 from glm_image_onnx.server.inference import loop_progress
 from glm_image_onnx.server.models import VERSION, Decoded, Model, Result
 from glm_image_onnx.server.tensors import DEFAULT_MAX_ELEMENTS, add_output, parameter_value, read_inputs, set_parameter
+from glm_image_onnx.server.wire import printable
+
+log = logging.getLogger("glm_image_onnx.server")
+SERVICE = "/inference.GRPCInferenceService/"
 
 
 def to_message(data: dict[str, Any], message: Message) -> Message:
@@ -41,6 +50,62 @@ def _progress_response(request: service_pb2.ModelInferRequest, stage: str, done:
     set_parameter(response.parameters, "progress_total", total)
     set_parameter(response.parameters, "triton_final_response", False)
     return service_pb2.ModelStreamInferResponse(infer_response=response)
+
+
+class Malformed:
+    """Stands for a message protobuf cannot parse (truncated, or a string field that is not UTF-8, as
+    a lone surrogate in a prompt parameter is), so that the call can answer INVALID_ARGUMENT."""
+
+    def __init__(self, what: str):
+        self.message = (f"the message is not a valid {what}: protobuf cannot parse it (truncated, or a string "
+                        "field that is not UTF-8)")
+
+
+def _tolerant(parse: Callable[[bytes], Any], what: str) -> Callable[[bytes], Any]:
+    def tolerant(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            return Malformed(what)
+
+    return tolerant
+
+
+def _guarded(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """A unary handler whose failures are answered as `ErrorInterceptor` says."""
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        try:
+            answer = behavior(request, context)
+            return await answer if inspect.isawaitable(answer) else answer
+        except grpc.aio.AbortError:  # the handler's own status
+            raise
+        except NotImplementedError:  # the generated servicer's answer for a method this server lacks
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")
+        except Exception:
+            request_id = getattr(request, "id", "") or uuid.uuid4().hex[:16]
+            log.exception("grpc %s failed (request id %s)", method, printable(request_id))
+            await context.abort(grpc.StatusCode.INTERNAL, errors.internal_answer(request_id).message)
+
+    return call
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """What escapes the inference service's handlers, answered as the client's error or ours: a
+    message that does not parse is INVALID_ARGUMENT, a method this server lacks UNIMPLEMENTED, and
+    any other exception (a bug of ours) INTERNAL with a request id under which it is logged. grpc
+    would answer UNKNOWN with the exception's class and message. Install it after the token check."""
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(SERVICE):
+            return handler
+        method = details.method[len(SERVICE):]
+        parse = _tolerant(handler.request_deserializer, f"{method} request")
+        if handler.request_streaming or handler.response_streaming:  # ModelStreamInfer answers in-band
+            return handler._replace(request_deserializer=parse)
+        return handler._replace(request_deserializer=parse, unary_unary=_guarded(method, handler.unary_unary))
 
 
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -117,6 +182,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         async def read() -> None:
             async for request in request_iterator:
+                if isinstance(request, Malformed):  # the stream stays open, as for any bad request
+                    queue.put_nowait(service_pb2.ModelStreamInferResponse(error_message=request.message))
+                    continue
                 # back-pressure: a client that sends faster than it reads (or never reads) waits here, so
                 # one stream holds at most `max_stream_pending` requests and a bounded response backlog
                 while len(tasks) >= self.max_stream_pending or queue.qsize() >= 64 * self.max_stream_pending:
@@ -141,6 +209,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: service_pb2.ModelInferRequest, context,
                      progress: Callable[[str, int, int], None] | None = None) -> service_pb2.ModelInferResponse:
         ctx = RequestContext(request.model_name, request.id, context.time_remaining(), context.peer())
+        ctx.wire_bytes = request.ByteSize()
 
         def decode() -> Decoded:
             for out in request.outputs:

@@ -29,6 +29,7 @@ from glm_image_onnx.server.context import RequestContext
 from glm_image_onnx.server.http_server import HttpFrontEnd
 from glm_image_onnx.server.models import VERSION, Decoded, Model, Result
 from glm_image_onnx.server.tensors import MAX_INPUTS, NUMPY, encode_bytes, from_raw, from_values
+from glm_image_onnx.server.wire import parse_json
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPES = set(NUMPY) - {"FP16"}  # JSON numbers cannot round-trip FP16 exactly: binary only
@@ -138,11 +139,7 @@ def _outputs(outputs: Any, all_binary: bool) -> dict[str, bool]:
 def decode_request(body: bytes, header_length: str | None, max_elements: int) -> tuple[str, Decoded, dict[str, bool]]:
     """(request id, decoded request, output name -> binary) of an infer body."""
     header, binary = _split(body, header_length)
-    try:
-        request = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise errors.invalid(f"the request body is not valid JSON ({e})") from None
-    request = _object(request, "the request body")
+    request = _object(parse_json(header), "the request body")
     request_id = request.get("id", "")
     if not isinstance(request_id, str):
         raise errors.invalid("'id' must be a string")
@@ -234,10 +231,7 @@ class _Handlers:
 
     async def repository_index(self, request: Request) -> Response:
         body = await self.front.read_body(request)
-        try:
-            wanted = json.loads(body) if body.strip() else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise errors.invalid(f"the request body is not valid JSON ({e})") from None
+        wanted = parse_json(body) if body.strip() else {}
         return JSONResponse(self.plane.repository_index(isinstance(wanted, dict) and wanted.get("ready") is True))
 
     async def model_infer(self, request: Request) -> Response:
@@ -245,6 +239,7 @@ class _Handlers:
         body = await front.read_body(request)
         model, version = self.path(request)
         ctx = RequestContext(model, "", None, front.peer(request), protocol="http")
+        ctx.wire_bytes = len(body)
         binary: dict[str, bool] = {}  # output name ("*": the default) -> sent binary
 
         def decode() -> Decoded:

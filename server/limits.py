@@ -38,7 +38,7 @@ class Limits:
     max_guidance: float = bound(50.0, "largest guidance scale a request may ask", minimum=0)
     max_prompt_bytes: int = bound(16384, "longest prompt in UTF-8 bytes")
     max_image_bytes: int = bound(32 << 20, "largest source image file, in MiB", unit=1 << 20, flag="max_image_mb")
-    max_source_pixels: int = bound(4096 * 4096, "most pixels of a source image")
+    max_source_pixels: int = bound(4096 * 4096, "most pixels of a source image file (its header is read first)")
     grid: Grid = Grid()  # not a bound: the package's token grid (image sides are multiples of its factor)
 
     def for_package(self, processor: Any, grid: Grid) -> "Limits":
@@ -50,8 +50,9 @@ class Limits:
                                    min_pixels=processor.min_pixels if self.min_pixels is None else self.min_pixels,
                                    max_side=self.max_side or math.isqrt(max_pixels))
 
-    def check_size(self, height: int, width: int, origin: str = "") -> None:
-        """ValueError naming the field when (height, width) is outside this server's bounds."""
+    def check_size(self, height: int, width: int, origin: str = "", minimum: bool = True) -> None:
+        """ValueError naming the field when (height, width) is outside this server's bounds (only
+        the upper ones without `minimum`)."""
         src = f" (from {origin})" if origin else ""
         for name, size in (("height", height), ("width", width)):
             if self.max_side is not None and size > self.max_side:
@@ -59,7 +60,7 @@ class Limits:
         if self.max_pixels is not None and height * width > self.max_pixels:
             raise ValueError(f"height x width = {height}x{width}{src} is more than this server's limit of "
                              f"{self.max_pixels} pixels")
-        if self.min_pixels and height * width < self.min_pixels:
+        if minimum and self.min_pixels and height * width < self.min_pixels:
             raise ValueError(f"height x width = {height}x{width}{src} is less than this model's minimum of "
                              f"{self.min_pixels} pixels")
 
@@ -70,6 +71,18 @@ class ComponentLimits:
 
     max_tensor_elements: int = bound(1 << 28, "most elements of one input tensor of any request")
     max_axis_size: int = bound(16384, "largest dynamic axis (other than batch) of a component model input")
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """HTTP connections: how long a client may take, and how much body all of them may hold at once
+    (bodies are read before a request is admitted, so admission cannot bound them)."""
+
+    header_timeout: float = bound(10.0, "seconds a client may take to send a request's headers", minimum=0.01)
+    body_timeout: float = bound(30.0, "seconds a request body may stall between two reads", minimum=0.01)
+    keep_alive: float = bound(5.0, "seconds an idle keep-alive connection stays open", minimum=0.01)
+    max_body_memory: int = bound(1 << 30, "MiB of HTTP request bodies held at once, all requests together; "
+                                           "more get 429", unit=1 << 20, flag="max_body_memory_mb")
 
 
 def _bounds(cls: type) -> list[dataclasses.Field]:
@@ -121,9 +134,10 @@ def markdown_table(*classes: type) -> str:
     for cls in classes:
         for f in _bounds(cls):
             default = "from the package" if f.default is None else str(f.default // f.metadata["unit"])
-            rows.append(f"| `{_flag(f)}` | `{f.name}` | {default} | {f.metadata['help']} |")
+            parameter = "(server only)" if cls is ConnectionLimits else f"`{f.name}`"
+            rows.append(f"| `{_flag(f)}` | {parameter} | {default} | {f.metadata['help']} |")
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
-    sys.stdout.write(markdown_table(Limits, ComponentLimits) + "\n")
+    sys.stdout.write(markdown_table(Limits, ComponentLimits, ConnectionLimits) + "\n")

@@ -8,6 +8,7 @@ itself as KServe metadata and a Triton `ModelConfig`. Names are the package's gr
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -18,11 +19,13 @@ import onnxruntime as ort
 
 from glm_image_onnx.manifest import Graph
 from glm_image_onnx.runtime.ar import Progress
+from glm_image_onnx.runtime.envelope import InputBound
 from glm_image_onnx.server import errors
 from glm_image_onnx.server.admission import Admission
 from glm_image_onnx.server.batching import DynamicBatcher
 from glm_image_onnx.server.context import RequestContext
 from glm_image_onnx.server.limits import ComponentLimits, to_parameters
+from glm_image_onnx.server.memory import Cost, rows_and_size
 from glm_image_onnx.server.result import Result
 from glm_image_onnx.server.specs import TensorSpec, graph_specs, select_outputs
 from glm_image_onnx.server.stats import ModelStats
@@ -50,6 +53,7 @@ class Prepared:
     outputs: list[str]
     rows: int = 1
     request: Any = None
+    memory: int = 0  # its estimated peak bytes (server.memory), reserved while it is in flight
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class Model:
     def __init__(self) -> None:
         self.stats = ModelStats()
         self.ready = True
+        self.cost: Cost | None = None  # peak bytes in a request's size, measured at load (server.memory)
 
     # ----------------------------------------------------------------------------- description
     def _shape(self, spec: TensorSpec) -> list[int]:
@@ -145,10 +150,11 @@ class ComponentModel(Model):
     def __init__(self, name: str, graph: Graph, session: ort.InferenceSession,
                  batching: BatchingOptions = BatchingOptions(),
                  on_execution: Callable[[str, int, float], None] | None = None,
-                 limits: ComponentLimits = ComponentLimits()):
+                 limits: ComponentLimits = ComponentLimits(), bounds: dict[str, InputBound] | None = None):
         super().__init__()
         self.name = name
         self.limits = limits
+        self.bounds = bounds or {}  # the largest inputs glm_image's pipeline sends (runtime.envelope)
         self.session = session
         self.description = graph.description
         self.quantization = (graph.quantization or {}).get("recipe", "none")
@@ -203,10 +209,18 @@ class ComponentModel(Model):
                                          f"'{other}' has {first}")
                 else:
                     sizes.setdefault(want, (size, spec.name))
+        for name, bound in self.bounds.items():
+            error = bound.error(name, inputs[name].shape)
+            if error:
+                raise errors.invalid(f"{self.name}: {error}")
         rows = int(sizes.get("batch", (1, ""))[0]) if self.batchable else 1
         if self.max_batch_size > 0 and not 1 <= rows <= self.max_batch_size:
             raise errors.invalid(f"{self.name}: batch size {rows} is outside 1..{self.max_batch_size} (max_batch_size)")
-        return Prepared(dict(inputs), self.output_names(decoded.outputs), rows)
+        prepared = Prepared(dict(inputs), self.output_names(decoded.outputs), rows)
+        if self.cost is not None:
+            rows, n = rows_and_size(self.name, inputs, self.batchable)
+            prepared.memory = self.cost(n) * rows + sum(a.nbytes for a in inputs.values())  # measured without them
+        return prepared
 
     def _run(self, feeds: dict[str, np.ndarray], outputs: list[str],
              run_options: ort.RunOptions | None = None) -> dict[str, np.ndarray]:
@@ -217,7 +231,18 @@ class ComponentModel(Model):
         return dict(zip(outputs, values))
 
     def parameters(self) -> dict[str, str]:
-        return {**to_parameters(self.limits), "quantization": self.quantization}
+        specs = {s.name: s for s in self.inputs}
+        shapes = {f"max_shape.{name}": json.dumps([self._most(d, want) for d, want in zip(b.shape, specs[name].shape)])
+                  for name, b in self.bounds.items()}
+        return {**to_parameters(self.limits), "quantization": self.quantization, **shapes}
+
+    def _most(self, bound: int | None, want: int | str) -> int:
+        """An axis' largest accepted size (-1: the batch axis or unbounded), for the model config."""
+        if isinstance(want, int):
+            return want
+        if want == "batch":
+            return -1
+        return min(bound or self.limits.max_axis_size, self.limits.max_axis_size)
 
     def finish(self, prepared: Prepared, value: dict[str, np.ndarray]) -> Result:
         specs = {s.name: s for s in self.outputs}

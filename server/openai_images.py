@@ -13,14 +13,13 @@ comments (`: progress ar 64/256`). Errors are OpenAI's JSON, `{"error": {"messag
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from typing import Any
+from typing import Any, AsyncGenerator
 
 import numpy as np
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -32,6 +31,11 @@ from glm_image_onnx.server.glm_image_request import MAX_SOURCE_IMAGES
 from glm_image_onnx.server.http_server import HttpFrontEnd
 from glm_image_onnx.server.openai_protocol import MODEL, ImagesRequest, error_body
 from glm_image_onnx.server.openai_serving import ImagesServing
+from glm_image_onnx.server.wire import parse_json, printable, text_error
+
+
+MAX_FORM_FIELDS = 64  # text fields of an edit form (OpenAI's and ours are about 20)
+MAX_FORM_TEXT_BYTES = 1 << 20  # one text field of it (a prompt is bounded far lower: --max-prompt-bytes)
 
 
 def openai_error(e: RequestError) -> Response:
@@ -39,27 +43,52 @@ def openai_error(e: RequestError) -> Response:
 
 
 async def _json_object(front: HttpFrontEnd, request: Request) -> dict[str, Any]:
-    body = await front.read_body(request)
-    try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise errors.invalid(f"the request body is not valid JSON ({e})") from None
+    value = parse_json(await front.read_body(request))
     if not isinstance(value, dict):
         raise errors.invalid("the request body must be a JSON object")
     return value
 
 
+async def _form(request: Request, body: bytes) -> FormData:
+    """The multipart form in `body` (read and bounded by `read_body`). Starlette's parser is called
+    directly: through `Request.form` its refusals become an HTTPException, which no handler here maps."""
+    if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "multipart/form-data":
+        raise errors.invalid("image is missing: an edit's body is a multipart form (Content-Type: "
+                             "multipart/form-data) with the source image(s) as the file field 'image'", "image")
+
+    async def chunks() -> AsyncGenerator[bytes, None]:
+        yield body
+
+    parser = MultiPartParser(request.headers, chunks(), max_files=MAX_SOURCE_IMAGES + 1,  # + a mask, refused
+                             max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_TEXT_BYTES)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise _form_error(e.message) from None
+    for name, value in form.multi_items():  # JSON bodies get the same check in `parse_json`
+        why = text_error(name) or (text_error(value) if isinstance(value, str) else None)
+        if why is not None:
+            await form.close()
+            raise errors.invalid(f"form field {printable(name)}: {why}", printable(name))
+    return form
+
+
+def _form_error(message: str) -> RequestError:
+    """Starlette's refusal of a form, naming the bound it met (one exception type for all of them)."""
+    if message.startswith("Too many files"):
+        return errors.invalid(f"the form has more than {MAX_SOURCE_IMAGES + 1} files; image takes at most "
+                              f"{MAX_SOURCE_IMAGES}", "image")
+    if message.startswith("Too many fields"):
+        return errors.invalid(f"the form has more than {MAX_FORM_FIELDS} text fields")
+    if "exceeded maximum size" in message:
+        return errors.too_large(f"a text field of the form is larger than {MAX_FORM_TEXT_BYTES} bytes (images go "
+                                "in file fields)")
+    return errors.invalid(f"the request body is not a valid multipart form ({message})")
+
+
 async def _edit_form(front: HttpFrontEnd, request: Request) -> tuple[ImagesRequest, dict[str, np.ndarray]]:
     """An edit's multipart form: (the request, its source images as glm_image's `image` input)."""
-    body = await front.read_body(request)
-
-    async def replay() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form(max_files=MAX_SOURCE_IMAGES + 1, max_fields=64)
-    except (MultiPartException, AssertionError, ValueError) as e:
-        raise errors.invalid(f"the request body is not a valid multipart form ({e})") from None
+    form = await _form(request, await front.read_body(request))
     try:
         files = form.getlist("image") + form.getlist("image[]")
         if "mask" in form:

@@ -28,6 +28,7 @@ from glm_image_onnx.server.errors import RequestError
 from glm_image_onnx.server.glm_image_fields import SETTINGS
 from glm_image_onnx.server.glm_image_request import encode_image
 from glm_image_onnx.server.result import Result
+from glm_image_onnx.server.wire import integer
 
 MODEL = "glm_image"
 MAX_N = 10
@@ -38,7 +39,7 @@ IGNORED = ("quality", "style", "moderation", "output_compression", "user")
 KNOWN = {"prompt", "model", "n", "size", "response_format", "output_format", "background", "stream",
          "partial_images", *IGNORED, *EXTENSIONS}
 EDIT_FILES = ("image", "image[]", "mask")  # multipart file fields of an edit
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # ASCII digits, all of it: \d and $ take more
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error",
           504: "timeout_error"}
@@ -59,11 +60,10 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 
 
 def _int(value: Any, field: str, low: int, high: int) -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise errors.invalid(f"{field} must be an integer between {low} and {high}, got {value!r}", field)
-    return value
+    number = integer(value) if isinstance(value, str) else value  # a form field (edits) is text
+    if not isinstance(number, int) or isinstance(number, bool) or not low <= number <= high:
+        raise errors.invalid(f"{field} must be an integer between {low} and {high}, got {value!r:.60}", field)
+    return number
 
 
 def _bool(value: Any, field: str) -> bool:
@@ -113,10 +113,10 @@ class ImagesRequest:
     def _size(size: Any) -> dict[str, int]:
         if size == "auto":
             return {}
-        match = _SIZE.match(size) if isinstance(size, str) else None
+        match = _SIZE.fullmatch(size) if isinstance(size, str) else None
         if match is None:
-            raise errors.invalid(f"size must be 'WIDTHxHEIGHT' (for example '1024x1024') or 'auto', got {size!r}",
-                                 "size")
+            raise errors.invalid(f"size must be 'WIDTHxHEIGHT' (for example '1024x1024') or 'auto', "
+                                 f"got {size!r:.60}", "size")
         return {"width": int(match[1]), "height": int(match[2])}
 
     @property

@@ -56,14 +56,16 @@ class ImagesServing:
         """Every image, (base64 file, "WIDTHxHEIGHT") each; the first failure cancels the others."""
         tasks = [asyncio.ensure_future(self._infer(ask, r, ctx)) for r, ctx in zip(requests, contexts)]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         finally:
             for task in tasks:
-                if not task.done():
-                    task.cancel()
-        failed = [t for t in tasks if not t.cancelled() and t.exception() is not None]
+                task.cancel()  # a no-op for the finished ones
+        failed = [t.exception() for t in done if t.exception() is not None]
         if failed:
-            raise failed[0].exception()  # type: ignore[misc]
+            # A cancelled task is not done until it has run once more: wait for the others to stop
+            # (their admission slots freed, their log lines written) before answering the first error.
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise failed[0]  # type: ignore[misc]
         results = [t.result() for t in tasks]
         return await asyncio.to_thread(lambda: [ask.encode(r) for r in results])
 

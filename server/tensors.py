@@ -89,12 +89,16 @@ def element_count(shape: Sequence[int], name: str, max_elements: int = DEFAULT_M
         raise invalid(f"input '{name}': {len(shape)} dimensions, more than the limit of {MAX_DIMS}")
     if any(d < 0 for d in shape):
         raise invalid(f"input '{name}': shape {list(shape)} has a negative dimension")
-    count = 1
+    count = span = 1
     for d in shape:
         count *= int(d)
+        span *= max(int(d), 1)  # a zero dimension empties the tensor, but numpy still refuses the others'
     if count > max_elements:
         raise invalid(f"input '{name}': shape {list(shape)} holds {count} elements, more than this server's "
                       f"limit of {max_elements} per tensor")
+    if span > max_elements:
+        raise invalid(f"input '{name}': shape {list(shape)} is empty but its other dimensions span {span} "
+                      f"elements, more than this server's limit of {max_elements} per tensor")
     return count
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import site
 import sys
+import traceback
 
 # The stub's embedded interpreter ignores PYTHONPATH: apply it (ahead of the system paths, .pth
 # files included) so that a virtual environment holding glm_image_onnx can be pointed at.
@@ -90,8 +91,9 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(output_tensors=tensors)
         except self.errors.RequestError as e:
             return pb_utils.InferenceResponse(error=_triton_error(e.code, e.message))
-        except Exception as e:  # reported to the client, the model stays loaded
-            return pb_utils.InferenceResponse(error=_triton_error("INTERNAL", f"{type(e).__name__}: {e}"))
+        except Exception:  # the model stays loaded; the client is told no internals, Triton's log has them
+            traceback.print_exc()
+            return pb_utils.InferenceResponse(error=_triton_error("INTERNAL", "internal error (see the server log)"))
 
     def finalize(self):
         self.pipeline = None

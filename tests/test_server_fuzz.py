@@ -218,6 +218,8 @@ HANDMADE = [
     ("truncated raw contents", "vae_decoder", "latents", "FP32", [1, 4, 8, 8], bytes(1023)),
     ("huge dynamic axis", "glyph_encoder", "input_ids", "INT64", [1, 4096], bytes(8 * 4096)),
     ("zero-length items beyond the shape", "glm_image", "prompt", "BYTES", [1], bytes(4 * 100000)),
+    ("an empty shape whose other axis spans 2^62", "vae_decoder", "latents", "FP32", [0, 2 ** 62], b""),
+    ("a negative dimension", "vae_decoder", "latents", "FP32", [-1, 4], b""),
 ]
 
 

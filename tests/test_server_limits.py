@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from glm_image_onnx.server import limits as L
-from glm_image_onnx.server.limits import ComponentLimits, Limits
+from glm_image_onnx.server.limits import ComponentLimits, ConnectionLimits, Limits
 
 README = Path(__file__).resolve().parents[1] / "server" / "README.md"
 
@@ -51,7 +51,7 @@ def test_the_readme_table_is_the_declaration() -> None:
     text = README.read_text()
     start = text.index("<!-- limits: python -m glm_image_onnx.server.limits -->\n")
     table = text[start:text.index("<!-- end limits -->")].split("\n", 1)[1]
-    assert table == L.markdown_table(Limits, ComponentLimits) + "\n"
+    assert table == L.markdown_table(Limits, ComponentLimits, ConnectionLimits) + "\n"
 
 
 def test_triton_repo_flags_reach_the_python_models_config(tiny_package: Path, tmp_path: Path) -> None:
