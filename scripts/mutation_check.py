@@ -42,6 +42,7 @@ class Mutation:
 LOAD, FAULTS, HTTP = "tests/test_server_load.py", "tests/test_server_faults.py", "tests/test_server_http.py"
 CORE = "tests/test_server_core.py"
 EXPORT, QUANT = "tests/test_export_package.py", "tests/test_quantize.py"
+ENVELOPE, MEMORY, CONNECTIONS = "tests/test_envelope.py", "tests/test_server_memory.py", "tests/test_server_connections.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     Mutation("cancel-ignored", "a client's cancel or disconnect stops its generation's work",
@@ -133,6 +134,29 @@ MUTATIONS: tuple[Mutation, ...] = (
              "runtime/pipeline.py", '"prior_token_drop": np.repeat(np.array(drop_rows)[:, None], n, axis=1),',
              '"prior_token_drop": np.ones((len(drop_rows), n), bool),',
              ("tests/test_demo_model.py::test_runtime_draws_the_signs",)),
+    # issue 30: memory and slow clients
+    Mutation("envelope-not-enforced", "a component model refuses shapes the pipeline never sends",
+             "server/models.py", "error = bound.error(name, inputs[name].shape)", "error = None",
+             (f"{ENVELOPE}::test_the_server_refuses_component_calls_beyond_the_envelope",)),
+    Mutation("budget-not-reserved", "a request past the memory budget is refused before it runs",
+             "server/admission.py", "self.memory.reserve(memory)", "pass",
+             (f"{MEMORY}::test_a_request_past_the_budget_is_refused_before_it_runs",
+              f"{MEMORY}::test_requests_in_flight_hold_their_estimate")),
+    Mutation("header-timeout-off", "a client that never finishes its headers is cut off",
+             "server/http_server.py", "        if self._deadline is None:\n", "        if False:\n",
+             (f"{CONNECTIONS}::test_a_client_that_never_finishes_its_headers_is_cut_off",)),
+    Mutation("body-timeout-off", "a stalled request body gets 408",
+             "server/http_server.py", "await asyncio.wait_for(chunks.__anext__(), self.connection.body_timeout)",
+             "await chunks.__anext__()", (f"{CONNECTIONS}::test_a_stalled_body_gets_408",)),
+    Mutation("body-budget-off", "the request bodies held at once are bounded",
+             "server/http_server.py", "if self.body_bytes + size - held > budget:", "if False:",
+             (f"{CONNECTIONS}::test_bodies_held_at_once_are_bounded",)),
+    Mutation("drain-timeout-unanswered", "requests past the drain timeout are answered in their protocol's shape",
+             "server/app.py", "abandoned = self.state.admission.abandon(", "abandoned = 0 and self.state.admission.abandon(",
+             (f"{CONNECTIONS}::test_requests_past_the_drain_timeout_are_answered_in_their_protocols_shape",)),
+    Mutation("log-not-escaped", "a client's string cannot split or forge a log line",
+             "server/wire.py", "    if _PLAIN.fullmatch(text) and len(text) <= MAX_LOGGED_CHARS:", "    if True:",
+             ("tests/test_server_malformed.py::test_a_client_newline_cannot_split_a_log_line",)),
 )
 
 

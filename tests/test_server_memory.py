@@ -110,3 +110,17 @@ def test_serve_refuses_a_budget_smaller_than_the_package(tiny_package: Path) -> 
 def test_serve_refuses_a_malformed_budget(tiny_package: Path) -> None:
     proc = run_cli("serve", str(tiny_package), "--port", "0", "--max-memory", "lots")
     _assert_one_line_error(proc, 2, "--max-memory must be a size")
+
+
+def test_the_budget_admits_the_largest_images_the_package_allows(server) -> None:
+    """What the pipeline is built to do (tiling, per-row guidance) is not refused: a 1024x1024
+    generation runs under the default budget, and the largest allowed one fits it."""
+    import tritonclient.grpc as grpcclient
+
+    glm = server.server.state.models["glm_image"]
+    budget = server.server.state.admission.memory
+    side = glm.limits.max_side
+    assert glm.cost(side * side) < budget.capacity, (glm.cost(side * side), budget.capacity)
+    with grpcclient.InferenceServerClient(server.url) as client:
+        result = client.infer("glm_image", glm_inputs(prompt="a large one", height=1024, width=1024, steps=1))
+    assert result.as_numpy("image_png") is not None and budget.reserved == 0
