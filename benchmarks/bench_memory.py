@@ -4,7 +4,7 @@
 
 Starts `glm-image-onnx serve PKG --max-memory 4G --http-port` in a subprocess and sends, all at once:
 - each component model's worst case, over gRPC and KServe REST: its largest allowed shape (the
-  model config's `max_shape.*`, from runtime.envelope), and twice that shape (400);
+  model config's `max_shape.*`, from server.envelope), and twice that shape (400);
 - glm_image at the largest size the package allows and at 1024x1024, over gRPC and the OpenAI API;
 - three bodies of 200 MB, and slow clients: half-sent headers, stalled bodies;
 - all along, normal requests (glm_image 64x64, 2 steps, over gRPC) one after another, which must

@@ -446,18 +446,21 @@ class GlmImageOnnxPipeline:
         """(cond, uncond) glyph embeddings [1, T, D]: quoted text of the prompt, and "" for CFG."""
 
         def encode(texts: list[str]) -> np.ndarray:
+            # One text per call. Batched, every text is padded to the longest, and the encoder's
+            # attention costs rows x longest^2: thousands of empty quotes beside a long one would
+            # ask for hundreds of GB. Unpadded (a static package: padded to its bucket, a few
+            # shapes in all), each call's attended rows are what the batched call gives them.
             ids, mask = glyphs.glyph_batch(texts, tokenizer=self.glyph_tokenizer)
-            if self.buckets.static:  # one text per call, padded to a bucket: a few shapes in all
-                rows, width = [], self.buckets.pad("glyph", ids.shape[1])
-                for row_ids, row_mask in zip(ids, mask):
-                    padded_ids = np.full((1, width), self.glyph_tokenizer.pad_id, np.int64)
-                    padded_mask = np.zeros((1, width), np.int64)
-                    padded_ids[0, : ids.shape[1]], padded_mask[0, : ids.shape[1]] = row_ids, row_mask
-                    hidden = self._run("glyph_encoder", {"input_ids": padded_ids, "attention_mask": padded_mask})[0]
-                    rows.append(glyphs.gather_rows(hidden, padded_mask))
-                return np.concatenate(rows, axis=1).astype(np.float32)
-            hidden = self._run("glyph_encoder", {"input_ids": ids, "attention_mask": mask})[0]
-            return glyphs.gather_rows(hidden, mask).astype(np.float32)
+            rows = []
+            for row_ids, row_mask in zip(ids, mask):
+                length = int(row_mask.sum())  # glyph_batch puts each row's tokens first
+                width = self.buckets.pad("glyph", ids.shape[1]) if self.buckets.static else length
+                padded_ids = np.full((1, width), self.glyph_tokenizer.pad_id, np.int64)
+                padded_mask = np.zeros((1, width), np.int64)
+                padded_ids[0, :length], padded_mask[0, :length] = row_ids[:length], 1
+                hidden = self._run("glyph_encoder", {"input_ids": padded_ids, "attention_mask": padded_mask})[0]
+                rows.append(glyphs.gather_rows(hidden, padded_mask))
+            return np.concatenate(rows, axis=1).astype(np.float32)
 
         return encode(glyphs.glyph_texts(prompt)), encode([])
 

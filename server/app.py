@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from glm_image_onnx.manifest import Graph
 from glm_image_onnx.server import errors
 from glm_image_onnx.runtime.ar_batch import ArBatching
-from glm_image_onnx.runtime.envelope import RequestBounds, envelope
+from glm_image_onnx.server.envelope import RequestBounds, envelope
 from glm_image_onnx.server.admission import Admission
 from glm_image_onnx.server.glm_image_model import GlmImageModel
 from glm_image_onnx.server.glm_image_request import MAX_SOURCE_IMAGES

@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from glm_image_onnx.manifest import Graph
 from glm_image_onnx.runtime.ar import Progress
-from glm_image_onnx.runtime.envelope import InputBound
+from glm_image_onnx.server.envelope import InputBound
 from glm_image_onnx.server import errors
 from glm_image_onnx.server.admission import Admission
 from glm_image_onnx.server.batching import DynamicBatcher
@@ -154,7 +154,7 @@ class ComponentModel(Model):
         super().__init__()
         self.name = name
         self.limits = limits
-        self.bounds = bounds or {}  # the largest inputs glm_image's pipeline sends (runtime.envelope)
+        self.bounds = bounds or {}  # the largest inputs glm_image's pipeline sends (server.envelope)
         self.session = session
         self.description = graph.description
         self.quantization = (graph.quantization or {}).get("recipe", "none")

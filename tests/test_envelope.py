@@ -1,4 +1,4 @@
-"""The component models' shape bounds (runtime.envelope): proven against what the pipeline sends,
+"""The component models' shape bounds (server.envelope): proven against what the pipeline sends,
 and enforced by the server before onnxruntime sees a request."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from glm_image_onnx.runtime import GlmImageOnnxPipeline
-from glm_image_onnx.runtime.envelope import Envelope, RequestBounds, envelope
+from glm_image_onnx.server.envelope import Envelope, RequestBounds, envelope
 
 # A small server: 128 px a side at most (128x96 by area), two sources, a 60-byte prompt.
 BOUNDS = RequestBounds(max_side=128, max_pixels=128 * 96, max_prompt_bytes=60, max_images=2)
