@@ -62,7 +62,12 @@ async def _outcome(future: Future, ctx: RequestContext) -> Any:
     timeout): the client is answered at once while the work stops at its next step."""
     loop = asyncio.get_running_loop()
     stopped = loop.create_future()
-    ctx.on_cancel(lambda: loop.call_soon_threadsafe(lambda: stopped.done() or stopped.set_result(None)))
+
+    def wake() -> None:  # on the thread that cancels: a worker past its deadline, the drain, the loop
+        if not loop.is_closed():  # closed: the server is gone and nobody waits
+            loop.call_soon_threadsafe(lambda: stopped.done() or stopped.set_result(None))
+
+    ctx.on_cancel(wake)
     work = asyncio.wrap_future(future)
     work.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, if nobody waits for it
     try:
