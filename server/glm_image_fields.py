@@ -64,7 +64,8 @@ FIELDS = {
     "seed": FieldSpec("INT64", "int", _within("seed", 0, lambda lim: SEED_LIMIT - 1, "2^63-1")),
     "temperature": FieldSpec("FP32", "float", _within("temperature", MIN_SAMPLING, lambda lim: 10)),
     "top_p": FieldSpec("FP32", "float", _within("top_p", MIN_SAMPLING, lambda lim: 1)),
-    "top_k": FieldSpec("INT32", "int", lambda v, lim: None if v >= 1 else f"top_k must be >= 1, got {v}"),
+    "top_k": FieldSpec("INT32", "int", lambda v, lim: None if 1 <= v < 2 ** 31 else
+                       f"top_k must be between 1 and 2^31 - 1 (INT32), got {v}"),
     "do_sample": FieldSpec("BOOL", "bool"),
 }
 SETTINGS = tuple(n for n, f in FIELDS.items() if f.kind not in ("text", "image"))  # one value each

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from typing import Any, AsyncIterator
 
 import numpy as np
@@ -25,6 +26,8 @@ from glm_image_onnx.server.glm_image_fields import SEED_LIMIT, GlmImageRequest, 
 from glm_image_onnx.server.inference import loop_progress
 from glm_image_onnx.server.models import Decoded, Model, Result
 from glm_image_onnx.server.openai_protocol import MODEL, ImagesRequest, error_event, progress_comment
+
+log = logging.getLogger("glm_image_onnx.server")
 
 
 class ImagesServing:
@@ -89,10 +92,10 @@ class ImagesServing:
         waiter.cancel()
         if task.done() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
-        return self._events(ask, task, queue)
+        return self._events(ask, task, queue, ctx)
 
-    async def _events(self, ask: ImagesRequest, task: asyncio.Future, queue: asyncio.Queue[bytes]
-                      ) -> AsyncIterator[bytes]:
+    async def _events(self, ask: ImagesRequest, task: asyncio.Future, queue: asyncio.Queue[bytes],
+                      ctx: RequestContext) -> AsyncIterator[bytes]:
         try:
             while True:
                 get = asyncio.ensure_future(queue.get())
@@ -108,6 +111,9 @@ class ImagesServing:
                 yield ask.completed_event(b64, size)
             except RequestError as e:
                 yield error_event(e)
+            except Exception:  # our bug (encoding the image): the stream still ends with an `error` event
+                log.exception("request %s: encoding the streamed image failed", ctx.label)
+                yield error_event(errors.internal_answer(ctx.label))
         finally:
             if not task.done():  # the client went away mid-stream
                 task.cancel()

@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 from _server_helpers import Limits, http, start_server, tensor, tritonclient_grpc as grpcclient, until
 from glm_image_onnx.server.dataplane import DataPlane
 from glm_image_onnx.server.limits import ComponentLimits
+from glm_image_onnx.server.openai_protocol import ImagesRequest
 from glm_image_onnx.server.openai_serving import ImagesServing
 from glm_image_onnx.server.wire import MAX_JSON_DEPTH
 
@@ -287,6 +288,24 @@ def test_our_bugs_are_500_with_a_request_id_and_no_exception(server, stub, monke
         assert any(request_id in r.getMessage() and r.exc_info and "secret" in str(r.exc_info[1])
                    for r in caplog.records), said
     monkeypatch.undo()
+
+
+def test_our_bug_in_a_stream_ends_it_with_an_error_event(server, monkeypatch):
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise KeyError("secret-internal-state")
+
+    monkeypatch.setattr(ImagesRequest, "encode", broken)  # after the generation, while streaming
+    status, _, answer = http("POST", server.http_url + "/v1/images/generations",
+                             json.dumps({**GOOD, "stream": True}).encode(), {"Content-Type": JSON})
+    text = answer.decode()
+    assert status == 200 and "event: error" in text and "request id" in text, text[-400:]
+    assert "secret" not in text and not INTERNALS.search(text)
+    monkeypatch.undo()
+
+
+def test_top_k_beyond_int32_is_400(server):
+    refused(server, "/v2/models/glm_image/infer", kserve([PROMPT], parameters={"top_k": 10 ** 20}), 400, "top_k",
+            ["INT32"])
 
 
 # --------------------------------------------------------------------------------------- logs
