@@ -73,7 +73,7 @@ def envelope(pipe: Any, bounds: RequestBounds) -> Envelope:
     return found
 
 
-def _size_note(pipe: Any, bounds: RequestBounds) -> str:
+def _size_note(bounds: RequestBounds) -> str:
     return f"the pipeline sends for this server's largest image ({bounds.max_side} px a side, {bounds.max_pixels} pixels)"
 
 
@@ -81,7 +81,7 @@ def _vae(pipe: Any, bounds: RequestBounds) -> dict[str, InputBound]:
     tiled = pipe.vae_tiling != "off"
     side = min(bounds.max_side, pipe.vae_tile_sample) if tiled else bounds.max_side
     latent = side // pipe.vae_scale
-    why = f"{_size_note(pipe, bounds)}, in VAE tiles of {pipe.vae_tile_sample} px" if tiled else _size_note(pipe, bounds)
+    why = f"{_size_note(bounds)}, in VAE tiles of {pipe.vae_tile_sample} px" if tiled else _size_note(bounds)
     return {"latents": InputBound((None, pipe.latent_channels, latent, latent), why=why)}
 
 
@@ -93,7 +93,7 @@ def _latent_tokens(pipe: Any, bounds: RequestBounds) -> tuple[int, int]:
 
 def _dit(pipe: Any, bounds: RequestBounds) -> dict[str, InputBound]:
     side, tokens = _latent_tokens(pipe, bounds)
-    why = _size_note(pipe, bounds)
+    why = _size_note(bounds)
     # Glyph tokens: each quoted text gives its bytes, an eos and at most one pad, and takes two quote
     # bytes of the prompt, so the prompt's length bounds their total (padded to a bucket when static).
     text = _bucket(pipe, "dit_text", max(bounds.max_prompt_bytes, 2))
@@ -142,7 +142,7 @@ def _ar(pipe: Any, bounds: RequestBounds) -> dict[str, InputBound]:
 
 def _image_to_image(pipe: Any, bounds: RequestBounds) -> Envelope:
     side, tokens = _latent_tokens(pipe, bounds)
-    why = _size_note(pipe, bounds)
+    why = _size_note(bounds)
     proc = pipe.image_processor
     gh, gw = proc.grid(bounds.max_side, bounds.max_side)  # a source is bounded as an output is
     tiled = pipe.vae_tiling != "off"

@@ -74,10 +74,9 @@ async def _outcome(future: Future, ctx: RequestContext) -> Any:
         await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopped.cancel()
-    if work.done():
-        return work.result()
-    ctx.check()  # raises the cancellation's error
-    return await work  # not reached: a cancelled context always has an error
+    if not work.done():
+        ctx.check()  # stopped: raises the cancellation's error (a cancelled context always has one)
+    return work.result()
 
 
 async def infer(state: ServerState, ctx: RequestContext, version: str, decode: Callable[[], Decoded],

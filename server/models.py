@@ -218,8 +218,8 @@ class ComponentModel(Model):
             raise errors.invalid(f"{self.name}: batch size {rows} is outside 1..{self.max_batch_size} (max_batch_size)")
         prepared = Prepared(dict(inputs), self.output_names(decoded.outputs), rows)
         if self.cost is not None:
-            rows, n = rows_and_size(self.name, inputs, self.batchable)
-            prepared.memory = self.cost(n) * rows + sum(a.nbytes for a in inputs.values())  # measured without them
+            per, n = rows_and_size(self.name, inputs, self.batchable)
+            prepared.memory = self.cost(n) * per + sum(a.nbytes for a in inputs.values())  # measured without them
         return prepared
 
     def _run(self, feeds: dict[str, np.ndarray], outputs: list[str],
@@ -237,7 +237,8 @@ class ComponentModel(Model):
         return {**to_parameters(self.limits), "quantization": self.quantization, **shapes}
 
     def _most(self, bound: int | None, want: int | str) -> int:
-        """An axis' largest accepted size (-1: the batch axis or unbounded), for the model config."""
+        """An axis' largest accepted size for the model config: the envelope's bound, at most
+        --max-axis-size (which alone bounds the axes the envelope leaves open); -1 for the batch axis."""
         if isinstance(want, int):
             return want
         if want == "batch":

@@ -31,6 +31,15 @@ def start_server(package: Path, load: bool = True, **overrides: Any) -> ServerTh
     return ServerThread(ServerConfig(package=package, **settings)).start(load=load)
 
 
+def start_small_server(package: Path) -> ServerThread:
+    """The server with small bounds, for hostile-input tests: any request it accepts stays cheap on a
+    shared CPU."""
+    from glm_image_onnx.server.limits import ComponentLimits
+
+    return start_server(package, limits=Limits(max_side=64, max_pixels=64 * 64, max_steps=2, max_image_bytes=1 << 20),
+                        component_limits=ComponentLimits(max_tensor_elements=1 << 16, max_axis_size=64))
+
+
 def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
          context: Any = None, timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
     """(status, headers, body) of one plain HTTP request (urllib: no client library in between)."""

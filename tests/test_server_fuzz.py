@@ -15,14 +15,13 @@ import grpc
 import numpy as np
 import pytest
 
-from _server_helpers import Limits, http, start_server
+from _server_helpers import http, start_small_server
 
 hypothesis = pytest.importorskip("hypothesis", reason="needs hypothesis (test extra)")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 
 from glm_image_onnx.server import glm_image_request as glm  # noqa: E402
-from glm_image_onnx.server.limits import ComponentLimits  # noqa: E402
 from tritonclient.utils import triton_to_np_dtype  # noqa: E402
 
 EXAMPLES = 200
@@ -41,10 +40,7 @@ COUNTS = {"requests": 0, "codes": {}}
 
 @pytest.fixture(scope="module")
 def server(tiny_package: Path):
-    # small bounds: any request that is valid stays cheap on a shared CPU
-    srv = start_server(tiny_package,
-                       limits=Limits(max_side=64, max_pixels=64 * 64, max_steps=2, max_image_bytes=1 << 20),
-                       component_limits=ComponentLimits(max_tensor_elements=1 << 16, max_axis_size=64))
+    srv = start_small_server(tiny_package)
     yield srv
     srv.stop()
     print(f"\nfuzzed {COUNTS['requests']} requests: {COUNTS['codes']}")

@@ -20,9 +20,8 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from _server_helpers import Limits, http, start_server, tensor, tritonclient_grpc as grpcclient, until
+from _server_helpers import http, start_small_server, tensor, tritonclient_grpc as grpcclient, until
 from glm_image_onnx.server.dataplane import DataPlane
-from glm_image_onnx.server.limits import ComponentLimits
 from glm_image_onnx.server.openai_protocol import ImagesRequest
 from glm_image_onnx.server.openai_serving import ImagesServing
 from glm_image_onnx.server.wire import MAX_JSON_DEPTH
@@ -37,9 +36,7 @@ HUGE = "9" * 5000  # past Python's int max str digits (4300)
 
 @pytest.fixture(scope="module")
 def server(tiny_package: Path):
-    srv = start_server(tiny_package,
-                       limits=Limits(max_side=64, max_pixels=64 * 64, max_steps=2, max_image_bytes=1 << 20),
-                       component_limits=ComponentLimits(max_tensor_elements=1 << 16, max_axis_size=64))
+    srv = start_small_server(tiny_package)
     yield srv
     srv.stop()
 
